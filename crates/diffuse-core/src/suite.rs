@@ -1,0 +1,185 @@
+//! How a protocol presents itself to the simulator and the runtime.
+//!
+//! A protocol crate implements [`ProtocolSuite`] once; the simulator, its checkers
+//! and the command line then work with it unchanged. The suite also names the
+//! protocol's own Byzantine [`Behaviour`]s (equivocation, forged certificates, ...)
+//! and its mutants, deliberately broken variants that the checkers must catch.
+
+use crate::app::Application;
+use crate::codec::WireMessage;
+use crate::config::ClusterKeys;
+use crate::crypto::SecretKey;
+use crate::ids::{ClientId, NodeId, ReplicaId};
+use crate::protocol::{Client, Replica};
+use crate::quorum::{QuorumError, QuorumSystem};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A source of randomness handed in by the driver (the simulator's seeded RNG).
+pub trait Entropy {
+    /// The next 64 random bits.
+    fn next_u64(&mut self) -> u64;
+
+    /// A uniform value in `0..bound` (0 if `bound` is 0).
+    fn below(&mut self, bound: u64) -> u64 {
+        if bound == 0 {
+            return 0;
+        }
+        // Multiply-shift: unbiased enough for test scheduling, and deterministic.
+        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
+    }
+
+    /// True with probability `numerator / denominator`.
+    fn chance(&mut self, numerator: u64, denominator: u64) -> bool {
+        self.below(denominator) < numerator
+    }
+}
+
+/// Everything a replica is built from.
+#[derive(Clone)]
+pub struct ReplicaSetup<O> {
+    /// This replica's id.
+    pub id: ReplicaId,
+    /// Every member's public key.
+    pub keys: Arc<ClusterKeys>,
+    /// This replica's signing key.
+    pub secret: SecretKey,
+    /// Protocol options (timeouts, batching, mutant, ...).
+    pub options: O,
+}
+
+/// Everything a client is built from.
+#[derive(Clone)]
+pub struct ClientSetup<O> {
+    /// This client's id.
+    pub id: ClientId,
+    /// Every member's public key.
+    pub keys: Arc<ClusterKeys>,
+    /// This client's signing key.
+    pub secret: SecretKey,
+    /// Protocol options.
+    pub options: O,
+    /// The timestamp of the first request; a restarted client must start above any
+    /// timestamp it used before (the runtime uses the wall clock).
+    pub first_timestamp: u64,
+}
+
+/// A name and a one-line description, for `--help` and tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Named {
+    /// Stable name used on the command line.
+    pub name: &'static str,
+    /// What it does.
+    pub description: &'static str,
+}
+
+/// What a Byzantine replica sends instead of, or besides, an honest message.
+#[derive(Debug, Clone)]
+pub struct Outgoing<M> {
+    /// Recipient.
+    pub to: NodeId,
+    /// A message, or raw bytes that need not decode.
+    pub payload: Payload<M>,
+    /// Extra delay before the network takes it.
+    pub delay: Duration,
+}
+
+impl<M> Outgoing<M> {
+    /// A message sent without extra delay.
+    pub fn now(to: NodeId, message: M) -> Self {
+        Self {
+            to,
+            payload: Payload::Message(message),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+/// Outgoing content of a Byzantine replica.
+#[derive(Debug, Clone)]
+pub enum Payload<M> {
+    /// A well-formed message (possibly lying).
+    Message(M),
+    /// Arbitrary bytes put on the wire as a frame.
+    Raw(Vec<u8>),
+}
+
+/// A named Byzantine behaviour. The simulator runs the honest protocol on the faulty
+/// replica and routes its traffic through the behaviour, which may drop, alter,
+/// duplicate, delay or invent messages. It holds the replica's own key, so what it
+/// signs is validly signed; it cannot sign for anyone else, and it cannot make the
+/// network lie about the sender.
+pub trait Behaviour<M>: Send {
+    /// Rewrites one honest outgoing message into what is actually sent.
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: M,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<M>>,
+    ) {
+        let _ = entropy;
+        out.push(Outgoing::now(to, message));
+    }
+
+    /// Sees an incoming message (already handled honestly) and may send more.
+    fn incoming(
+        &mut self,
+        from: NodeId,
+        message: &M,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<M>>,
+    ) {
+        let _ = (from, message, entropy, out);
+    }
+}
+
+/// A protocol as the simulator and runtime see it.
+pub trait ProtocolSuite: 'static {
+    /// The protocol's wire messages (replicas and clients).
+    type Message: WireMessage;
+    /// Replica timers.
+    type Timer: Copy + Eq + Ord + std::fmt::Debug + Send + 'static;
+    /// Client timers.
+    type ClientTimer: Copy + Eq + Ord + std::fmt::Debug + Send + 'static;
+    /// Protocol options.
+    type Options: Clone + std::fmt::Debug + Send + Sync + 'static;
+    /// The replica state machine.
+    type Replica: Replica<Message = Self::Message, Timer = Self::Timer>;
+    /// The client state machine.
+    type Client: Client<Message = Self::Message, Timer = Self::ClientTimer>;
+
+    /// The protocol's command-line name, e.g. `"pbft"`.
+    const NAME: &'static str;
+
+    /// The quorum system for `n` replicas.
+    fn quorum(n: usize) -> Result<QuorumSystem, QuorumError>;
+
+    /// Options suited to a real deployment.
+    fn default_options() -> Self::Options;
+
+    /// Options suited to simulation, with knobs drawn from `entropy` so that many
+    /// seeds explore many configurations.
+    fn simulation_options(entropy: &mut dyn Entropy) -> Self::Options;
+
+    /// The mutants this protocol can be built as.
+    fn mutants() -> &'static [Named];
+
+    /// Turns `options` into the mutant `name`; false if the name is unknown.
+    fn apply_mutant(options: &mut Self::Options, name: &str) -> bool;
+
+    /// Builds a replica.
+    fn replica(setup: ReplicaSetup<Self::Options>, app: Box<dyn Application>) -> Self::Replica;
+
+    /// Builds a client.
+    fn client(setup: ClientSetup<Self::Options>) -> Self::Client;
+
+    /// The protocol-specific Byzantine behaviours.
+    fn behaviours() -> &'static [Named];
+
+    /// Builds the behaviour `name` for a faulty replica.
+    fn behaviour(
+        name: &str,
+        setup: &ReplicaSetup<Self::Options>,
+    ) -> Option<Box<dyn Behaviour<Self::Message>>>;
+}
