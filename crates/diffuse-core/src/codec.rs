@@ -107,8 +107,14 @@ pub fn decode_payload<M: DeserializeOwned>(payload: &[u8]) -> Result<M, DecodeEr
 }
 
 /// A `Vec` with at most `MAX` elements, enforced while decoding.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BoundedVec<T, const MAX: usize>(Vec<T>);
+
+impl<T, const MAX: usize> Default for BoundedVec<T, MAX> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
 
 impl<T, const MAX: usize> BoundedVec<T, MAX> {
     /// The empty vector.

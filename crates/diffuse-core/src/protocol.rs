@@ -286,6 +286,10 @@ pub trait Replica: Send {
 
     /// The view the replica is in (or changing to). For metrics and traces.
     fn view(&self) -> View;
+
+    /// Asserts the replica's internal invariants (panics if one is broken). The
+    /// simulator calls it after every input, in every build; the runtime does not.
+    fn check_invariants(&self) {}
 }
 
 /// A client of some ordering protocol: one outstanding operation at a time.
@@ -299,7 +303,7 @@ pub trait Client: Send {
     fn invoke(
         &mut self,
         operation: Vec<u8>,
-    ) -> Result<Actions<Self::Message, Self::Timer>, ClientBusy>;
+    ) -> Result<Actions<Self::Message, Self::Timer>, InvokeError>;
 
     /// Feeds a reply or a timer.
     fn handle(
@@ -311,7 +315,18 @@ pub trait Client: Send {
     fn is_busy(&self) -> bool;
 }
 
-/// The client already has an operation outstanding.
+/// Why a client cannot start an operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the client already has an operation outstanding")]
-pub struct ClientBusy;
+pub enum InvokeError {
+    /// The client already has an operation outstanding.
+    #[error("the client already has an operation outstanding")]
+    Busy,
+    /// The operation is larger than the protocol accepts.
+    #[error("operation of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// The operation's size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+}

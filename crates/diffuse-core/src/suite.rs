@@ -12,7 +12,8 @@ use crate::crypto::SecretKey;
 use crate::ids::{ClientId, NodeId, ReplicaId};
 use crate::protocol::{Client, Replica};
 use crate::quorum::{QuorumError, QuorumSystem};
-use std::sync::Arc;
+use std::any::Any;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// A source of randomness handed in by the driver (the simulator's seeded RNG).
@@ -134,6 +135,46 @@ pub trait Behaviour<M>: Send {
     }
 }
 
+/// Knowledge shared by all Byzantine replicas of one run: the adversary controls
+/// every faulty replica, so their behaviours may collude. Each protocol keeps its
+/// own state type in it.
+#[derive(Clone)]
+pub struct Coalition {
+    members: Arc<Vec<ReplicaId>>,
+    state: Arc<Mutex<Option<Box<dyn Any + Send>>>>,
+}
+
+impl Coalition {
+    /// A coalition of the given faulty replicas.
+    pub fn new(members: Vec<ReplicaId>) -> Self {
+        Self {
+            members: Arc::new(members),
+            state: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The faulty replicas.
+    pub fn members(&self) -> &[ReplicaId] {
+        &self.members
+    }
+
+    /// Runs `f` on the shared state of type `T` (created on first use).
+    pub fn with<T: Default + Send + 'static, R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        let mut guard = self
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.as_ref().is_none_or(|state| !state.is::<T>()) {
+            *guard = Some(Box::new(T::default()));
+        }
+        let state = guard
+            .as_mut()
+            .and_then(|state| state.downcast_mut::<T>())
+            .expect("state of type T was just created");
+        f(state)
+    }
+}
+
 /// A protocol as the simulator and runtime see it.
 pub trait ProtocolSuite: 'static {
     /// The protocol's wire messages (replicas and clients).
@@ -177,9 +218,10 @@ pub trait ProtocolSuite: 'static {
     /// The protocol-specific Byzantine behaviours.
     fn behaviours() -> &'static [Named];
 
-    /// Builds the behaviour `name` for a faulty replica.
+    /// Builds the behaviour `name` for a faulty replica of `coalition`.
     fn behaviour(
         name: &str,
         setup: &ReplicaSetup<Self::Options>,
+        coalition: &Coalition,
     ) -> Option<Box<dyn Behaviour<Self::Message>>>;
 }

@@ -1,0 +1,616 @@
+//! PBFT-specific Byzantine behaviours for the simulator.
+//!
+//! Each runs on top of an honest replica and rewrites its traffic. A behaviour signs
+//! with the faulty replica's own key, so its lies are validly signed where the
+//! replica is entitled to sign (for example two different PRE-PREPAREs as primary);
+//! it cannot produce another replica's signature, and the network does not let it
+//! lie about who sends a message.
+
+use crate::message::{
+    Batch, CheckpointCert, CheckpointVote, Commit, Message, NewView, PrePrepare, PrepareVote,
+    PreparedCert, Proposal, ViewChangeBody,
+};
+use crate::options::PbftOptions;
+use diffuse_core::codec::BoundedVec;
+use diffuse_core::crypto::{Digest, SecretKey, Signature, Signed};
+use diffuse_core::ids::{NodeId, ReplicaId, Seq, View};
+use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
+use std::collections::BTreeMap;
+
+/// The PBFT-specific behaviours.
+pub const BEHAVIOURS: &[Named] = &[
+    Named {
+        name: "equivocate",
+        description: "as primary, sends different PRE-PREPAREs (and matching COMMITs) to different backups",
+    },
+    Named {
+        name: "wrong-digest",
+        description: "votes, checkpoints, replies, state chunks and batches carry wrong digests or data",
+    },
+    Named {
+        name: "forge-sender",
+        description: "claims to be another replica (or a client) inside its messages",
+    },
+    Named {
+        name: "false-certificates",
+        description: "VIEW-CHANGE with forged prepared and checkpoint certificates, bad NEW-VIEWs, and spurious view changes",
+    },
+    Named {
+        name: "collude",
+        description: "all faulty replicas together make exactly f correct replicas prepare a batch, then hide it in the view change",
+    },
+];
+
+/// Builds the behaviour `name` for the replica of `setup`, one of `coalition`.
+pub fn build(
+    name: &str,
+    setup: &ReplicaSetup<PbftOptions>,
+    coalition: &Coalition,
+) -> Option<Box<dyn Behaviour<Message>>> {
+    let me = Me {
+        id: setup.id,
+        n: setup.keys.n(),
+        secret: setup.secret.clone(),
+        window: setup.options.window,
+    };
+    match name {
+        "equivocate" => Some(Box::new(Equivocate {
+            me,
+            alternatives: BTreeMap::new(),
+        })),
+        "wrong-digest" => Some(Box::new(WrongDigest { me })),
+        "forge-sender" => Some(Box::new(ForgeSender { me })),
+        "false-certificates" => Some(Box::new(FalseCertificates { me })),
+        "collude" => Some(Box::new(Collude {
+            me,
+            coalition: coalition.clone(),
+        })),
+        _ => None,
+    }
+}
+
+struct Me {
+    id: ReplicaId,
+    n: usize,
+    secret: SecretKey,
+    window: u64,
+}
+
+impl Me {
+    fn other_replica(&self, entropy: &mut dyn Entropy) -> ReplicaId {
+        let other = entropy.below(self.n as u64 - 1) as u16;
+        ReplicaId(if other >= self.id.0 { other + 1 } else { other })
+    }
+}
+
+fn random_digest(entropy: &mut dyn Entropy) -> Digest {
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&entropy.next_u64().to_le_bytes());
+    }
+    Digest(bytes)
+}
+
+fn random_signature(entropy: &mut dyn Entropy) -> Signature {
+    let mut bytes = [0u8; 64];
+    for chunk in bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&entropy.next_u64().to_le_bytes());
+    }
+    Signature(bytes)
+}
+
+/// The primary sends one batch to some backups and another to the rest, for the
+/// same sequence number, and sends each side COMMITs for its own version.
+struct Equivocate {
+    me: Me,
+    alternatives: BTreeMap<(View, Seq), (Digest, PrePrepare)>,
+}
+
+impl Equivocate {
+    fn alternative(&mut self, pp: &PrePrepare) -> Option<(Digest, PrePrepare)> {
+        let Proposal { view, seq, .. } = pp.proposal.value;
+        if let Some(alt) = self.alternatives.get(&(view, seq)) {
+            return Some(alt.clone());
+        }
+        let mut requests = pp.batch.requests.to_vec();
+        if requests.is_empty() {
+            return None;
+        }
+        // Drop the last request, or reverse the order: either way a different batch
+        // made of genuine client requests.
+        if requests.len() > 1 && seq.0 % 2 == 0 {
+            requests.reverse();
+        } else {
+            requests.pop();
+        }
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let digest = batch.digest();
+        let proposal = Signed::sign(Proposal { view, seq, digest }, &self.me.secret);
+        let alt = (digest, PrePrepare { proposal, batch });
+        if self.alternatives.len() > 4096 {
+            self.alternatives.pop_first();
+        }
+        self.alternatives.insert((view, seq), alt.clone());
+        Some(alt)
+    }
+
+    fn second_side(&self, to: NodeId, seq: Seq) -> bool {
+        to.replica()
+            .is_some_and(|r| (r.index() + seq.0 as usize) % 2 == 1)
+    }
+}
+
+impl Behaviour<Message> for Equivocate {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        match message {
+            Message::PrePrepare(pp) if pp.proposal.view.primary(self.me.n) == self.me.id => {
+                let seq = pp.proposal.seq;
+                let Some((_, alt)) = self.alternative(&pp) else {
+                    out.push(Outgoing::now(to, Message::PrePrepare(pp)));
+                    return;
+                };
+                if entropy.chance(1, 3) {
+                    // Both versions to the same backup, one after the other.
+                    out.push(Outgoing::now(to, Message::PrePrepare(pp)));
+                    out.push(Outgoing::now(to, Message::PrePrepare(alt)));
+                } else if self.second_side(to, seq) {
+                    out.push(Outgoing::now(to, Message::PrePrepare(alt)));
+                } else {
+                    out.push(Outgoing::now(to, Message::PrePrepare(pp)));
+                }
+            }
+            Message::Commit(commit) => {
+                let alt = self
+                    .alternatives
+                    .get(&(commit.view, commit.seq))
+                    .map(|(d, _)| *d);
+                match alt {
+                    Some(digest) if self.second_side(to, commit.seq) => {
+                        out.push(Outgoing::now(
+                            to,
+                            Message::Commit(Commit { digest, ..commit }),
+                        ));
+                    }
+                    _ => out.push(Outgoing::now(to, Message::Commit(commit))),
+                }
+            }
+            Message::ViewChange(vc) => {
+                // Lie by omission: claim to have prepared nothing.
+                let body = ViewChangeBody {
+                    prepared: BoundedVec::new(),
+                    ..vc.value
+                };
+                out.push(Outgoing::now(
+                    to,
+                    Message::ViewChange(Signed::sign(body, &self.me.secret)),
+                ));
+            }
+            other => out.push(Outgoing::now(to, other)),
+        }
+    }
+}
+
+/// Votes and data with wrong digests or bytes.
+struct WrongDigest {
+    me: Me,
+}
+
+impl Behaviour<Message> for WrongDigest {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        let lie = entropy.chance(1, 2);
+        let message = match message {
+            Message::Prepare(p) if lie => Message::Prepare(Signed::sign(
+                PrepareVote {
+                    digest: random_digest(entropy),
+                    ..p.value
+                },
+                &self.me.secret,
+            )),
+            Message::Commit(c) if lie => Message::Commit(Commit {
+                digest: random_digest(entropy),
+                ..c
+            }),
+            Message::Checkpoint(c) if lie => Message::Checkpoint(Signed::sign(
+                CheckpointVote {
+                    state: random_digest(entropy),
+                    ..c.value
+                },
+                &self.me.secret,
+            )),
+            Message::Reply(mut r) if lie => {
+                let mut result = r.result.to_vec();
+                match result.last_mut() {
+                    Some(byte) => *byte ^= 0x5a,
+                    None => result.push(1),
+                }
+                r.result = diffuse_core::codec::Blob::try_from_vec(result).unwrap_or_default();
+                Message::Reply(r)
+            }
+            Message::StateChunk(mut chunk) if lie => {
+                // Flip the lowest bit of one byte: length prefixes mostly stay intact,
+                // so the corrupted state often still decodes, as a real attacker's would.
+                let mut data = chunk.data.to_vec();
+                if !data.is_empty() {
+                    let at = entropy.below(data.len() as u64) as usize;
+                    data[at] ^= 0x01;
+                }
+                chunk.data = diffuse_core::codec::Blob::try_from_vec(data).unwrap_or_default();
+                Message::StateChunk(chunk)
+            }
+            Message::BatchData(mut data) if lie => {
+                data.batch = Batch::default();
+                Message::BatchData(data)
+            }
+            Message::PrePrepare(pp) if lie && entropy.chance(1, 2) => {
+                let proposal = Signed::sign(
+                    Proposal {
+                        digest: random_digest(entropy),
+                        ..pp.proposal.value
+                    },
+                    &self.me.secret,
+                );
+                Message::PrePrepare(PrePrepare { proposal, ..pp })
+            }
+            other => other,
+        };
+        out.push(Outgoing::now(to, message));
+    }
+}
+
+/// Claims to be someone else inside its messages.
+struct ForgeSender {
+    me: Me,
+}
+
+impl Behaviour<Message> for ForgeSender {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if !entropy.chance(1, 2) {
+            out.push(Outgoing::now(to, message));
+            return;
+        }
+        let other = self.me.other_replica(entropy);
+        let message = match message {
+            Message::Prepare(p) => Message::Prepare(Signed::sign(
+                PrepareVote {
+                    replica: other,
+                    ..p.value
+                },
+                &self.me.secret,
+            )),
+            Message::Commit(c) => Message::Commit(Commit {
+                replica: other,
+                ..c
+            }),
+            Message::Checkpoint(c) => Message::Checkpoint(Signed::sign(
+                CheckpointVote {
+                    replica: other,
+                    ..c.value
+                },
+                &self.me.secret,
+            )),
+            Message::ViewChange(vc) => Message::ViewChange(Signed::sign(
+                ViewChangeBody {
+                    replica: other,
+                    ..vc.value
+                },
+                &self.me.secret,
+            )),
+            Message::Reply(r) => Message::Reply(crate::message::Reply {
+                replica: other,
+                ..r
+            }),
+            Message::Request(r) => {
+                // A request "from" the client, signed with the replica's key.
+                Message::Request(Signed::sign(r.value, &self.me.secret))
+            }
+            other => other,
+        };
+        out.push(Outgoing::now(to, message));
+    }
+}
+
+/// Forged certificates in view changes, bad NEW-VIEWs, and spurious view changes.
+struct FalseCertificates {
+    me: Me,
+}
+
+impl FalseCertificates {
+    /// A prepared certificate for `seq` claiming the null batch prepared in `view`,
+    /// with prepares "from" other replicas that only this replica signed.
+    fn forged_cert(&self, view: View, seq: Seq, entropy: &mut dyn Entropy) -> PreparedCert {
+        let digest = if entropy.chance(3, 4) {
+            Batch::default().digest()
+        } else {
+            random_digest(entropy)
+        };
+        let proposal = Signed {
+            value: Proposal { view, seq, digest },
+            signature: random_signature(entropy),
+        };
+        let prepares = (0..self.me.n as u16)
+            .map(ReplicaId)
+            .filter(|r| *r != view.primary(self.me.n))
+            .map(|replica| {
+                Signed::sign(
+                    PrepareVote {
+                        view,
+                        seq,
+                        digest,
+                        replica,
+                    },
+                    &self.me.secret,
+                )
+            })
+            .collect();
+        PreparedCert {
+            proposal,
+            prepares: BoundedVec::truncating(prepares),
+        }
+    }
+
+    fn forge_view_change(&self, body: ViewChangeBody, entropy: &mut dyn Entropy) -> ViewChangeBody {
+        let low = body.stable.seq;
+        let claimed = View(body.new_view.0.saturating_sub(1));
+        let mut certs: BTreeMap<Seq, PreparedCert> = body
+            .prepared
+            .iter()
+            .map(|c| (c.proposal.seq, c.clone()))
+            .collect();
+        let span = self.me.window.max(1);
+        // Where it hurts: the sequence numbers that really prepared (and may have
+        // committed somewhere) get a "newer" certificate for another batch.
+        let prepared: Vec<Seq> = certs.keys().copied().collect();
+        for seq in prepared {
+            if entropy.chance(3, 4) {
+                certs.insert(seq, self.forged_cert(claimed, seq, entropy));
+            }
+        }
+        for _ in 0..entropy.below(3) {
+            let seq = low.plus(1 + entropy.below(span));
+            certs.insert(seq, self.forged_cert(claimed, seq, entropy));
+        }
+        let mut stable = body.stable;
+        if entropy.chance(1, 4) {
+            stable = CheckpointCert {
+                seq: low.plus(span),
+                state: random_digest(entropy),
+                votes: BoundedVec::truncating(vec![Signed {
+                    value: CheckpointVote {
+                        seq: low.plus(span),
+                        state: random_digest(entropy),
+                        replica: self.me.id,
+                    },
+                    signature: random_signature(entropy),
+                }]),
+            };
+        }
+        ViewChangeBody {
+            stable,
+            prepared: BoundedVec::truncating(certs.into_values().collect()),
+            ..body
+        }
+    }
+}
+
+impl Behaviour<Message> for FalseCertificates {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        let message = match message {
+            Message::ViewChange(vc) => {
+                let body = self.forge_view_change(vc.value, entropy);
+                Message::ViewChange(Signed::sign(body, &self.me.secret))
+            }
+            Message::NewView(nv) if entropy.chance(1, 2) => {
+                // Drop the last proposal of O, or replace one with the null batch.
+                let mut proposals = nv.proposals.to_vec();
+                if entropy.chance(1, 2) {
+                    proposals.pop();
+                } else if let Some(p) = proposals.first_mut() {
+                    *p = Signed::sign(
+                        Proposal {
+                            digest: Batch::default().digest(),
+                            ..p.value
+                        },
+                        &self.me.secret,
+                    );
+                }
+                Message::NewView(NewView {
+                    proposals: BoundedVec::truncating(proposals),
+                    ..nv
+                })
+            }
+            Message::CheckpointCert(mut cert) => {
+                cert.state = random_digest(entropy);
+                Message::CheckpointCert(cert)
+            }
+            other => other,
+        };
+        out.push(Outgoing::now(to, message));
+    }
+
+    fn incoming(
+        &mut self,
+        from: NodeId,
+        message: &Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        // Now and then, demand a view change nobody else wants.
+        let Message::Prepare(p) = message else { return };
+        if !entropy.chance(1, 40) {
+            return;
+        }
+        let body = ViewChangeBody {
+            new_view: p.view.next(),
+            replica: self.me.id,
+            stable: CheckpointCert {
+                seq: Seq(0),
+                state: Digest::default(),
+                votes: BoundedVec::new(),
+            },
+            prepared: BoundedVec::new(),
+        };
+        let body = self.forge_view_change(body, entropy);
+        out.push(Outgoing::now(
+            from,
+            Message::ViewChange(Signed::sign(body, &self.me.secret)),
+        ));
+    }
+}
+
+/// What the coalition decided for one proposal.
+#[derive(Debug, Clone)]
+struct CollusionPlan {
+    digest: Digest,
+    /// The correct backups that get the PRE-PREPARE.
+    receivers: Vec<ReplicaId>,
+    /// The correct replicas the faulty ones help to prepare: exactly `f` of them, never
+    /// the next primary.
+    favoured: Vec<ReplicaId>,
+}
+
+#[derive(Debug, Default)]
+struct CollusionPlans {
+    plans: BTreeMap<(View, Seq), CollusionPlan>,
+}
+
+/// The faulty replicas act together. As primary, one sends a PRE-PREPARE to only
+/// `f + 1` correct backups; the faulty backups send their PREPAREs and COMMITs only to
+/// `f` of those ("favoured", never the next primary), so that exactly `f` correct
+/// replicas prepare. Their VIEW-CHANGEs claim nothing prepared. With the real quorums
+/// the batch cannot commit; with a commit quorum one short it commits at the favoured
+/// replicas and a view-change quorum that avoids them drops it.
+struct Collude {
+    me: Me,
+    coalition: Coalition,
+}
+
+impl Collude {
+    fn f(&self) -> usize {
+        (self.me.n - 1) / 3
+    }
+
+    fn existing_plan(&self, view: View, seq: Seq) -> Option<CollusionPlan> {
+        self.coalition
+            .with(|plans: &mut CollusionPlans| plans.plans.get(&(view, seq)).cloned())
+    }
+
+    fn make_plan(&self, pp: &PrePrepare, entropy: &mut dyn Entropy) -> CollusionPlan {
+        let Proposal { view, seq, digest } = pp.proposal.value;
+        if let Some(plan) = self.existing_plan(view, seq) {
+            return plan;
+        }
+        let members = self.coalition.members().to_vec();
+        let next_primary = view.next().primary(self.me.n);
+        let mut backups: Vec<ReplicaId> = (0..self.me.n as u16)
+            .map(ReplicaId)
+            .filter(|r| !members.contains(r) && *r != self.me.id)
+            .collect();
+        // Shuffle, then move the next primary to the end so it is never favoured.
+        for i in (1..backups.len()).rev() {
+            backups.swap(i, entropy.below(i as u64 + 1) as usize);
+        }
+        backups.sort_by_key(|r| *r == next_primary);
+        let f = self.f();
+        let favoured: Vec<ReplicaId> = backups.iter().copied().take(f).collect();
+        let receivers: Vec<ReplicaId> = backups.iter().copied().take(f + 1).collect();
+        let plan = CollusionPlan {
+            digest,
+            receivers,
+            favoured,
+        };
+        self.coalition.with(|plans: &mut CollusionPlans| {
+            if plans.plans.len() >= 4096 {
+                plans.plans.pop_first();
+            }
+            plans.plans.insert((view, seq), plan.clone());
+        });
+        plan
+    }
+
+    fn is_member(&self, to: NodeId) -> bool {
+        to.replica()
+            .is_some_and(|r| self.coalition.members().contains(&r))
+    }
+}
+
+impl Behaviour<Message> for Collude {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        let to_replica = to.replica();
+        let allowed = |list: &[ReplicaId]| to_replica.is_some_and(|r| list.contains(&r));
+        match message {
+            Message::PrePrepare(pp) => {
+                let Proposal { view, seq, digest } = pp.proposal.value;
+                let plan = if view.primary(self.me.n) == self.me.id {
+                    Some(self.make_plan(&pp, entropy))
+                } else {
+                    self.existing_plan(view, seq).filter(|p| p.digest == digest)
+                };
+                match plan {
+                    Some(plan) if !allowed(&plan.receivers) && !self.is_member(to) => {}
+                    _ => out.push(Outgoing::now(to, Message::PrePrepare(pp))),
+                }
+            }
+            Message::Prepare(p) => {
+                let plan = self
+                    .existing_plan(p.view, p.seq)
+                    .filter(|plan| plan.digest == p.digest);
+                match plan {
+                    Some(plan) if !allowed(&plan.favoured) && !self.is_member(to) => {}
+                    _ => out.push(Outgoing::now(to, Message::Prepare(p))),
+                }
+            }
+            Message::Commit(c) => {
+                let plan = self
+                    .existing_plan(c.view, c.seq)
+                    .filter(|plan| plan.digest == c.digest);
+                match plan {
+                    Some(plan) if !allowed(&plan.favoured) && !self.is_member(to) => {}
+                    _ => out.push(Outgoing::now(to, Message::Commit(c))),
+                }
+            }
+            Message::ViewChange(vc) => {
+                let body = ViewChangeBody {
+                    prepared: BoundedVec::new(),
+                    ..vc.value
+                };
+                out.push(Outgoing::now(
+                    to,
+                    Message::ViewChange(Signed::sign(body, &self.me.secret)),
+                ));
+            }
+            other => out.push(Outgoing::now(to, other)),
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The PBFT client: sign, send to the primary, retransmit to all, accept `f + 1`
+//! matching replies.
+
+use crate::message::{Message, Reply, Request, RequestBody};
+use crate::options::{Mutant, PbftOptions};
+use diffuse_core::codec::Blob;
+use diffuse_core::config::ClusterKeys;
+use diffuse_core::crypto::{SecretKey, Signed};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, View};
+use diffuse_core::protocol::{Actions, Input, InvokeError};
+use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
+use diffuse_core::suite::ClientSetup;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The client's one timer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientTimer {
+    /// No reply quorum yet: send the request to every replica.
+    Retransmit,
+}
+
+type Out = Actions<Message, ClientTimer>;
+
+struct Outstanding {
+    request: Request,
+    /// The first reply of each replica for this request.
+    replies: BTreeMap<ReplicaId, Reply>,
+    retransmissions: u32,
+}
+
+/// A PBFT client with at most one outstanding request.
+pub struct PbftClient {
+    id: ClientId,
+    secret: SecretKey,
+    quorum: QuorumSystem,
+    options: PbftOptions,
+    /// The view the client believes current, learned from replies.
+    view: View,
+    next_timestamp: u64,
+    outstanding: Option<Outstanding>,
+    _keys: Arc<ClusterKeys>,
+}
+
+impl PbftClient {
+    /// Builds a client.
+    pub fn new(setup: ClientSetup<PbftOptions>) -> Self {
+        let quorum = QuorumSystem::byzantine(setup.keys.n())
+            .expect("ClusterKeys guarantees 1..=MAX_REPLICAS replicas");
+        Self {
+            id: setup.id,
+            secret: setup.secret,
+            quorum,
+            options: setup.options,
+            view: View(0),
+            next_timestamp: setup.first_timestamp.max(1),
+            outstanding: None,
+            _keys: setup.keys,
+        }
+    }
+
+    /// The client's id.
+    pub fn id(&self) -> ClientId {
+        self.id
+    }
+
+    /// The timestamp of the outstanding request, if any.
+    pub fn outstanding_timestamp(&self) -> Option<u64> {
+        self.outstanding.as_ref().map(|o| o.request.timestamp)
+    }
+
+    fn retransmit_delay(&self, retransmissions: u32) -> Duration {
+        let delay = self.options.client_retransmit * (1u32 << retransmissions.min(8));
+        delay.min(
+            self.options
+                .client_retransmit_max
+                .max(self.options.client_retransmit),
+        )
+    }
+
+    fn on_reply(&mut self, from: NodeId, reply: Reply, out: &mut Out) {
+        let NodeId::Replica(replica) = from else {
+            return;
+        };
+        if reply.replica != replica || reply.client != self.id {
+            out.fault(from, "forged-reply");
+            return;
+        }
+        let Some(outstanding) = &mut self.outstanding else {
+            return;
+        };
+        if reply.timestamp != outstanding.request.timestamp {
+            return;
+        }
+        outstanding.replies.entry(replica).or_insert(reply);
+        let needed_first_only = self.options.is(Mutant::ClientTrustsFirstReply);
+        let mut groups: BTreeMap<&[u8], Vec<&Reply>> = BTreeMap::new();
+        for r in outstanding.replies.values() {
+            groups.entry(&r.result).or_default().push(r);
+        }
+        let accepted = groups.into_values().find(|group| {
+            let senders: ReplicaSet = group.iter().map(|r| r.replica).collect();
+            needed_first_only || self.quorum.contains_correct(&senders)
+        });
+        let Some(group) = accepted else { return };
+        // Learn the view from the matching replies, ignoring the f highest claims so
+        // that a Byzantine replica cannot point the client at a view nobody is in.
+        let mut views: Vec<View> = group.iter().map(|r| r.view).collect();
+        views.sort_unstable_by(|a, b| b.cmp(a));
+        let view = views[self.quorum.f().min(views.len() - 1)];
+        let result = group[0].result.to_vec();
+        let timestamp = outstanding.request.timestamp;
+        self.view = self.view.max(view);
+        self.outstanding = None;
+        out.cancel_timer(ClientTimer::Retransmit);
+        out.0
+            .push(diffuse_core::protocol::Action::Complete { timestamp, result });
+    }
+
+    fn on_retransmit(&mut self, out: &mut Out) {
+        let Some(outstanding) = &mut self.outstanding else {
+            return;
+        };
+        outstanding.retransmissions += 1;
+        let retransmissions = outstanding.retransmissions;
+        out.broadcast(Message::Request(outstanding.request.clone()));
+        out.set_timer(
+            ClientTimer::Retransmit,
+            self.retransmit_delay(retransmissions),
+        );
+    }
+}
+
+impl diffuse_core::protocol::Client for PbftClient {
+    type Message = Message;
+    type Timer = ClientTimer;
+
+    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out, InvokeError> {
+        if self.outstanding.is_some() {
+            return Err(InvokeError::Busy);
+        }
+        let limit = self.options.max_operation_bytes;
+        if operation.len() > limit {
+            return Err(InvokeError::TooLarge {
+                size: operation.len(),
+                limit,
+            });
+        }
+        let operation = Blob::try_from_vec(operation).map_err(|op| InvokeError::TooLarge {
+            size: op.len(),
+            limit: crate::message::MAX_OPERATION_BYTES,
+        })?;
+        let timestamp = self.next_timestamp;
+        self.next_timestamp += 1;
+        let request = Signed::sign(
+            RequestBody {
+                client: self.id,
+                timestamp,
+                operation,
+            },
+            &self.secret,
+        );
+        let mut out = Out::new();
+        out.send(
+            self.view.primary(self.quorum.n()),
+            Message::Request(request.clone()),
+        );
+        out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));
+        self.outstanding = Some(Outstanding {
+            request,
+            replies: BTreeMap::new(),
+            retransmissions: 0,
+        });
+        Ok(out)
+    }
+
+    fn handle(&mut self, input: Input<Message, ClientTimer>) -> Out {
+        let mut out = Out::new();
+        match input {
+            Input::Start(_) => {}
+            Input::Message {
+                from,
+                message: Message::Reply(reply),
+            } => self.on_reply(from, reply, &mut out),
+            Input::Message { from, .. } => out.fault(from, "unexpected-message-to-client"),
+            Input::Timer(ClientTimer::Retransmit) => self.on_retransmit(&mut out),
+        }
+        out
+    }
+
+    fn is_busy(&self) -> bool {
+        self.outstanding.is_some()
+    }
+}

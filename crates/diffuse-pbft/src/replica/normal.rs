@@ -1,0 +1,510 @@
+//! The normal case: requests, batching, PRE-PREPARE / PREPARE / COMMIT, execution.
+
+use super::{Out, PbftReplica, Timer};
+use crate::message::{
+    Batch, Commit, Message, PrePrepare, PrepareVote, PreparedCert, Proposal, Reply, Request,
+};
+use crate::options::Mutant;
+use diffuse_core::codec::{Blob, BoundedVec};
+use diffuse_core::crypto::{Digest, Signed};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
+use diffuse_core::protocol::Observation;
+use diffuse_core::quorum::ReplicaSet;
+use diffuse_core::service::Execution;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+impl PbftReplica {
+    /// Whether a request is well-formed and signed by its (registered) client.
+    pub(super) fn request_is_valid(&self, request: &Request) -> bool {
+        if request.operation.len() > self.options.max_operation_bytes {
+            return false;
+        }
+        let Some(key) = self.keys.client(request.client) else {
+            return false;
+        };
+        // A request identical to one already checked needs no second verification.
+        if let Some(pending) = self.pending.get(request.client) {
+            if pending.request == *request {
+                return true;
+            }
+        }
+        request.verify(key)
+    }
+
+    pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
+        let from_client = from == NodeId::Client(request.client);
+        if matches!(from, NodeId::Client(_)) && !from_client {
+            out.fault(from, "request-for-another-client");
+            return;
+        }
+        if !self.request_is_valid(&request) {
+            out.fault(from, "bad-request");
+            return;
+        }
+        let (client, timestamp) = (request.client, request.timestamp);
+        let last = self.service.last_timestamp(client);
+        if timestamp <= last {
+            if timestamp == last && from_client {
+                self.resend_reply(client, out);
+            }
+            return;
+        }
+        let known = self.pending.get(client).map(|p| p.request.timestamp);
+        if known.is_some_and(|t| t > timestamp) {
+            return;
+        }
+        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None);
+        if !self.view_active {
+            return;
+        }
+        if self.is_primary() {
+            if fresh {
+                self.propose_batches(false, out);
+            }
+            return;
+        }
+        // A backup relays a client's request to the primary: the first time it sees
+        // it, and again when the client retransmits (the primary may have missed it).
+        if from_client {
+            out.send(self.primary(), Message::Request(request));
+        }
+        self.ensure_request_timer(out);
+    }
+
+    fn resend_reply(&self, client: ClientId, out: &mut Out) {
+        if let Some((timestamp, result)) = self.service.cached_reply(client) {
+            out.send(
+                client,
+                Message::Reply(self.reply(client, timestamp, result.to_vec())),
+            );
+        }
+    }
+
+    fn reply(&self, client: ClientId, timestamp: u64, result: Vec<u8>) -> Reply {
+        Reply {
+            view: self.view,
+            client,
+            timestamp,
+            replica: self.id,
+            result: Blob::try_from_vec(result).unwrap_or_default(),
+        }
+    }
+
+    /// As primary, cuts batches from pending requests while the window and the
+    /// pipeline have room. A partial batch goes out only when `flush` is set (the
+    /// batch timer fired) or when no delay is configured.
+    pub(super) fn propose_batches(&mut self, mut flush: bool, out: &mut Out) {
+        if !self.view_active || !self.is_primary() || self.needs_state {
+            return;
+        }
+        loop {
+            let in_flight = self.next_seq.0.saturating_sub(self.last_executed.0 + 1);
+            if self.next_seq > self.high() || in_flight >= self.options.max_in_flight {
+                return;
+            }
+            let mut batch = Vec::new();
+            let mut bytes = 0usize;
+            for pending in self.pending.unproposed(self.view) {
+                let size = pending.request.operation.len();
+                if batch.len() == self.options.batch_max_requests
+                    || (!batch.is_empty() && bytes + size > self.options.batch_max_bytes)
+                {
+                    break;
+                }
+                bytes += size;
+                batch.push(pending.request.clone());
+            }
+            if batch.is_empty() {
+                if self.batch_timer_running {
+                    out.cancel_timer(Timer::Batch);
+                    self.batch_timer_running = false;
+                }
+                return;
+            }
+            let full = batch.len() == self.options.batch_max_requests
+                || bytes >= self.options.batch_max_bytes;
+            if !full && !flush && !self.options.batch_delay.is_zero() {
+                if !self.batch_timer_running {
+                    out.set_timer(Timer::Batch, self.options.batch_delay);
+                    self.batch_timer_running = true;
+                }
+                return;
+            }
+            flush = false;
+            self.propose(batch, out);
+        }
+    }
+
+    fn propose(&mut self, requests: Vec<Request>, out: &mut Out) {
+        let seq = self.next_seq;
+        self.next_seq = seq.next();
+        for r in &requests {
+            self.pending.mark_proposed(r.client, r.timestamp, self.view);
+        }
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let digest = batch.digest();
+        let proposal = Signed::sign(
+            Proposal {
+                view: self.view,
+                seq,
+                digest,
+            },
+            &self.secret,
+        );
+        let batch = Arc::new(batch);
+        let slot = self.log.entry(seq).or_default();
+        slot.proposal = Some(proposal.clone());
+        slot.add_body(digest, batch.clone());
+        // Persist the assignment before anyone can see it: after a restart the primary
+        // must never give this sequence number to another batch in this view.
+        out.persist(self.slot_writes(seq));
+        out.broadcast(Message::PrePrepare(PrePrepare {
+            proposal,
+            batch: (*batch).clone(),
+        }));
+        self.check_prepared(seq, out);
+    }
+
+    pub(super) fn on_pre_prepare(&mut self, from: ReplicaId, pp: PrePrepare, out: &mut Out) {
+        let Proposal { view, seq, digest } = pp.proposal.value;
+        if view > self.view || (view == self.view && !self.view_active) {
+            self.buffer_future(from, Message::PrePrepare(pp));
+            return;
+        }
+        if view < self.view || self.is_primary() || !self.in_window(seq) {
+            return;
+        }
+        let primary = self.primary();
+        let valid_signature = self
+            .replica_key(primary)
+            .is_some_and(|key| pp.proposal.verify(key));
+        if !valid_signature {
+            out.fault(from, "bad-pre-prepare-signature");
+            return;
+        }
+        if pp.batch.digest() != digest {
+            out.fault(from, "batch-digest-mismatch");
+            return;
+        }
+        let existing = self.log.get(&seq).and_then(|s| s.proposed_digest());
+        match existing {
+            Some(d) if d == digest => {
+                self.store_body(seq, digest, Arc::new(pp.batch), out);
+                return;
+            }
+            Some(_) => {
+                // Two signed proposals for one (view, seq): proof against the primary.
+                out.fault(primary, "equivocating-primary");
+                if !self.options.is(Mutant::AcceptConflictingPrePrepare) {
+                    return;
+                }
+            }
+            None => {}
+        }
+        if let Err(kind) = self.check_batch(&pp.batch) {
+            out.fault(from, kind);
+            return;
+        }
+        for request in pp.batch.requests.iter() {
+            if request.timestamp > self.service.last_timestamp(request.client) {
+                self.pending.offer(request.clone(), None);
+            }
+        }
+        let slot = self.log.entry(seq).or_default();
+        slot.proposal = Some(pp.proposal);
+        slot.add_body(digest, Arc::new(pp.batch));
+        let writes = self.slot_writes(seq);
+        out.persist(writes);
+        self.send_prepare(seq, digest, out);
+        self.ensure_request_timer(out);
+        self.check_prepared(seq, out);
+    }
+
+    /// Checks every request of a proposed batch: registered client, size, signature,
+    /// and at most one request per client.
+    fn check_batch(&self, batch: &Batch) -> Result<(), &'static str> {
+        let mut clients = BTreeSet::new();
+        for request in batch.requests.iter() {
+            if !clients.insert(request.client) {
+                return Err("duplicate-client-in-batch");
+            }
+            if !self.request_is_valid(request) {
+                return Err("bad-request-in-batch");
+            }
+        }
+        Ok(())
+    }
+
+    /// Signs and broadcasts this backup's PREPARE (after the slot was persisted).
+    pub(super) fn send_prepare(&mut self, seq: Seq, digest: Digest, out: &mut Out) {
+        let prepare = Signed::sign(
+            PrepareVote {
+                view: self.view,
+                seq,
+                digest,
+                replica: self.id,
+            },
+            &self.secret,
+        );
+        self.log
+            .entry(seq)
+            .or_default()
+            .prepares
+            .insert(self.id, prepare.clone());
+        out.broadcast(Message::Prepare(prepare));
+    }
+
+    pub(super) fn on_prepare(
+        &mut self,
+        from: ReplicaId,
+        prepare: Signed<PrepareVote>,
+        out: &mut Out,
+    ) {
+        let vote = prepare.value;
+        if vote.view > self.view || (vote.view == self.view && !self.view_active) {
+            self.buffer_future(from, Message::Prepare(prepare));
+            return;
+        }
+        if vote.view < self.view || !self.in_window(vote.seq) {
+            return;
+        }
+        if !self.quorum.is_member(vote.replica) {
+            out.fault(from, "unknown-replica");
+            return;
+        }
+        if vote.replica == self.primary() {
+            out.fault(from, "prepare-from-primary");
+            return;
+        }
+        let slot = self.log.entry(vote.seq).or_default();
+        match slot.prepares.get(&vote.replica) {
+            Some(existing) if existing.digest == vote.digest => return,
+            Some(_) => {
+                let existing = slot.prepares[&vote.replica].clone();
+                if self
+                    .replica_key(vote.replica)
+                    .is_some_and(|k| prepare.verify(k) && existing.verify(k))
+                {
+                    out.fault(vote.replica, "conflicting-prepare");
+                } else {
+                    out.fault(from, "bad-prepare-signature");
+                }
+                return;
+            }
+            None => {}
+        }
+        if !self
+            .replica_key(vote.replica)
+            .is_some_and(|k| prepare.verify(k))
+        {
+            out.fault(from, "bad-prepare-signature");
+            return;
+        }
+        self.log
+            .entry(vote.seq)
+            .or_default()
+            .prepares
+            .insert(vote.replica, prepare);
+        self.check_prepared(vote.seq, out);
+    }
+
+    /// Once the proposal and a quorum of matching prepares are in, records the
+    /// prepared certificate durably and sends COMMIT.
+    pub(super) fn check_prepared(&mut self, seq: Seq, out: &mut Out) {
+        let primary = self.primary();
+        let Some(slot) = self.log.get(&seq) else {
+            return;
+        };
+        if slot.prepared_in_current_view() {
+            self.check_committed(seq, out);
+            return;
+        }
+        let Some(proposal) = slot.proposal.clone() else {
+            return;
+        };
+        let matching: Vec<_> = slot
+            .prepares
+            .values()
+            .filter(|p| p.digest == proposal.digest)
+            .cloned()
+            .collect();
+        let mut senders: ReplicaSet = matching.iter().map(|p| p.replica).collect();
+        senders.insert(primary);
+        if !self.quorum.is_quorum(&senders) {
+            return;
+        }
+        let cert = PreparedCert {
+            proposal: proposal.clone(),
+            prepares: BoundedVec::truncating(matching),
+        };
+        self.log.entry(seq).or_default().prepared = Some(cert);
+        let writes = self.slot_writes(seq);
+        out.persist(writes);
+        let commit = Commit {
+            view: self.view,
+            seq,
+            digest: proposal.digest,
+            replica: self.id,
+        };
+        self.log
+            .entry(seq)
+            .or_default()
+            .commits
+            .insert(self.id, proposal.digest);
+        out.broadcast(Message::Commit(commit));
+        self.check_committed(seq, out);
+    }
+
+    pub(super) fn on_commit(&mut self, from: ReplicaId, commit: Commit, out: &mut Out) {
+        if commit.replica != from {
+            out.fault(from, "commit-sender-mismatch");
+            return;
+        }
+        if commit.view > self.view || (commit.view == self.view && !self.view_active) {
+            self.buffer_future(from, Message::Commit(commit));
+            return;
+        }
+        if commit.view < self.view || !self.in_window(commit.seq) {
+            return;
+        }
+        let slot = self.log.entry(commit.seq).or_default();
+        match slot.commits.get(&from) {
+            Some(d) if *d == commit.digest => return,
+            Some(_) => {
+                out.fault(from, "conflicting-commit");
+                return;
+            }
+            None => {}
+        }
+        slot.commits.insert(from, commit.digest);
+        self.check_committed(commit.seq, out);
+    }
+
+    /// Prepared here and a quorum of matching commits: the batch is committed.
+    fn check_committed(&mut self, seq: Seq, out: &mut Out) {
+        let Some(slot) = self.log.get(&seq) else {
+            return;
+        };
+        if slot.committed.is_some() || !slot.prepared_in_current_view() {
+            return;
+        }
+        let Some(digest) = slot.proposed_digest() else {
+            return;
+        };
+        let senders: ReplicaSet = slot
+            .commits
+            .iter()
+            .filter(|(_, d)| **d == digest)
+            .map(|(r, _)| *r)
+            .collect();
+        let committed = if self.options.is(Mutant::CommitQuorumMinusOne) {
+            senders.len() + 1 >= self.quorum.quorum_size()
+        } else {
+            self.quorum.is_quorum(&senders)
+        };
+        if committed {
+            self.log.entry(seq).or_default().committed = Some(digest);
+            self.execute_ready(out);
+        }
+    }
+
+    /// Executes committed batches in sequence order, as far as bodies are known.
+    pub(super) fn execute_ready(&mut self, out: &mut Out) {
+        if self.needs_state {
+            return;
+        }
+        let mut progressed = false;
+        loop {
+            let seq = self.last_executed.next();
+            let Some(slot) = self.log.get(&seq) else {
+                break;
+            };
+            let Some(digest) = slot.committed else { break };
+            let Some(batch) = slot.body(&digest) else {
+                self.fetch_batch(seq, digest, out);
+                break;
+            };
+            self.execute_batch(seq, digest, &batch, out);
+            self.last_executed = seq;
+            progressed = true;
+            if seq.0 % self.options.checkpoint_interval == 0 {
+                self.take_checkpoint(seq, out);
+            }
+        }
+        if progressed {
+            self.after_progress(out);
+        }
+    }
+
+    fn execute_batch(&mut self, seq: Seq, digest: Digest, batch: &Batch, out: &mut Out) {
+        let mut executed = 0;
+        for request in batch.requests.iter() {
+            let (client, timestamp) = (request.client, request.timestamp);
+            self.pending.executed(client, timestamp);
+            if let Execution::Executed(result) =
+                self.service.execute(client, timestamp, &request.operation)
+            {
+                executed += 1;
+                out.send(
+                    client,
+                    Message::Reply(self.reply(client, timestamp, result)),
+                );
+            }
+        }
+        out.observe(Observation::Executed {
+            seq,
+            batch: digest,
+            requests: executed,
+        });
+    }
+
+    /// After execution: restart the request timer for what is still pending, and let
+    /// the primary fill the pipeline again.
+    pub(super) fn after_progress(&mut self, out: &mut Out) {
+        if let Some((client, timestamp)) = self.request_timer_for {
+            if !self.pending.contains(client, timestamp) {
+                self.request_timer_for = None;
+                out.cancel_timer(Timer::Request);
+            }
+        }
+        self.ensure_request_timer(out);
+        self.propose_batches(false, out);
+    }
+
+    /// A backup in an active view runs the request timer while anything is pending.
+    pub(super) fn ensure_request_timer(&mut self, out: &mut Out) {
+        if !self.view_active || self.is_primary() || self.request_timer_for.is_some() {
+            return;
+        }
+        if let Some(oldest) = self.pending.oldest() {
+            self.request_timer_for = Some(oldest);
+            out.set_timer(Timer::Request, self.options.view_change_timeout);
+        }
+    }
+
+    /// Stores a body whose digest matches, and resumes execution if it was missing.
+    pub(super) fn store_body(
+        &mut self,
+        seq: Seq,
+        digest: Digest,
+        batch: Arc<Batch>,
+        out: &mut Out,
+    ) {
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        if slot.body(&digest).is_some() {
+            return;
+        }
+        slot.add_body(digest, batch);
+        if self.fetching.get(&seq) == Some(&digest) {
+            self.fetching.remove(&seq);
+        }
+        let writes = self.slot_writes(seq);
+        out.persist(writes);
+        self.execute_ready(out);
+    }
+}

@@ -1,0 +1,107 @@
+//! Client requests a replica knows about but has not executed yet.
+
+use crate::message::Request;
+use diffuse_core::ids::{ClientId, View};
+use std::collections::BTreeMap;
+
+/// One pending request.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingRequest {
+    pub request: Request,
+    /// Arrival order, for fair batching and for the request timer.
+    pub arrival: u64,
+    /// The view in which this replica (as primary) proposed it, if any.
+    pub proposed_in: Option<View>,
+}
+
+/// At most one pending request per client (a client has one outstanding request),
+/// so the table is bounded by the number of registered clients.
+#[derive(Debug, Default)]
+pub(crate) struct Pending {
+    by_client: BTreeMap<ClientId, PendingRequest>,
+    next_arrival: u64,
+}
+
+impl Pending {
+    /// The pending request of `client`.
+    pub fn get(&self, client: ClientId) -> Option<&PendingRequest> {
+        self.by_client.get(&client)
+    }
+
+    /// Adds `request` unless the client already has one at least as new.
+    /// Returns whether it was added.
+    pub fn offer(&mut self, request: Request, proposed_in: Option<View>) -> bool {
+        if let Some(existing) = self.by_client.get(&request.client) {
+            if existing.request.timestamp >= request.timestamp {
+                return false;
+            }
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.by_client.insert(
+            request.client,
+            PendingRequest {
+                request,
+                arrival,
+                proposed_in,
+            },
+        );
+        true
+    }
+
+    /// Drops the client's pending request if it is not newer than `timestamp`.
+    pub fn executed(&mut self, client: ClientId, timestamp: u64) {
+        if self
+            .by_client
+            .get(&client)
+            .is_some_and(|p| p.request.timestamp <= timestamp)
+        {
+            self.by_client.remove(&client);
+        }
+    }
+
+    /// Marks the client's request (at this timestamp) as proposed in `view`.
+    pub fn mark_proposed(&mut self, client: ClientId, timestamp: u64, view: View) {
+        if let Some(p) = self.by_client.get_mut(&client) {
+            if p.request.timestamp == timestamp {
+                p.proposed_in = Some(view);
+            }
+        }
+    }
+
+    /// Requests not yet proposed in `view`, oldest first.
+    pub fn unproposed(&self, view: View) -> Vec<&PendingRequest> {
+        let mut list: Vec<_> = self
+            .by_client
+            .values()
+            .filter(|p| p.proposed_in != Some(view))
+            .collect();
+        list.sort_by_key(|p| p.arrival);
+        list
+    }
+
+    /// The oldest pending request's (client, timestamp).
+    pub fn oldest(&self) -> Option<(ClientId, u64)> {
+        self.by_client
+            .values()
+            .min_by_key(|p| p.arrival)
+            .map(|p| (p.request.client, p.request.timestamp))
+    }
+
+    /// Whether `(client, timestamp)` is still pending.
+    pub fn contains(&self, client: ClientId, timestamp: u64) -> bool {
+        self.by_client
+            .get(&client)
+            .is_some_and(|p| p.request.timestamp == timestamp)
+    }
+
+    /// All pending requests.
+    pub fn iter(&self) -> impl Iterator<Item = &PendingRequest> {
+        self.by_client.values()
+    }
+
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.by_client.is_empty()
+    }
+}

@@ -1,0 +1,272 @@
+//! Fault mixes and the scenario of one run, drawn from its seed.
+//!
+//! A run has two phases. Before the global stabilisation time (GST) the network
+//! loses, duplicates, reorders and partitions messages, and replicas crash and
+//! restart. From GST on, every message between live nodes arrives within a bound and
+//! every crashed replica is back; Byzantine replicas stay Byzantine. Safety is checked
+//! over the whole run, liveness from GST on.
+
+use crate::rng::SimRng;
+use diffuse_core::ids::ReplicaId;
+use diffuse_core::suite::Entropy;
+use std::collections::BTreeMap;
+
+const MS: u64 = 1_000_000;
+
+/// Which faults a run injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultMix {
+    /// A clean network with random delays only.
+    None,
+    /// Loss, duplication, reordering, delay spikes and healing partitions.
+    Network,
+    /// Network faults plus crashes and restarts of correct replicas.
+    Crash,
+    /// Up to `f` replicas with the named Byzantine behaviour, plus mild network faults.
+    Byzantine(String),
+    /// Everything at once: network faults, crashes, and up to `f` Byzantine replicas
+    /// with behaviours drawn at random.
+    Mixed,
+}
+
+impl FaultMix {
+    /// The mix's command-line name.
+    pub fn name(&self) -> &str {
+        match self {
+            FaultMix::None => "none",
+            FaultMix::Network => "network",
+            FaultMix::Crash => "crash",
+            FaultMix::Byzantine(behaviour) => behaviour,
+            FaultMix::Mixed => "mixed",
+        }
+    }
+
+    /// Every mix, given the available Byzantine behaviours, in the order `--faults all`
+    /// cycles through them.
+    pub fn all(behaviours: &[&str]) -> Vec<FaultMix> {
+        let mut mixes = vec![FaultMix::None, FaultMix::Network, FaultMix::Crash];
+        mixes.extend(
+            behaviours
+                .iter()
+                .map(|b| FaultMix::Byzantine(b.to_string())),
+        );
+        mixes.push(FaultMix::Mixed);
+        mixes
+    }
+
+    /// Parses a mix name.
+    pub fn parse(name: &str, behaviours: &[&str]) -> Option<FaultMix> {
+        match name {
+            "none" => Some(FaultMix::None),
+            "network" => Some(FaultMix::Network),
+            "crash" => Some(FaultMix::Crash),
+            "mixed" => Some(FaultMix::Mixed),
+            other if behaviours.contains(&other) => Some(FaultMix::Byzantine(other.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// Network behaviour before and after GST.
+#[derive(Debug, Clone)]
+pub struct NetworkModel {
+    /// Probability of losing a message before GST, in parts per million.
+    pub loss_ppm: u64,
+    /// Probability of duplicating a message before GST, in parts per million.
+    pub duplicate_ppm: u64,
+    /// Smallest one-way delay.
+    pub latency_min_ns: u64,
+    /// Largest ordinary one-way delay before GST.
+    pub latency_max_ns: u64,
+    /// Probability of a delay spike before GST, in parts per million.
+    pub spike_ppm: u64,
+    /// Largest extra delay of a spike.
+    pub spike_max_ns: u64,
+    /// Largest one-way delay after GST: the synchrony bound.
+    pub stable_latency_max_ns: u64,
+}
+
+/// Replicas cut off from the rest for a while (before GST).
+#[derive(Debug, Clone)]
+pub struct Partition {
+    /// Start of the partition.
+    pub start_ns: u64,
+    /// When it heals.
+    pub end_ns: u64,
+    /// The replicas on the small side.
+    pub isolated: Vec<ReplicaId>,
+    /// If true only messages *to* the isolated side are lost.
+    pub one_way: bool,
+}
+
+/// A crash and the later restart of a correct replica.
+#[derive(Debug, Clone)]
+pub struct CrashRestart {
+    /// The replica.
+    pub replica: ReplicaId,
+    /// When it crashes.
+    pub crash_ns: u64,
+    /// When it restarts from its persisted state.
+    pub restart_ns: u64,
+}
+
+/// The client workload.
+#[derive(Debug, Clone)]
+pub struct WorkloadModel {
+    /// Number of clients.
+    pub clients: usize,
+    /// Operations per client.
+    pub ops_per_client: usize,
+    /// Number of distinct keys (few keys: much contention).
+    pub keys: usize,
+    /// Largest think time between a completion and the next invocation.
+    pub think_max_ns: u64,
+}
+
+/// Everything that will happen to one run, drawn from its seed.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// The fault mix.
+    pub mix: FaultMix,
+    /// Global stabilisation time.
+    pub gst_ns: u64,
+    /// The network.
+    pub network: NetworkModel,
+    /// Partitions (all heal before GST).
+    pub partitions: Vec<Partition>,
+    /// Crashes (all restart before GST).
+    pub crashes: Vec<CrashRestart>,
+    /// Byzantine replicas and their behaviour names.
+    pub byzantine: BTreeMap<ReplicaId, String>,
+    /// The workload.
+    pub workload: WorkloadModel,
+}
+
+impl Scenario {
+    /// Draws the scenario of a run with `n` replicas tolerating `f` faults.
+    pub fn draw(
+        mix: &FaultMix,
+        n: usize,
+        f: usize,
+        behaviours: &[&str],
+        rng: &mut SimRng,
+    ) -> Scenario {
+        let gst_ns = rng.between(500, 3000) * MS;
+        let hostile = !matches!(mix, FaultMix::None);
+        let network = if hostile {
+            NetworkModel {
+                loss_ppm: rng.between(0, 100_000),
+                duplicate_ppm: rng.between(0, 50_000),
+                latency_min_ns: MS,
+                latency_max_ns: rng.between(2, 30) * MS,
+                spike_ppm: rng.between(0, 50_000),
+                spike_max_ns: rng.between(50, 400) * MS,
+                stable_latency_max_ns: 10 * MS,
+            }
+        } else {
+            NetworkModel {
+                loss_ppm: 0,
+                duplicate_ppm: 0,
+                latency_min_ns: MS,
+                latency_max_ns: 5 * MS,
+                spike_ppm: 0,
+                spike_max_ns: 0,
+                stable_latency_max_ns: 5 * MS,
+            }
+        };
+        let byzantine = Self::draw_byzantine(mix, n, f, behaviours, rng);
+        let partitions = if matches!(mix, FaultMix::Network | FaultMix::Crash | FaultMix::Mixed) {
+            (0..rng.between(0, 3))
+                .map(|_| Self::draw_partition(n, gst_ns, rng))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let crashes = if matches!(mix, FaultMix::Crash | FaultMix::Mixed) {
+            let correct: Vec<ReplicaId> = (0..n as u16)
+                .map(ReplicaId)
+                .filter(|r| !byzantine.contains_key(r))
+                .collect();
+            (0..rng.between(1, 3))
+                .map(|_| {
+                    let crash_ns = rng.between(0, gst_ns * 3 / 4);
+                    CrashRestart {
+                        replica: *rng.pick(&correct),
+                        crash_ns,
+                        restart_ns: rng.between(crash_ns + 10 * MS, gst_ns),
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let workload = WorkloadModel {
+            clients: rng.between(2, 4) as usize,
+            ops_per_client: rng.between(20, 40) as usize,
+            keys: rng.between(2, 6) as usize,
+            think_max_ns: rng.between(0, 30) * MS,
+        };
+        Scenario {
+            mix: mix.clone(),
+            gst_ns,
+            network,
+            partitions,
+            crashes,
+            byzantine,
+            workload,
+        }
+    }
+
+    fn draw_byzantine(
+        mix: &FaultMix,
+        n: usize,
+        f: usize,
+        behaviours: &[&str],
+        rng: &mut SimRng,
+    ) -> BTreeMap<ReplicaId, String> {
+        let mut byzantine = BTreeMap::new();
+        let count = match mix {
+            FaultMix::Byzantine(_) | FaultMix::Mixed if f > 0 => rng.between(1, f as u64) as usize,
+            _ => 0,
+        };
+        // The first primary is faulty in most runs: that is where the interesting
+        // attacks are (equivocation, stalling, bad NEW-VIEWs after it rotates back).
+        let mut candidates: Vec<ReplicaId> = (0..n as u16).map(ReplicaId).collect();
+        if count > 0 && rng.chance(3, 4) {
+            candidates.retain(|r| r.0 != 0);
+            byzantine.insert(ReplicaId(0), Self::behaviour_for(mix, behaviours, rng));
+        }
+        while byzantine.len() < count {
+            let index = rng.below(candidates.len() as u64) as usize;
+            let replica = candidates.swap_remove(index);
+            byzantine.insert(replica, Self::behaviour_for(mix, behaviours, rng));
+        }
+        byzantine
+    }
+
+    fn behaviour_for(mix: &FaultMix, behaviours: &[&str], rng: &mut SimRng) -> String {
+        match mix {
+            FaultMix::Byzantine(name) => name.clone(),
+            _ => rng.pick(behaviours).to_string(),
+        }
+    }
+
+    fn draw_partition(n: usize, gst_ns: u64, rng: &mut SimRng) -> Partition {
+        let start_ns = rng.between(0, gst_ns * 3 / 4);
+        let end_ns = rng.between(start_ns + 50 * MS, gst_ns);
+        let size = rng.between(1, (n as u64 / 2).max(1));
+        let mut isolated: Vec<ReplicaId> = Vec::new();
+        while isolated.len() < size as usize {
+            let r = ReplicaId(rng.below(n as u64) as u16);
+            if !isolated.contains(&r) {
+                isolated.push(r);
+            }
+        }
+        Partition {
+            start_ns,
+            end_ns,
+            isolated,
+            one_way: rng.chance(1, 4),
+        }
+    }
+}

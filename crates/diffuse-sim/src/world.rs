@@ -1,0 +1,814 @@
+//! The simulated world: replicas, clients, a hostile network and virtual time.
+//!
+//! Everything happens in one thread, one event at a time, in virtual time, with one
+//! seeded random stream, so the same configuration and seed replay the same run
+//! exactly. Messages travel as encoded frames: every delivery decodes bytes with the
+//! same codec and limits as the runtime, so garbage sent by a Byzantine replica is
+//! handled by the real decoder.
+
+use crate::behaviours;
+use crate::checkers::{OnlineChecks, Violation};
+use crate::history::{Operation, Outcome};
+use crate::metrics::Metrics;
+use crate::rng::SimRng;
+use crate::scenario::{FaultMix, Scenario};
+use crate::workload::Workload;
+use diffuse_apps::{KvResult, KvStore};
+use diffuse_core::codec::{self, WireMessage};
+use diffuse_core::config::ClusterKeys;
+use diffuse_core::crypto::SecretKey;
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
+use diffuse_core::protocol::{Action, Client, Input, Observation, Recovered, Replica, WriteOp};
+use diffuse_core::suite::{
+    Behaviour, ClientSetup, Coalition, Outgoing, Payload, ProtocolSuite, ReplicaSetup,
+};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::Arc;
+
+const MS: u64 = 1_000_000;
+
+/// The largest frame the simulated network carries (smaller than the runtime's, so
+/// that oversized garbage stays cheap to simulate).
+pub const SIM_MAX_FRAME: usize = 1 << 20;
+
+/// The most events one run may process before it is declared runaway.
+const EVENT_BUDGET: u64 = 4_000_000;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Number of replicas.
+    pub n: usize,
+    /// The seed: the whole run follows from it.
+    pub seed: u64,
+    /// Which faults to inject.
+    pub mix: FaultMix,
+    /// A mutant of the protocol to run instead of the real thing.
+    pub mutant: Option<String>,
+    /// Whether to record a readable event trace.
+    pub trace: bool,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    /// The seed.
+    pub seed: u64,
+    /// The fault mix's name.
+    pub mix: String,
+    /// Every checker violation (empty: the run passed).
+    pub violations: Vec<Violation>,
+    /// Counts and latencies.
+    pub metrics: Metrics,
+    /// The event trace, if requested.
+    pub trace: Vec<String>,
+    /// A one-line summary of the scenario (faulty replicas, crashes, GST).
+    pub scenario: String,
+}
+
+/// Why a run could not be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupError(pub String);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// The liveness bound: after GST, every operation completes within this much
+/// virtual time. It covers one view change per faulty primary with the timer at its
+/// largest back-off, plus client back-off and state transfer.
+pub fn liveness_bound_ns(f: usize) -> u64 {
+    (20_000 + 5_000 * f as u64) * MS
+}
+
+enum Event<P: ProtocolSuite> {
+    Deliver {
+        from: NodeId,
+        to: NodeId,
+        bytes: Arc<Vec<u8>>,
+    },
+    ReplicaTimer {
+        replica: usize,
+        timer: P::Timer,
+        generation: u64,
+    },
+    ClientTimer {
+        client: usize,
+        timer: P::ClientTimer,
+        generation: u64,
+    },
+    Invoke {
+        client: usize,
+    },
+    Crash {
+        replica: usize,
+    },
+    Restart {
+        replica: usize,
+    },
+}
+
+struct Scheduled<P: ProtocolSuite> {
+    at: u64,
+    id: u64,
+    event: Event<P>,
+}
+
+impl<P: ProtocolSuite> PartialEq for Scheduled<P> {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.id) == (other.at, other.id)
+    }
+}
+impl<P: ProtocolSuite> Eq for Scheduled<P> {}
+impl<P: ProtocolSuite> PartialOrd for Scheduled<P> {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl<P: ProtocolSuite> Ord for Scheduled<P> {
+    // Reversed: BinaryHeap is a max-heap and the earliest event must come first.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.at, other.id).cmp(&(self.at, self.id))
+    }
+}
+
+struct ReplicaNode<P: ProtocolSuite> {
+    machine: Option<P::Replica>,
+    setup: ReplicaSetup<P::Options>,
+    disk: BTreeMap<Vec<u8>, Vec<u8>>,
+    timers: BTreeMap<P::Timer, u64>,
+    behaviour: Option<Box<dyn Behaviour<P::Message>>>,
+}
+
+struct ClientNode<P: ProtocolSuite> {
+    id: ClientId,
+    machine: P::Client,
+    timers: BTreeMap<P::ClientTimer, u64>,
+    workload: Workload,
+    current: Option<usize>,
+}
+
+/// One simulated run.
+pub struct Simulation<P: ProtocolSuite> {
+    now: u64,
+    next_id: u64,
+    rng: SimRng,
+    queue: BinaryHeap<Scheduled<P>>,
+    replicas: Vec<ReplicaNode<P>>,
+    clients: Vec<ClientNode<P>>,
+    scenario: Scenario,
+    checks: OnlineChecks,
+    history: Vec<Operation>,
+    metrics: Metrics,
+    trace: Option<Vec<String>>,
+    events: u64,
+}
+
+impl<P: ProtocolSuite> Simulation<P> {
+    /// Builds the world for `config`: keys, options, scenario, replicas and clients.
+    pub fn new(config: &RunConfig) -> Result<Self, SetupError> {
+        let quorum = P::quorum(config.n).map_err(|e| SetupError(e.to_string()))?;
+        let mut rng = SimRng::new(config.seed);
+        let mut options = P::simulation_options(&mut rng);
+        if let Some(mutant) = &config.mutant {
+            if !P::apply_mutant(&mut options, mutant) {
+                return Err(SetupError(format!(
+                    "unknown mutant {mutant:?} for {}",
+                    P::NAME
+                )));
+            }
+        }
+        let behaviour_names = behaviour_names::<P>();
+        let scenario = Scenario::draw(
+            &config.mix,
+            config.n,
+            quorum.f(),
+            &behaviour_names,
+            &mut rng,
+        );
+        let replica_secrets: Vec<SecretKey> = (0..config.n)
+            .map(|_| SecretKey::from_seed(rng.bytes32()))
+            .collect();
+        let client_secrets: Vec<SecretKey> = (0..scenario.workload.clients)
+            .map(|_| SecretKey::from_seed(rng.bytes32()))
+            .collect();
+        let keys = Arc::new(
+            ClusterKeys::new(
+                replica_secrets.iter().map(SecretKey::public).collect(),
+                client_secrets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| (ClientId(i as u32), k.public()))
+                    .collect(),
+            )
+            .map_err(|e| SetupError(e.to_string()))?,
+        );
+        let coalition = Coalition::new(scenario.byzantine.keys().copied().collect());
+        let mut replicas = Vec::with_capacity(config.n);
+        for (i, secret) in replica_secrets.into_iter().enumerate() {
+            let id = ReplicaId(i as u16);
+            let setup = ReplicaSetup {
+                id,
+                keys: keys.clone(),
+                secret,
+                options: options.clone(),
+            };
+            let behaviour = match scenario.byzantine.get(&id) {
+                Some(name) => Some(
+                    behaviours::build::<P::Message>(name, config.n, SIM_MAX_FRAME, &mut rng)
+                        .or_else(|| P::behaviour(name, &setup, &coalition))
+                        .ok_or_else(|| SetupError(format!("unknown behaviour {name:?}")))?,
+                ),
+                None => None,
+            };
+            replicas.push(ReplicaNode {
+                machine: Some(P::replica(setup.clone(), Box::new(KvStore::default()))),
+                setup,
+                disk: BTreeMap::new(),
+                timers: BTreeMap::new(),
+                behaviour,
+            });
+        }
+        let clients = client_secrets
+            .into_iter()
+            .enumerate()
+            .map(|(i, secret)| {
+                let id = ClientId(i as u32);
+                ClientNode {
+                    id,
+                    machine: P::client(ClientSetup {
+                        id,
+                        keys: keys.clone(),
+                        secret,
+                        options: options.clone(),
+                        first_timestamp: 1,
+                    }),
+                    timers: BTreeMap::new(),
+                    workload: Workload::new(
+                        id,
+                        scenario.workload.ops_per_client,
+                        scenario.workload.keys,
+                    ),
+                    current: None,
+                }
+            })
+            .collect();
+        Ok(Self {
+            now: 0,
+            next_id: 0,
+            rng,
+            queue: BinaryHeap::new(),
+            replicas,
+            clients,
+            scenario,
+            checks: OnlineChecks::default(),
+            history: Vec::new(),
+            metrics: Metrics::default(),
+            trace: config.trace.then(Vec::new),
+            events: 0,
+        })
+    }
+
+    /// Runs to the end and judges the run.
+    pub fn run(mut self, config: &RunConfig) -> RunReport {
+        let f = P::quorum(config.n).map(|q| q.f()).unwrap_or(0);
+        let bound = liveness_bound_ns(f);
+        let deadline = self.scenario.gst_ns + bound + 2_000 * MS;
+        self.start();
+        while let Some(next) = self.queue.pop() {
+            if next.at > deadline {
+                break;
+            }
+            self.now = next.at;
+            self.events += 1;
+            if self.events > EVENT_BUDGET {
+                self.checks.budget_exhausted(EVENT_BUDGET);
+                break;
+            }
+            self.dispatch(next.event);
+            if self.clients_done() {
+                break;
+            }
+        }
+        let scenario = self.describe();
+        self.metrics.end_ns = self.now;
+        self.metrics.events = self.events;
+        let violations = self
+            .checks
+            .finish(&self.history, self.scenario.gst_ns, self.now, bound);
+        RunReport {
+            seed: config.seed,
+            mix: self.scenario.mix.name().to_string(),
+            violations,
+            metrics: self.metrics,
+            trace: self.trace.unwrap_or_default(),
+            scenario,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let byzantine: Vec<String> = self
+            .scenario
+            .byzantine
+            .iter()
+            .map(|(r, b)| format!("{r}={b}"))
+            .collect();
+        let crashes: Vec<String> = self
+            .scenario
+            .crashes
+            .iter()
+            .map(|c| format!("{}@{}-{}ms", c.replica, c.crash_ns / MS, c.restart_ns / MS))
+            .collect();
+        format!(
+            "gst={}ms byzantine=[{}] crashes=[{}] partitions={} loss={}ppm clients={}x{} keys={}",
+            self.scenario.gst_ns / MS,
+            byzantine.join(","),
+            crashes.join(","),
+            self.scenario.partitions.len(),
+            self.scenario.network.loss_ppm,
+            self.scenario.workload.clients,
+            self.scenario.workload.ops_per_client,
+            self.scenario.workload.keys,
+        )
+    }
+
+    fn start(&mut self) {
+        if self.trace.is_some() {
+            let line = format!("scenario: {}", self.describe());
+            self.log(line);
+        }
+        for crash in self.scenario.crashes.clone() {
+            let replica = crash.replica.index();
+            self.schedule(crash.crash_ns, Event::Crash { replica });
+            self.schedule(crash.restart_ns, Event::Restart { replica });
+        }
+        for client in 0..self.clients.len() {
+            let at = self.rng.between(0, 200 * MS);
+            self.schedule(at, Event::Invoke { client });
+        }
+        for replica in 0..self.replicas.len() {
+            self.boot(replica, Recovered::default());
+        }
+    }
+
+    fn clients_done(&self) -> bool {
+        self.clients
+            .iter()
+            .all(|c| c.workload.remaining() == 0 && !c.machine.is_busy())
+    }
+
+    fn schedule(&mut self, at: u64, event: Event<P>) {
+        self.next_id += 1;
+        self.queue.push(Scheduled {
+            at,
+            id: self.next_id,
+            event,
+        });
+    }
+
+    fn log(&mut self, line: String) {
+        if let Some(trace) = &mut self.trace {
+            trace.push(format!("{:>10.3}ms  {line}", self.now as f64 / MS as f64));
+        }
+    }
+
+    fn is_correct(&self, node: NodeId) -> bool {
+        match node {
+            NodeId::Replica(r) => !self.scenario.byzantine.contains_key(&r),
+            NodeId::Client(_) => true,
+        }
+    }
+
+    fn dispatch(&mut self, event: Event<P>) {
+        match event {
+            Event::Deliver { from, to, bytes } => self.deliver(from, to, &bytes),
+            Event::ReplicaTimer {
+                replica,
+                timer,
+                generation,
+            } => {
+                let node = &mut self.replicas[replica];
+                if node.machine.is_none() || node.timers.get(&timer) != Some(&generation) {
+                    return;
+                }
+                node.timers.remove(&timer);
+                self.log(format!("r{replica} timer {timer:?}"));
+                self.step_replica(replica, Input::Timer(timer));
+            }
+            Event::ClientTimer {
+                client,
+                timer,
+                generation,
+            } => {
+                let node = &mut self.clients[client];
+                if node.timers.get(&timer) != Some(&generation) {
+                    return;
+                }
+                node.timers.remove(&timer);
+                self.log(format!("c{client} timer {timer:?}"));
+                let actions = self.clients[client].machine.handle(Input::Timer(timer));
+                self.apply_client(client, actions.into_vec());
+            }
+            Event::Invoke { client } => self.invoke(client),
+            Event::Crash { replica } => {
+                let node = &mut self.replicas[replica];
+                if node.machine.take().is_some() {
+                    node.timers.clear();
+                    self.log(format!("r{replica} CRASH"));
+                }
+            }
+            Event::Restart { replica } => {
+                if self.replicas[replica].machine.is_none() {
+                    self.log(format!(
+                        "r{replica} RESTART from {} persisted keys",
+                        self.replicas[replica].disk.len()
+                    ));
+                    let node = &mut self.replicas[replica];
+                    node.machine =
+                        Some(P::replica(node.setup.clone(), Box::new(KvStore::default())));
+                    let recovered = Recovered {
+                        entries: node
+                            .disk
+                            .iter()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    };
+                    self.boot(replica, recovered);
+                }
+            }
+        }
+    }
+
+    fn boot(&mut self, replica: usize, recovered: Recovered) {
+        self.step_replica(replica, Input::Start(recovered));
+    }
+
+    fn step_replica(&mut self, replica: usize, input: Input<P::Message, P::Timer>) {
+        let Some(machine) = self.replicas[replica].machine.as_mut() else {
+            return;
+        };
+        let actions = machine.handle(input);
+        machine.check_invariants();
+        self.apply_replica(replica, actions.into_vec());
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId, bytes: &[u8]) {
+        let message = match codec::decode_with_limit::<P::Message>(bytes, SIM_MAX_FRAME) {
+            Ok(message) => message,
+            Err(error) => {
+                self.metrics.rejected_frames += 1;
+                self.log(format!(
+                    "{from} -> {to} REJECTED frame of {} bytes: {error}",
+                    bytes.len()
+                ));
+                if self.is_correct(from) {
+                    self.checks.undecodable(from, to, &error.to_string());
+                }
+                return;
+            }
+        };
+        match to {
+            NodeId::Replica(r) => {
+                let replica = r.index();
+                if self.replicas[replica].machine.is_none() {
+                    return;
+                }
+                if self.trace.is_some() {
+                    self.log(format!("{from} -> {to} {}", abbreviate(&message)));
+                }
+                if let Some(mut behaviour) = self.replicas[replica].behaviour.take() {
+                    let mut extra = Vec::new();
+                    behaviour.incoming(from, &message, &mut self.rng, &mut extra);
+                    self.replicas[replica].behaviour = Some(behaviour);
+                    for outgoing in extra {
+                        self.transmit_outgoing(NodeId::Replica(r), outgoing);
+                    }
+                }
+                self.step_replica(replica, Input::Message { from, message });
+            }
+            NodeId::Client(c) => {
+                let client = c.0 as usize;
+                if self.trace.is_some() {
+                    self.log(format!("{from} -> {to} {}", abbreviate(&message)));
+                }
+                let actions = self.clients[client]
+                    .machine
+                    .handle(Input::Message { from, message });
+                self.apply_client(client, actions.into_vec());
+            }
+        }
+    }
+
+    fn apply_replica(&mut self, replica: usize, actions: Vec<Action<P::Message, P::Timer>>) {
+        let from = NodeId::Replica(ReplicaId(replica as u16));
+        for action in actions {
+            match action {
+                Action::Send { to, message } => self.replica_send(replica, &[to], message),
+                Action::Broadcast { message } => {
+                    let targets: Vec<NodeId> = (0..self.replicas.len())
+                        .filter(|r| *r != replica)
+                        .map(|r| NodeId::Replica(ReplicaId(r as u16)))
+                        .collect();
+                    self.replica_send(replica, &targets, message);
+                }
+                Action::SetTimer { timer, after } => {
+                    self.next_id += 1;
+                    let generation = self.next_id;
+                    self.replicas[replica].timers.insert(timer, generation);
+                    let at = self.now + after.as_nanos() as u64;
+                    self.schedule(
+                        at,
+                        Event::ReplicaTimer {
+                            replica,
+                            timer,
+                            generation,
+                        },
+                    );
+                }
+                Action::CancelTimer { timer } => {
+                    self.replicas[replica].timers.remove(&timer);
+                }
+                Action::Persist(writes) => apply_writes(&mut self.replicas[replica].disk, writes),
+                Action::Complete { .. } => {}
+                Action::Observe(observation) => self.observe(from, observation),
+            }
+        }
+    }
+
+    fn observe(&mut self, from: NodeId, observation: Observation) {
+        if self.trace.is_some() {
+            self.log(format!("{from} observes {observation:?}"));
+        }
+        let NodeId::Replica(replica) = from else {
+            return;
+        };
+        if !self.is_correct(from) {
+            return;
+        }
+        match observation {
+            Observation::Executed {
+                seq,
+                batch,
+                requests,
+            } => {
+                self.metrics.executed_requests += requests as u64;
+                self.checks.executed(replica, seq, batch);
+            }
+            Observation::Checkpoint { seq, state, app } => {
+                self.checks.checkpoint(replica, seq, state, app)
+            }
+            Observation::StateTransferred { seq, state, app } => {
+                self.metrics.state_transfers += 1;
+                self.checks.checkpoint(replica, seq, state, app);
+            }
+            Observation::ViewInstalled { view } => {
+                self.metrics.views_installed += 1;
+                self.metrics.max_view = self.metrics.max_view.max(view.0);
+            }
+            Observation::Fault { culprit, kind } => {
+                self.metrics.faults_detected += 1;
+                if self.is_correct(culprit) {
+                    self.checks.false_accusation(replica, culprit, kind);
+                }
+            }
+            Observation::ViewChangeStarted { .. } | Observation::StableCheckpoint { .. } => {}
+        }
+    }
+
+    fn replica_send(&mut self, replica: usize, targets: &[NodeId], message: P::Message) {
+        let from = NodeId::Replica(ReplicaId(replica as u16));
+        let Some(mut behaviour) = self.replicas[replica].behaviour.take() else {
+            let kind = message.kind();
+            let bytes = Arc::new(codec::encode(&message));
+            for to in targets {
+                self.transmit(from, *to, bytes.clone(), kind, 0);
+            }
+            return;
+        };
+        let mut outgoing = Vec::new();
+        for to in targets {
+            behaviour.outgoing(*to, message.clone(), &mut self.rng, &mut outgoing);
+        }
+        self.replicas[replica].behaviour = Some(behaviour);
+        for out in outgoing {
+            self.transmit_outgoing(from, out);
+        }
+    }
+
+    fn transmit_outgoing(&mut self, from: NodeId, out: Outgoing<P::Message>) {
+        let delay = out.delay.as_nanos() as u64;
+        match out.payload {
+            Payload::Message(message) => {
+                let kind = message.kind();
+                self.transmit(from, out.to, Arc::new(codec::encode(&message)), kind, delay);
+            }
+            Payload::Raw(bytes) => self.transmit(from, out.to, Arc::new(bytes), "raw", delay),
+        }
+    }
+
+    /// Puts a frame on the network: counted, then lost, duplicated or delayed
+    /// according to the scenario.
+    fn transmit(
+        &mut self,
+        from: NodeId,
+        to: NodeId,
+        bytes: Arc<Vec<u8>>,
+        kind: &'static str,
+        extra_ns: u64,
+    ) {
+        self.metrics.record_send(kind, bytes.len());
+        let net = &self.scenario.network;
+        if self.now < self.scenario.gst_ns {
+            if self.partitioned(from, to) {
+                return;
+            }
+            if self.rng.ppm(net.loss_ppm) {
+                return;
+            }
+            if self.rng.ppm(net.duplicate_ppm) {
+                let delay = self.latency();
+                self.schedule(
+                    self.now + delay + extra_ns,
+                    Event::Deliver {
+                        from,
+                        to,
+                        bytes: bytes.clone(),
+                    },
+                );
+            }
+        }
+        let delay = self.latency();
+        self.schedule(
+            self.now + delay + extra_ns,
+            Event::Deliver { from, to, bytes },
+        );
+    }
+
+    fn latency(&mut self) -> u64 {
+        let net = self.scenario.network.clone();
+        if self.now >= self.scenario.gst_ns {
+            return self
+                .rng
+                .between(net.latency_min_ns, net.stable_latency_max_ns);
+        }
+        let mut delay = self.rng.between(net.latency_min_ns, net.latency_max_ns);
+        if self.rng.ppm(net.spike_ppm) {
+            delay += self.rng.between(0, net.spike_max_ns);
+        }
+        delay
+    }
+
+    fn partitioned(&self, from: NodeId, to: NodeId) -> bool {
+        let side = |node: NodeId, isolated: &[ReplicaId]| {
+            node.replica().is_some_and(|r| isolated.contains(&r))
+        };
+        self.scenario.partitions.iter().any(|p| {
+            if self.now < p.start_ns || self.now >= p.end_ns {
+                return false;
+            }
+            let (a, b) = (side(from, &p.isolated), side(to, &p.isolated));
+            if p.one_way { b && !a } else { a != b }
+        })
+    }
+
+    fn invoke(&mut self, client: usize) {
+        let node = &mut self.clients[client];
+        if node.workload.remaining() == 0 || node.machine.is_busy() {
+            return;
+        }
+        let op = node.workload.next_op(&mut self.rng);
+        let id = node.id;
+        match node.machine.invoke(op.encode()) {
+            Ok(actions) => {
+                self.clients[client].current = Some(self.history.len());
+                self.log(format!("{id} invokes {op:?}"));
+                self.history.push(Operation {
+                    client: id,
+                    op,
+                    invoke_ns: self.now,
+                    outcome: Outcome::Pending,
+                });
+                self.apply_client(client, actions.into_vec());
+            }
+            Err(error) => self.log(format!("{id} cannot invoke: {error}")),
+        }
+    }
+
+    fn apply_client(&mut self, client: usize, actions: Vec<Action<P::Message, P::ClientTimer>>) {
+        let from = NodeId::Client(self.clients[client].id);
+        for action in actions {
+            match action {
+                Action::Send { to, message } => {
+                    let kind = message.kind();
+                    self.transmit(from, to, Arc::new(codec::encode(&message)), kind, 0);
+                }
+                Action::Broadcast { message } => {
+                    let kind = message.kind();
+                    let bytes = Arc::new(codec::encode(&message));
+                    for r in 0..self.replicas.len() {
+                        self.transmit(
+                            from,
+                            NodeId::Replica(ReplicaId(r as u16)),
+                            bytes.clone(),
+                            kind,
+                            0,
+                        );
+                    }
+                }
+                Action::SetTimer { timer, after } => {
+                    self.next_id += 1;
+                    let generation = self.next_id;
+                    self.clients[client].timers.insert(timer, generation);
+                    let at = self.now + after.as_nanos() as u64;
+                    self.schedule(
+                        at,
+                        Event::ClientTimer {
+                            client,
+                            timer,
+                            generation,
+                        },
+                    );
+                }
+                Action::CancelTimer { timer } => {
+                    self.clients[client].timers.remove(&timer);
+                }
+                Action::Complete { result, .. } => self.complete(client, result),
+                Action::Persist(_) => {}
+                Action::Observe(observation) => {
+                    if let Observation::Fault { culprit, kind } = observation {
+                        self.log(format!("{from} observes fault {kind} by {culprit}"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, client: usize, result: Vec<u8>) {
+        let Some(index) = self.clients[client].current.take() else {
+            return;
+        };
+        let decoded = KvResult::decode(&result).map_err(|_| result);
+        let op = &mut self.history[index];
+        self.metrics.completed_ops += 1;
+        self.metrics.latencies_ns.push(self.now - op.invoke_ns);
+        if let Ok(result) = &decoded {
+            self.clients[client].workload.observe(&op.op, result);
+        }
+        let line = format!("{} completes {:?} with {:?}", op.client, op.op, decoded);
+        op.outcome = Outcome::Completed {
+            at_ns: self.now,
+            result: decoded,
+        };
+        self.log(line);
+        if self.clients[client].workload.remaining() > 0 {
+            let think = self.rng.between(0, self.scenario.workload.think_max_ns);
+            self.schedule(self.now + think, Event::Invoke { client });
+        }
+    }
+}
+
+/// The names of every behaviour available for protocol `P`: generic ones first.
+pub fn behaviour_names<P: ProtocolSuite>() -> Vec<&'static str> {
+    behaviours::GENERIC_BEHAVIOURS
+        .iter()
+        .chain(P::behaviours())
+        .map(|b| b.name)
+        .collect()
+}
+
+fn apply_writes(disk: &mut BTreeMap<Vec<u8>, Vec<u8>>, writes: Vec<WriteOp>) {
+    for write in writes {
+        match write {
+            WriteOp::Put { key, value } => {
+                disk.insert(key, value);
+            }
+            WriteOp::Delete { key } => {
+                disk.remove(&key);
+            }
+            WriteOp::DeleteRange { start, end } if start < end => {
+                let doomed: Vec<Vec<u8>> = disk.range(start..end).map(|(k, _)| k.clone()).collect();
+                for key in doomed {
+                    disk.remove(&key);
+                }
+            }
+            WriteOp::DeleteRange { .. } => {}
+        }
+    }
+}
+
+fn abbreviate<M: WireMessage>(message: &M) -> String {
+    let text = format!("{message:?}");
+    if text.len() <= 160 {
+        return text;
+    }
+    let mut cut = 160;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} more chars)", &text[..cut], text.len() - cut)
+}
