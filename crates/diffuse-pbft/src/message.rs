@@ -24,7 +24,7 @@ pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 
 /// The signed part of a client request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct RequestBody {
     /// The requesting client.
     pub client: ClientId,
@@ -45,7 +45,7 @@ pub type Request = Signed<RequestBody>;
 /// An ordered batch of requests: the unit PBFT agrees on. The empty batch is the
 /// null request that fills gaps after a view change.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Batch {
     /// The requests, executed in this order.
     pub requests: BoundedVec<Request, MAX_BATCH_REQUESTS>,
@@ -60,7 +60,7 @@ impl Batch {
 
 /// The primary's assignment of a batch digest to a sequence number in a view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Proposal {
     /// The view.
     pub view: View,
@@ -76,7 +76,7 @@ impl Signable for Proposal {
 
 /// PRE-PREPARE: a signed proposal with the batch it names.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct PrePrepare {
     /// The primary's signed proposal.
     pub proposal: Signed<Proposal>,
@@ -86,7 +86,7 @@ pub struct PrePrepare {
 
 /// A PREPARE vote: the sender accepted the proposal `(view, seq, digest)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct PrepareVote {
     /// The view.
     pub view: View,
@@ -104,7 +104,7 @@ impl Signable for PrepareVote {
 
 /// COMMIT: the sender has a prepared certificate for `(view, seq, digest)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Commit {
     /// The view.
     pub view: View,
@@ -118,7 +118,7 @@ pub struct Commit {
 
 /// A CHECKPOINT vote: the sender's state digest after executing `seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct CheckpointVote {
     /// The checkpoint's sequence number (a multiple of the checkpoint interval).
     pub seq: Seq,
@@ -135,7 +135,7 @@ impl Signable for CheckpointVote {
 /// A stable-checkpoint certificate: a quorum of matching signed checkpoint votes.
 /// The genesis checkpoint (sequence 0) has no votes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct CheckpointCert {
     /// The checkpoint's sequence number.
     pub seq: Seq,
@@ -147,7 +147,7 @@ pub struct CheckpointCert {
 
 /// A prepared certificate: the primary's proposal and a quorum's matching prepares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct PreparedCert {
     /// The signed proposal.
     pub proposal: Signed<Proposal>,
@@ -157,7 +157,7 @@ pub struct PreparedCert {
 
 /// The signed body of a VIEW-CHANGE.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct ViewChangeBody {
     /// The view the sender moves to.
     pub new_view: View,
@@ -179,7 +179,7 @@ pub type ViewChange = Signed<ViewChangeBody>;
 
 /// NEW-VIEW: the view changes the new primary chose (`V`) and its proposals (`O`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct NewView {
     /// The new view.
     pub view: View,
@@ -192,7 +192,7 @@ pub struct NewView {
 
 /// REPLY to a client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Reply {
     /// The replica's view, so the client learns the primary.
     pub view: View,
@@ -209,7 +209,7 @@ pub struct Reply {
 /// STATUS: sent by a replica that is not making progress, so that peers resend what
 /// it is missing (lost messages are otherwise never retransmitted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct Status {
     /// The sender's view (or the view it is changing to).
     pub view: View,
@@ -223,7 +223,7 @@ pub struct Status {
 
 /// Asks for the batch with `digest` at `seq` (e.g. named by a NEW-VIEW).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct FetchBatch {
     /// The sequence number.
     pub seq: Seq,
@@ -233,7 +233,7 @@ pub struct FetchBatch {
 
 /// A batch sent in answer to [`FetchBatch`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct BatchData {
     /// The sequence number.
     pub seq: Seq,
@@ -243,7 +243,7 @@ pub struct BatchData {
 
 /// Asks for the state of checkpoint `seq`, from byte `offset` on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct FetchState {
     /// The checkpoint.
     pub seq: Seq,
@@ -253,7 +253,7 @@ pub struct FetchState {
 
 /// A piece of a checkpoint's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub struct StateChunk {
     /// The checkpoint.
     pub seq: Seq,
@@ -267,7 +267,7 @@ pub struct StateChunk {
 
 /// Every PBFT message, replica-to-replica and client-to-replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
 pub enum Message {
     /// Client to replicas (or forwarded by a backup to the primary).
     Request(Request),

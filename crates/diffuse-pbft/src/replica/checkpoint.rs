@@ -122,7 +122,9 @@ impl PbftReplica {
             out.fault(from, "bad-checkpoint-certificate");
             return;
         }
-        self.on_stable_certificate(cert, out);
+        // A certificate is sent to a replica whose STATUS shows it behind: no reason
+        // to wait for execution to get there by itself.
+        self.advance_stable(cert, out);
     }
 
     /// A checkpoint is certified. If this replica has executed up to it, or it lies

@@ -1,0 +1,494 @@
+//! Scenario tests of PBFT on a small deterministic cluster. Each names the paper's
+//! mechanism it exercises (Castro and Liskov, OSDI'99 / TOCS'02).
+
+mod support;
+
+use diffuse_apps::{KvOp, KvResult};
+use diffuse_core::codec::{Blob, BoundedVec};
+use diffuse_core::crypto::{Digest, Signed};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
+use diffuse_core::protocol::{Input, Replica};
+use diffuse_pbft::Timer;
+use diffuse_pbft::message::{
+    Batch, Commit, Message, PrePrepare, PrepareVote, PreparedCert, Proposal, RequestBody, Status,
+    ViewChangeBody,
+};
+use support::{Cluster, test_options};
+
+fn replica(i: u16) -> NodeId {
+    NodeId::Replica(ReplicaId(i))
+}
+
+/// §4.2 normal case: pre-prepare, prepare, commit, execute, reply; f+1 replies.
+#[test]
+fn normal_case_executes_in_order_and_replies() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.invoke(0, KvOp::put(b"a", b"1"));
+    c.run();
+    c.invoke(0, KvOp::get(b"a"));
+    c.run();
+    let results: Vec<_> = c.completed[0].iter().map(|(_, r)| r.clone()).collect();
+    assert_eq!(results[0], KvResult::Done);
+    assert!(matches!(&results[1], KvResult::Value(Some(v)) if &v[..] == b"1"));
+    for i in 0..4 {
+        assert_eq!(
+            c.executed[i].iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+            vec![Seq(1), Seq(2)]
+        );
+    }
+    c.assert_agreement();
+    assert!(c.faults.is_empty(), "{:?}", c.faults);
+    // Message pattern per request at n = 4: 3 pre-prepares, 9 prepares, 12 commits.
+    assert_eq!(c.delivered["pre-prepare"], 6);
+    assert_eq!(c.delivered["prepare"], 18);
+    assert_eq!(c.delivered["commit"], 24);
+}
+
+/// Batching: while the pipeline is full, requests accumulate into one batch.
+#[test]
+fn concurrent_requests_are_batched() {
+    let options = diffuse_pbft::PbftOptions {
+        max_in_flight: 1,
+        ..test_options()
+    };
+    let mut c = Cluster::new(4, 4, options);
+    for client in 0..4 {
+        c.invoke(client, KvOp::put(format!("k{client}").as_bytes(), b"v"));
+    }
+    c.run();
+    for client in 0..4 {
+        assert_eq!(c.completed[client].len(), 1, "client {client}");
+    }
+    // The first request goes alone; the three that arrive meanwhile share a batch.
+    assert_eq!(c.executed[0].len(), 2);
+    c.assert_agreement();
+}
+
+/// §4.3 checkpoints: stable checkpoints move the low watermark and bound the log.
+#[test]
+fn checkpoints_truncate_the_log() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(30);
+    for i in 0..4 {
+        let r = c.replica(i);
+        assert!(
+            r.low_watermark() >= Seq(24),
+            "replica {i} low watermark {:?}",
+            r.low_watermark()
+        );
+        assert!(r.log_len() <= 8, "replica {i} keeps {} slots", r.log_len());
+    }
+    // Persisted slots are deleted with the log: the disk stays bounded too.
+    for disk in &c.disks {
+        let slots = disk.keys().filter(|k| k.starts_with(b"pbft/slot/")).count();
+        assert!(slots <= 8, "{slots} persisted slots");
+    }
+}
+
+/// §4.4 view change: a silent primary is replaced and the request completes.
+#[test]
+fn silent_primary_is_replaced() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(2);
+    c.cut(|from, _, _| from == replica(0));
+    c.invoke(0, KvOp::put(b"x", b"1"));
+    c.run();
+    assert_eq!(
+        c.completed[0].len(),
+        2,
+        "nothing can complete without the primary"
+    );
+    // The client times out and sends to everyone; backups forward and start timers.
+    c.fire_client(0);
+    c.run();
+    c.fire_all(Timer::Request);
+    c.run();
+    assert_eq!(
+        c.completed[0].len(),
+        3,
+        "the request completes in the new view"
+    );
+    for i in 1..4 {
+        assert_eq!(c.views_installed[i], vec![View(1)], "replica {i}");
+    }
+    c.assert_agreement();
+    assert!(c.faults.is_empty(), "{:?}", c.faults);
+}
+
+/// §4.4: a request committed at some replicas before a view change keeps its place.
+#[test]
+fn committed_batches_survive_view_changes() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(3);
+    // Replica 3 misses the commits of the next request: it prepares but cannot commit.
+    c.cut(|_, to, m| to == replica(3) && matches!(m, Message::Commit(_)));
+    c.invoke(0, KvOp::put(b"late", b"1"));
+    c.run();
+    assert_eq!(c.completed[0].len(), 4);
+    assert_eq!(c.replica(3).last_executed(), Seq(3));
+    // Now the primary goes silent and a view change happens.
+    c.cut(|from, _, _| from == replica(0));
+    c.invoke(0, KvOp::get(b"late"));
+    c.run();
+    c.fire_client(0);
+    c.run();
+    c.fire_all(Timer::Request);
+    c.run();
+    assert_eq!(c.completed[0].len(), 5);
+    assert!(matches!(&c.completed[0][4].1, KvResult::Value(Some(v)) if &v[..] == b"1"));
+    assert_eq!(
+        c.replica(3).last_executed(),
+        Seq(5),
+        "replica 3 executed the carried-over batch"
+    );
+    c.assert_agreement();
+}
+
+/// §4.4 liveness: the NEW-VIEW timer doubles and a faulty new primary is skipped.
+#[test]
+fn two_silent_primaries_in_a_row_are_skipped() {
+    let mut c = Cluster::new(7, 1, test_options());
+    c.puts(1);
+    c.cut(|from, _, _| from == replica(0) || from == replica(1));
+    c.invoke(0, KvOp::put(b"x", b"1"));
+    c.run();
+    c.fire_client(0);
+    c.run();
+    c.fire_all(Timer::Request);
+    c.run();
+    // Nobody hears from replica 1, the primary of view 1: the NEW-VIEW timer fires.
+    c.fire_all(Timer::NewView);
+    c.run();
+    assert_eq!(c.completed[0].len(), 2);
+    assert_eq!(c.replica(2).view(), View(2));
+    c.assert_agreement();
+}
+
+/// §4.3 / state transfer: a replica that fell behind the low watermark fetches the
+/// certified state of a stable checkpoint and catches up.
+#[test]
+fn lagging_replica_catches_up_by_state_transfer() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.isolate(3);
+    c.puts(20);
+    assert_eq!(c.replica(3).last_executed(), Seq(0));
+    c.heal();
+    c.puts(5);
+    assert_eq!(c.state_transfers[3], 1, "replica 3 transferred state once");
+    assert_eq!(c.replica(3).last_executed(), c.replica(0).last_executed());
+    c.assert_agreement();
+    assert!(c.faults.is_empty(), "{:?}", c.faults);
+}
+
+/// Crash recovery: a restarted replica reloads what it persisted and catches up.
+#[test]
+fn restarted_replica_recovers_from_its_disk() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(10);
+    c.crash(2);
+    c.puts(3);
+    c.restart(2);
+    c.run();
+    // It reloaded its stable checkpoint rather than starting from scratch.
+    assert!(c.replica(2).low_watermark() >= Seq(8));
+    c.puts(6);
+    c.fire_all(Timer::Status);
+    c.run();
+    assert_eq!(c.replica(2).last_executed(), c.replica(0).last_executed());
+    c.assert_agreement();
+}
+
+/// A crash of every replica at once loses no committed request.
+#[test]
+fn whole_cluster_restart_keeps_committed_requests() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(6);
+    for i in 0..4 {
+        c.crash(i);
+    }
+    for i in 0..4 {
+        c.restart(i);
+    }
+    c.run();
+    c.invoke(0, KvOp::get(b"k5"));
+    c.run();
+    c.fire_all(Timer::Status);
+    c.run();
+    let (_, last) = c.completed[0].last().unwrap().clone();
+    assert!(matches!(last, KvResult::Value(Some(v)) if &v[..] == b"v"));
+    c.assert_agreement();
+}
+
+/// The primary's two conflicting PRE-PREPAREs for one slot: only the first counts.
+#[test]
+fn conflicting_pre_prepares_are_refused_and_reported() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let primary_key = c.secret(0).clone();
+    let pp = |digest: Digest, batch: Batch| PrePrepare {
+        proposal: Signed::sign(
+            Proposal {
+                view: View(0),
+                seq: Seq(1),
+                digest,
+            },
+            &primary_key,
+        ),
+        batch,
+    };
+    let empty = Batch::default();
+    let request = Signed::sign(
+        RequestBody {
+            client: ClientId(0),
+            timestamp: 1,
+            operation: Blob::try_from_vec(KvOp::get(b"k").encode()).unwrap(),
+        },
+        &SecretKeyFor::client(0),
+    );
+    let one = Batch {
+        requests: BoundedVec::try_from_vec(vec![request]).unwrap(),
+    };
+    c.deliver(
+        replica(0),
+        replica(1),
+        Message::PrePrepare(pp(empty.digest(), empty)),
+    );
+    c.deliver(
+        replica(0),
+        replica(1),
+        Message::PrePrepare(pp(one.digest(), one)),
+    );
+    assert_eq!(c.faults_of("equivocating-primary"), 1);
+    let prepares: Vec<_> = c
+        .network
+        .iter()
+        .filter(|(_, _, m)| matches!(m, Message::Prepare(_)))
+        .collect();
+    assert_eq!(
+        prepares.len(),
+        3,
+        "one PREPARE to each other replica, for the first proposal only"
+    );
+}
+
+/// Forged identities: a COMMIT claiming another sender, a badly signed PRE-PREPARE.
+#[test]
+fn forged_messages_are_rejected_and_blamed_on_the_sender() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let commit = Commit {
+        view: View(0),
+        seq: Seq(1),
+        digest: Digest::default(),
+        replica: ReplicaId(2),
+    };
+    c.deliver(replica(3), replica(1), Message::Commit(commit));
+    assert_eq!(
+        c.faults,
+        vec![(ReplicaId(1), replica(3), "commit-sender-mismatch")]
+    );
+    let forged = PrePrepare {
+        proposal: Signed::sign(
+            Proposal {
+                view: View(0),
+                seq: Seq(1),
+                digest: Batch::default().digest(),
+            },
+            c.secret(3),
+        ),
+        batch: Batch::default(),
+    };
+    c.deliver(replica(3), replica(1), Message::PrePrepare(forged));
+    assert_eq!(c.faults_of("bad-pre-prepare-signature"), 1);
+    assert!(
+        c.network.is_empty(),
+        "nothing was accepted, nothing was sent"
+    );
+}
+
+/// A VIEW-CHANGE with a prepared certificate whose prepares were all signed by the
+/// sender itself is refused.
+#[test]
+fn view_change_with_forged_certificate_is_refused() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let digest = Batch::default().digest();
+    let proposal = Signed::sign(
+        Proposal {
+            view: View(0),
+            seq: Seq(1),
+            digest,
+        },
+        c.secret(3),
+    );
+    let prepares = (1..4)
+        .map(|r| {
+            Signed::sign(
+                PrepareVote {
+                    view: View(0),
+                    seq: Seq(1),
+                    digest,
+                    replica: ReplicaId(r),
+                },
+                c.secret(3),
+            )
+        })
+        .collect();
+    let body = ViewChangeBody {
+        new_view: View(1),
+        replica: ReplicaId(3),
+        stable: diffuse_pbft::message::CheckpointCert {
+            seq: Seq(0),
+            state: genesis(&c),
+            votes: BoundedVec::new(),
+        },
+        prepared: BoundedVec::try_from_vec(vec![PreparedCert {
+            proposal,
+            prepares: BoundedVec::try_from_vec(prepares).unwrap(),
+        }])
+        .unwrap(),
+    };
+    let vc = Signed::sign(body, c.secret(3));
+    c.deliver(replica(3), replica(1), Message::ViewChange(vc));
+    assert_eq!(c.faults_of("bad-view-change"), 1);
+}
+
+/// Messages for future views are buffered within a bound per sender.
+#[test]
+fn future_view_messages_cannot_grow_memory() {
+    let mut c = Cluster::new(4, 1, test_options());
+    for seq in 1..5_000u64 {
+        let vote = PrepareVote {
+            view: View(1 + seq),
+            seq: Seq(seq % 8 + 1),
+            digest: Digest::default(),
+            replica: ReplicaId(3),
+        };
+        let prepare = Signed::sign(vote, c.secret(3));
+        c.deliver(replica(3), replica(1), Message::Prepare(prepare));
+    }
+    // check_invariants (run after every step) asserts the per-sender bound.
+    assert!(c.replica(1).log_len() == 0);
+    assert!(c.faults.is_empty());
+}
+
+/// Sequence numbers beyond the window are ignored, absurd STATUS values do not panic.
+#[test]
+fn out_of_window_and_absurd_numbers_are_harmless() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let vote = PrepareVote {
+        view: View(0),
+        seq: Seq(u64::MAX),
+        digest: Digest::default(),
+        replica: ReplicaId(3),
+    };
+    c.deliver(
+        replica(3),
+        replica(1),
+        Message::Prepare(Signed::sign(vote, c.secret(3))),
+    );
+    assert_eq!(c.replica(1).log_len(), 0);
+    for status in [
+        Status {
+            view: View(u64::MAX),
+            view_active: true,
+            last_executed: Seq(u64::MAX),
+            stable: Seq(u64::MAX),
+        },
+        Status {
+            view: View(0),
+            view_active: false,
+            last_executed: Seq(0),
+            stable: Seq(0),
+        },
+    ] {
+        c.step(
+            1,
+            Input::Message {
+                from: replica(3),
+                message: Message::Status(status),
+            },
+        );
+    }
+    c.run();
+    c.puts(2);
+    c.assert_agreement();
+}
+
+/// Requests with a bad signature or an oversized operation are refused.
+#[test]
+fn bad_requests_are_refused() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let body = RequestBody {
+        client: ClientId(0),
+        timestamp: 1,
+        operation: Blob::try_from_vec(vec![1, 2, 3]).unwrap(),
+    };
+    let wrong_key = Signed::sign(body.clone(), c.secret(2));
+    c.deliver(
+        NodeId::Client(ClientId(0)),
+        replica(0),
+        Message::Request(wrong_key),
+    );
+    assert_eq!(c.faults_of("bad-request"), 1);
+    let huge = RequestBody {
+        operation: Blob::try_from_vec(vec![0; 70_000]).unwrap(),
+        ..body
+    };
+    let huge = Signed::sign(huge, &SecretKeyFor::client(0));
+    c.deliver(
+        NodeId::Client(ClientId(0)),
+        replica(0),
+        Message::Request(huge),
+    );
+    assert_eq!(c.faults_of("bad-request"), 2);
+    assert!(c.network.is_empty());
+}
+
+/// The client's view of a reply quorum: f+1 matching replies, not fewer.
+#[test]
+fn client_needs_f_plus_one_matching_replies() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.invoke(0, KvOp::get(b"k"));
+    let reply = |r: u16, result: &KvResult| diffuse_pbft::message::Reply {
+        view: View(0),
+        client: ClientId(0),
+        timestamp: 1,
+        replica: ReplicaId(r),
+        result: Blob::try_from_vec(result.encode()).unwrap(),
+    };
+    let wrong = KvResult::Value(Some(Blob::try_from_vec(b"forged".to_vec()).unwrap()));
+    c.network.clear();
+    c.deliver(
+        replica(3),
+        NodeId::Client(ClientId(0)),
+        Message::Reply(reply(3, &wrong)),
+    );
+    c.deliver(
+        replica(2),
+        NodeId::Client(ClientId(0)),
+        Message::Reply(reply(2, &KvResult::Value(None))),
+    );
+    assert!(
+        c.completed[0].is_empty(),
+        "two different answers are not a quorum"
+    );
+    c.deliver(
+        replica(1),
+        NodeId::Client(ClientId(0)),
+        Message::Reply(reply(1, &KvResult::Value(None))),
+    );
+    assert_eq!(c.completed[0], vec![(1, KvResult::Value(None))]);
+}
+
+fn genesis(c: &Cluster) -> Digest {
+    let _ = c;
+    let service =
+        diffuse_core::service::ReplicatedService::new(Box::new(diffuse_apps::KvStore::default()));
+    service.snapshot().digest
+}
+
+/// The client keys the support cluster uses.
+struct SecretKeyFor;
+impl SecretKeyFor {
+    fn client(i: u8) -> diffuse_core::crypto::SecretKey {
+        diffuse_core::crypto::SecretKey::from_seed([200 - i; 32])
+    }
+}
