@@ -32,6 +32,9 @@ impl PbftReplica {
             },
             &self.secret,
         );
+        // The vote promises that this replica can serve the state, even after a
+        // crash: the snapshot is durable before the vote leaves.
+        out.persist(self.checkpoint_writes(seq, &snapshot));
         self.own_checkpoints.insert(seq, snapshot);
         self.record_checkpoint_vote(vote.clone());
         out.broadcast(Message::Checkpoint(vote));
@@ -206,7 +209,7 @@ impl PbftReplica {
         out.observe(Observation::StableCheckpoint { seq });
         match own {
             Some(snapshot) if snapshot.digest == self.stable.state => {
-                self.stable_snapshot = Some(snapshot.bytes);
+                self.stable_snapshot = Some(snapshot);
                 self.needs_state = false;
                 let writes = self.stable_writes();
                 out.persist(writes);
@@ -221,11 +224,11 @@ impl PbftReplica {
                 self.start_transfer(out);
             }
             None if self.last_executed >= seq => {
-                // Executed past it without a snapshot at this exact point (only after
-                // a restart); nothing to serve, but nothing missing either.
+                // Executed past it without a snapshot at this exact point (the
+                // checkpoint interval divides every checkpoint, so only a replica that
+                // installed a later state by transfer gets here): nothing to serve, but
+                // nothing missing either.
                 self.stable_snapshot = None;
-                let writes = self.stable_writes();
-                out.persist(writes);
             }
             None => {
                 self.stable_snapshot = None;

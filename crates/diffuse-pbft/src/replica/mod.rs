@@ -77,7 +77,7 @@ pub struct PbftReplica {
     /// The stable checkpoint; its sequence number is the low watermark.
     stable: CheckpointCert,
     /// The state at the stable checkpoint, served to replicas that transfer state.
-    stable_snapshot: Option<Arc<Vec<u8>>>,
+    stable_snapshot: Option<StateSnapshot>,
     /// Whether the state of the stable checkpoint must be fetched before executing.
     needs_state: bool,
     /// A certified checkpoint this replica has not executed to yet, waiting for the
@@ -129,13 +129,14 @@ impl PbftReplica {
         };
         let service = ReplicatedService::new(app);
         let genesis_snapshot = service.snapshot();
+        let genesis = genesis_snapshot.digest;
         Self {
             id: setup.id,
             quorum,
             keys: setup.keys,
             secret: setup.secret,
             service,
-            genesis: genesis_snapshot.digest,
+            genesis,
             null_digest: Batch::default().digest(),
             halted: false,
             view: View(0),
@@ -143,10 +144,10 @@ impl PbftReplica {
             log: BTreeMap::new(),
             stable: CheckpointCert {
                 seq: Seq(0),
-                state: genesis_snapshot.digest,
+                state: genesis,
                 votes: Default::default(),
             },
-            stable_snapshot: Some(genesis_snapshot.bytes.clone()),
+            stable_snapshot: Some(genesis_snapshot),
             needs_state: false,
             deferred_stable: None,
             last_executed: Seq(0),

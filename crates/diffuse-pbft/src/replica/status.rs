@@ -11,7 +11,7 @@
 
 use super::{Out, PbftReplica, Timer};
 use crate::message::{Commit, Message, PrePrepare, Status};
-use diffuse_core::ids::{ReplicaId, Seq};
+use diffuse_core::ids::{ReplicaId, Seq, View};
 use std::collections::BTreeMap;
 
 /// The most sequence numbers resent in answer to one STATUS.
@@ -100,18 +100,65 @@ impl PbftReplica {
         }
         if self.view_active && status.view == self.view && status.view_active {
             self.resend_slots(from, status.last_executed, out);
+        } else if status.view_active && status.view < self.view {
+            self.resend_prepared(from, status.view, status.last_executed, out);
+        }
+    }
+
+    /// The sequence numbers to resend to a replica that executed up to `their_executed`.
+    fn resend_range(&self, their_executed: Seq) -> Option<std::ops::RangeInclusive<Seq>> {
+        let from = their_executed.max(self.low()).next();
+        let to = from.plus(MAX_RESENT_SLOTS - 1).min(self.high());
+        (from <= to).then_some(from..=to)
+    }
+
+    /// For a replica still active in an older `view`: the votes this replica cast in
+    /// that view, rebuilt from its prepared certificates of that view. They are
+    /// retransmissions of messages already sent before this replica left the view
+    /// (and its VIEW-CHANGE carried the same certificates), so they change nothing
+    /// for safety; without them a replica left behind in the old view, missing only
+    /// these commits, could wait forever for a view change nobody else needs.
+    fn resend_prepared(&self, to: ReplicaId, view: View, their_executed: Seq, out: &mut Out) {
+        let Some(range) = self.resend_range(their_executed) else {
+            return;
+        };
+        for (seq, slot) in self.log.range(range) {
+            let Some(cert) = &slot.prepared else { continue };
+            if cert.proposal.view != view {
+                continue;
+            }
+            let digest = cert.proposal.digest;
+            if let Some(batch) = slot.body(&digest) {
+                out.send(
+                    to,
+                    Message::PrePrepare(PrePrepare {
+                        proposal: cert.proposal.clone(),
+                        batch: (*batch).clone(),
+                    }),
+                );
+            }
+            if let Some(prepare) = cert.prepares.iter().find(|p| p.replica == self.id) {
+                out.send(to, Message::Prepare(prepare.clone()));
+            }
+            out.send(
+                to,
+                Message::Commit(Commit {
+                    view,
+                    seq: *seq,
+                    digest,
+                    replica: self.id,
+                }),
+            );
         }
     }
 
     /// Resends this replica's own normal-case messages (and relays the signed
     /// PRE-PREPARE) for the slots above `their_executed`.
     fn resend_slots(&self, to: ReplicaId, their_executed: Seq, out: &mut Out) {
-        let from = their_executed.max(self.low()).next();
-        let to_seq = from.plus(MAX_RESENT_SLOTS - 1).min(self.high());
-        if from > to_seq {
+        let Some(range) = self.resend_range(their_executed) else {
             return;
-        }
-        for (seq, slot) in self.log.range(from..=to_seq) {
+        };
+        for (seq, slot) in self.log.range(range) {
             if let Some(proposal) = &slot.proposal {
                 if let Some(batch) = slot.body(&proposal.digest) {
                     out.send(

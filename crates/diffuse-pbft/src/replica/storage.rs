@@ -5,21 +5,20 @@
 //! | `pbft/view` | view number, active or changing | before a VIEW-CHANGE or the PREPAREs of a NEW-VIEW leave |
 //! | `pbft/new-view` | the NEW-VIEW of the current view | with the view |
 //! | `pbft/slot/<seq>` | accepted proposal, prepared certificate, batch bodies | before the PREPARE (or, as primary, the PRE-PREPARE) and before the COMMIT leave |
-//! | `pbft/stable` | stable checkpoint certificate and its state | when a checkpoint becomes stable or state transfer completes; slots up to it are deleted in the same write |
+//! | `pbft/checkpoint/<seq>` | the state after executing `seq` | before this replica's CHECKPOINT vote leaves: the vote promises it can serve that state |
+//! | `pbft/stable` | stable checkpoint certificate | when a checkpoint becomes stable or state transfer completes; slots up to it and older checkpoints are deleted in the same write |
 //!
-//! Executed state is not written per batch: a restarted replica restores its stable
+//! Executed state is not written per batch: a restarted replica restores its highest
 //! checkpoint and executes again what it learns is committed above it. Nothing a
 //! correct replica voted for is forgotten, which is what PBFT's safety needs.
 
 use super::{Out, PbftReplica};
-use crate::message::{
-    Batch, CheckpointCert, Message, NewView, PrepareVote, PreparedCert, Proposal, Status,
-};
+use crate::message::{Batch, Message, NewView, PrepareVote, PreparedCert, Proposal, Status};
 use diffuse_core::codec::{self, Blob, BoundedVec};
 use diffuse_core::crypto::{Digest, Signed};
 use diffuse_core::ids::{Seq, View};
 use diffuse_core::protocol::{Recovered, WriteOp};
-use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL};
+use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL, StateSnapshot};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -27,6 +26,7 @@ const VIEW_KEY: &[u8] = b"pbft/view";
 const NEW_VIEW_KEY: &[u8] = b"pbft/new-view";
 const STABLE_KEY: &[u8] = b"pbft/stable";
 const SLOT_PREFIX: &[u8] = b"pbft/slot/";
+const CHECKPOINT_PREFIX: &[u8] = b"pbft/checkpoint/";
 
 #[derive(Serialize, Deserialize)]
 struct ViewRecord {
@@ -35,9 +35,10 @@ struct ViewRecord {
 }
 
 #[derive(Serialize, Deserialize)]
-struct StableRecord {
-    cert: CheckpointCert,
-    state: Blob<MAX_SNAPSHOT_BYTES>,
+struct CheckpointRecord {
+    state: Digest,
+    app: Digest,
+    bytes: Blob<MAX_SNAPSHOT_BYTES>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -47,10 +48,26 @@ struct SlotRecord {
     bodies: BoundedVec<Batch, 3>,
 }
 
-fn slot_key(seq: Seq) -> Vec<u8> {
-    let mut key = SLOT_PREFIX.to_vec();
+fn seq_key(prefix: &[u8], seq: Seq) -> Vec<u8> {
+    let mut key = prefix.to_vec();
     key.extend_from_slice(&seq.0.to_be_bytes());
     key
+}
+
+fn slot_key(seq: Seq) -> Vec<u8> {
+    seq_key(SLOT_PREFIX, seq)
+}
+
+fn checkpoint_key(seq: Seq) -> Vec<u8> {
+    seq_key(CHECKPOINT_PREFIX, seq)
+}
+
+/// The sequence number at the end of a `prefix || seq` key.
+fn key_seq(prefix: &[u8], key: &[u8]) -> Result<Seq, CorruptStorage> {
+    let bytes: [u8; 8] = key[prefix.len()..]
+        .try_into()
+        .map_err(|_| CorruptStorage("key"))?;
+    Ok(Seq(u64::from_be_bytes(bytes)))
 }
 
 /// Why persisted state could not be read back.
@@ -96,23 +113,34 @@ impl PbftReplica {
         }]
     }
 
-    /// The stable checkpoint with its state, and deletion of the slots it covers.
+    /// This replica's checkpoint at `seq`.
+    pub(super) fn checkpoint_writes(&self, seq: Seq, snapshot: &StateSnapshot) -> Vec<WriteOp> {
+        let record = CheckpointRecord {
+            state: snapshot.digest,
+            app: snapshot.app_digest,
+            bytes: Blob::try_from_vec(snapshot.bytes.to_vec()).unwrap_or_default(),
+        };
+        vec![WriteOp::Put {
+            key: checkpoint_key(seq),
+            value: codec::encode_payload(&record),
+        }]
+    }
+
+    /// The stable checkpoint certificate, and deletion of the slots and older
+    /// checkpoints it makes obsolete. Its state was written as a checkpoint before.
     pub(super) fn stable_writes(&self) -> Vec<WriteOp> {
-        let Some(state) = &self.stable_snapshot else {
-            return Vec::new();
-        };
-        let record = StableRecord {
-            cert: self.stable.clone(),
-            state: Blob::try_from_vec(state.to_vec()).unwrap_or_default(),
-        };
         vec![
             WriteOp::Put {
                 key: STABLE_KEY.to_vec(),
-                value: codec::encode_payload(&record),
+                value: codec::encode_payload(&self.stable),
             },
             WriteOp::DeleteRange {
                 start: slot_key(Seq(0)),
                 end: slot_key(self.low().next()),
+            },
+            WriteOp::DeleteRange {
+                start: checkpoint_key(Seq(0)),
+                end: checkpoint_key(self.low()),
             },
         ]
     }
@@ -132,6 +160,9 @@ impl PbftReplica {
             return;
         }
         self.status.recovering = true;
+        if self.needs_state {
+            self.start_transfer(out);
+        }
         out.broadcast(Message::Status(Status {
             view: self.view,
             view_active: self.view_active,
@@ -151,18 +182,9 @@ impl PbftReplica {
             self.view_active = record.active;
         }
         if let Some(bytes) = recovered.get(STABLE_KEY) {
-            let record: StableRecord =
-                codec::decode_payload(bytes).map_err(|_| CorruptStorage("stable"))?;
-            if Digest::of(STATE_LABEL, &record.state) != record.cert.state {
-                return Err(CorruptStorage("stable state digest"));
-            }
-            self.service
-                .restore(&record.state)
-                .map_err(|_| CorruptStorage("stable state"))?;
-            self.last_executed = record.cert.seq;
-            self.stable = record.cert;
-            self.stable_snapshot = Some(Arc::new(record.state.into_inner()));
+            self.stable = codec::decode_payload(bytes).map_err(|_| CorruptStorage("stable"))?;
         }
+        self.load_checkpoints(recovered)?;
         if let Some(bytes) = recovered.get(NEW_VIEW_KEY) {
             let new_view: NewView =
                 codec::decode_payload(bytes).map_err(|_| CorruptStorage("new view"))?;
@@ -171,10 +193,7 @@ impl PbftReplica {
             }
         }
         for (key, value) in recovered.with_prefix(SLOT_PREFIX) {
-            let seq_bytes: [u8; 8] = key[SLOT_PREFIX.len()..]
-                .try_into()
-                .map_err(|_| CorruptStorage("slot key"))?;
-            let seq = Seq(u64::from_be_bytes(seq_bytes));
+            let seq = key_seq(SLOT_PREFIX, key)?;
             let record: SlotRecord =
                 codec::decode_payload(value).map_err(|_| CorruptStorage("slot"))?;
             if self.in_window(seq) {
@@ -195,6 +214,59 @@ impl PbftReplica {
             self.view_change.own = Some(vc.clone());
             self.view_change.received.insert(self.id, vc);
         }
+        Ok(())
+    }
+
+    /// Reads this replica's checkpoints: the stable one becomes the state to serve,
+    /// and the replica resumes from the highest one it has.
+    fn load_checkpoints(&mut self, recovered: &Recovered) -> Result<(), CorruptStorage> {
+        let low = self.stable.seq;
+        let mut checkpoints = std::collections::BTreeMap::new();
+        for (key, value) in recovered.with_prefix(CHECKPOINT_PREFIX) {
+            let seq = key_seq(CHECKPOINT_PREFIX, key)?;
+            if seq < low {
+                continue;
+            }
+            let record: CheckpointRecord =
+                codec::decode_payload(value).map_err(|_| CorruptStorage("checkpoint"))?;
+            if Digest::of(STATE_LABEL, &record.bytes) != record.state {
+                return Err(CorruptStorage("checkpoint digest"));
+            }
+            let snapshot = StateSnapshot {
+                digest: record.state,
+                app_digest: record.app,
+                bytes: Arc::new(record.bytes.into_inner()),
+            };
+            checkpoints.insert(seq, snapshot);
+        }
+        if low > Seq(0) {
+            match checkpoints.remove(&low) {
+                Some(snapshot) if snapshot.digest == self.stable.state => {
+                    self.stable_snapshot = Some(snapshot)
+                }
+                Some(_) => return Err(CorruptStorage("stable checkpoint digest")),
+                None => {
+                    self.stable_snapshot = None;
+                    self.needs_state = true;
+                }
+            }
+        }
+        let resume = checkpoints
+            .last_key_value()
+            .map(|(seq, snapshot)| (*seq, snapshot.bytes.clone()))
+            .or_else(|| {
+                self.stable_snapshot
+                    .as_ref()
+                    .map(|s| (low, s.bytes.clone()))
+            });
+        if let Some((seq, bytes)) = resume {
+            self.service
+                .restore(&bytes)
+                .map_err(|_| CorruptStorage("checkpoint state"))?;
+            self.last_executed = seq;
+            self.needs_state = false;
+        }
+        self.own_checkpoints = checkpoints;
         Ok(())
     }
 

@@ -14,7 +14,7 @@ use diffuse_core::codec::Blob;
 use diffuse_core::crypto::Digest;
 use diffuse_core::ids::{ReplicaId, Seq};
 use diffuse_core::protocol::Observation;
-use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL};
+use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL, StateSnapshot};
 use std::sync::Arc;
 
 /// An ongoing state transfer.
@@ -94,7 +94,7 @@ impl PbftReplica {
             return;
         }
         let bytes = if fetch.seq == self.low() {
-            self.stable_snapshot.clone()
+            self.stable_snapshot.as_ref().map(|s| s.bytes.clone())
         } else {
             self.own_checkpoints
                 .get(&fetch.seq)
@@ -190,9 +190,16 @@ impl PbftReplica {
         out.cancel_timer(Timer::StateTransfer);
         let seq = transfer.target.seq;
         let app = self.service.app_digest();
+        let snapshot = StateSnapshot {
+            digest,
+            app_digest: app,
+            bytes: Arc::new(transfer.received),
+        };
+        let mut writes = Vec::new();
         // A newer checkpoint may have become stable while this one was transferred.
         if seq == self.low() {
-            self.stable_snapshot = Some(Arc::new(transfer.received));
+            writes = self.checkpoint_writes(seq, &snapshot);
+            self.stable_snapshot = Some(snapshot);
             self.needs_state = false;
         }
         self.last_executed = seq;
@@ -203,10 +210,11 @@ impl PbftReplica {
             app,
         });
         if self.needs_state {
+            out.persist(writes);
             self.start_transfer(out);
             return;
         }
-        let writes = self.stable_writes();
+        writes.extend(self.stable_writes());
         out.persist(writes);
         self.execute_ready(out);
         self.after_progress(out);
