@@ -77,6 +77,15 @@ struct Me {
 }
 
 impl Me {
+    /// Lie by omission: the same VIEW-CHANGE, re-signed, claiming nothing prepared.
+    fn claim_nothing_prepared(&self, vc: crate::message::ViewChange) -> Message {
+        let body = ViewChangeBody {
+            prepared: BoundedVec::new(),
+            ..vc.value
+        };
+        Message::ViewChange(Signed::sign(body, &self.secret))
+    }
+
     fn other_replica(&self, entropy: &mut dyn Entropy) -> ReplicaId {
         let other = entropy.below(self.n as u64 - 1) as u16;
         ReplicaId(if other >= self.id.0 { other + 1 } else { other })
@@ -183,15 +192,7 @@ impl Behaviour<Message> for Equivocate {
                 }
             }
             Message::ViewChange(vc) => {
-                // Lie by omission: claim to have prepared nothing.
-                let body = ViewChangeBody {
-                    prepared: BoundedVec::new(),
-                    ..vc.value
-                };
-                out.push(Outgoing::now(
-                    to,
-                    Message::ViewChange(Signed::sign(body, &self.me.secret)),
-                ));
+                out.push(Outgoing::now(to, self.me.claim_nothing_prepared(vc)));
             }
             other => out.push(Outgoing::now(to, other)),
         }
@@ -497,12 +498,17 @@ struct CollusionPlan {
 #[derive(Debug, Default)]
 struct CollusionPlans {
     plans: BTreeMap<(View, Seq), CollusionPlan>,
+    /// Requests in planned batches, whose replies the coalition withholds so that the
+    /// clients time out and the replicas that never executed them start a view change.
+    withheld: std::collections::BTreeSet<(diffuse_core::ids::ClientId, u64)>,
 }
 
 /// The faulty replicas act together. As primary, one sends a PRE-PREPARE to only
 /// `f + 1` correct backups; the faulty backups send their PREPAREs and COMMITs only to
 /// `f` of those ("favoured", never the next primary), so that exactly `f` correct
-/// replicas prepare. Their VIEW-CHANGEs claim nothing prepared. With the real quorums
+/// replicas prepare. They withhold their replies for that batch, so its clients
+/// retransmit and the replicas that never executed it start a view change; their
+/// VIEW-CHANGEs claim nothing prepared. With the real quorums
 /// the batch cannot commit; with a commit quorum one short it commits at the favoured
 /// replicas and a view-change quorum that avoids them drops it.
 struct Collude {
@@ -559,6 +565,22 @@ impl Collude {
     }
 }
 
+impl Collude {
+    /// Whether a vote for `(view, seq, digest)` may go to `to`: planned votes go only
+    /// to the favoured replicas and the coalition.
+    fn vote_reaches(&self, to: NodeId, view: View, seq: Seq, digest: Digest) -> bool {
+        match self
+            .existing_plan(view, seq)
+            .filter(|plan| plan.digest == digest)
+        {
+            Some(plan) => {
+                self.is_member(to) || to.replica().is_some_and(|r| plan.favoured.contains(&r))
+            }
+            None => true,
+        }
+    }
+}
+
 impl Behaviour<Message> for Collude {
     fn outgoing(
         &mut self,
@@ -567,50 +589,32 @@ impl Behaviour<Message> for Collude {
         entropy: &mut dyn Entropy,
         out: &mut Vec<Outgoing<Message>>,
     ) {
-        let to_replica = to.replica();
-        let allowed = |list: &[ReplicaId]| to_replica.is_some_and(|r| list.contains(&r));
-        match message {
+        let send = match &message {
             Message::PrePrepare(pp) => {
                 let Proposal { view, seq, digest } = pp.proposal.value;
                 let plan = if view.primary(self.me.n) == self.me.id {
-                    Some(self.make_plan(&pp, entropy))
+                    Some(self.make_plan(pp, entropy))
                 } else {
                     self.existing_plan(view, seq).filter(|p| p.digest == digest)
                 };
-                match plan {
-                    Some(plan) if !allowed(&plan.receivers) && !self.is_member(to) => {}
-                    _ => out.push(Outgoing::now(to, Message::PrePrepare(pp))),
-                }
+                plan.is_none_or(|plan| {
+                    self.is_member(to) || to.replica().is_some_and(|r| plan.receivers.contains(&r))
+                })
             }
-            Message::Prepare(p) => {
-                let plan = self
-                    .existing_plan(p.view, p.seq)
-                    .filter(|plan| plan.digest == p.digest);
-                match plan {
-                    Some(plan) if !allowed(&plan.favoured) && !self.is_member(to) => {}
-                    _ => out.push(Outgoing::now(to, Message::Prepare(p))),
-                }
-            }
-            Message::Commit(c) => {
-                let plan = self
-                    .existing_plan(c.view, c.seq)
-                    .filter(|plan| plan.digest == c.digest);
-                match plan {
-                    Some(plan) if !allowed(&plan.favoured) && !self.is_member(to) => {}
-                    _ => out.push(Outgoing::now(to, Message::Commit(c))),
-                }
-            }
-            Message::ViewChange(vc) => {
-                let body = ViewChangeBody {
-                    prepared: BoundedVec::new(),
-                    ..vc.value
-                };
-                out.push(Outgoing::now(
-                    to,
-                    Message::ViewChange(Signed::sign(body, &self.me.secret)),
-                ));
-            }
-            other => out.push(Outgoing::now(to, other)),
+            Message::Prepare(p) => self.vote_reaches(to, p.view, p.seq, p.digest),
+            Message::Commit(c) => self.vote_reaches(to, c.view, c.seq, c.digest),
+            Message::Reply(r) => !self.coalition.with(|plans: &mut CollusionPlans| {
+                plans.withheld.contains(&(r.client, r.timestamp))
+            }),
+            _ => true,
+        };
+        if !send {
+            return;
         }
+        let message = match message {
+            Message::ViewChange(vc) => self.me.claim_nothing_prepared(vc),
+            other => other,
+        };
+        out.push(Outgoing::now(to, message));
     }
 }

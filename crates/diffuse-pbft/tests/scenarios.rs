@@ -501,7 +501,11 @@ fn checkpoint_state_survives_a_crash_before_it_is_stable() {
     let mut c = Cluster::new(4, 1, test_options());
     c.cut(|_, _, m| matches!(m, Message::Checkpoint(_)));
     c.puts(5);
-    assert_eq!(c.replica(1).low_watermark(), Seq(0), "no checkpoint became stable");
+    assert_eq!(
+        c.replica(1).low_watermark(),
+        Seq(0),
+        "no checkpoint became stable"
+    );
     for i in 0..4 {
         c.crash(i);
         c.restart(i);
@@ -509,7 +513,10 @@ fn checkpoint_state_survives_a_crash_before_it_is_stable() {
     c.heal();
     c.run();
     for i in 0..4 {
-        assert!(c.replica(i).last_executed() >= Seq(4), "replica {i} resumed from its checkpoint");
+        assert!(
+            c.replica(i).last_executed() >= Seq(4),
+            "replica {i} resumed from its checkpoint"
+        );
     }
     c.puts(4);
     assert!(c.replica(1).low_watermark() >= Seq(4));

@@ -22,7 +22,7 @@ pub enum FaultMix {
     Network,
     /// Network faults plus crashes and restarts of correct replicas.
     Crash,
-    /// Up to `f` replicas with the named Byzantine behaviour, plus mild network faults.
+    /// `f` replicas with the named Byzantine behaviour, plus network faults.
     Byzantine(String),
     /// Everything at once: network faults, crashes, and up to `f` Byzantine replicas
     /// with behaviours drawn at random.
@@ -225,8 +225,11 @@ impl Scenario {
         rng: &mut SimRng,
     ) -> BTreeMap<ReplicaId, String> {
         let mut byzantine = BTreeMap::new();
+        // A mix named after a behaviour runs it at full strength (f faulty replicas);
+        // `mixed` draws how many, and which behaviours.
         let count = match mix {
-            FaultMix::Byzantine(_) | FaultMix::Mixed if f > 0 => rng.between(1, f as u64) as usize,
+            FaultMix::Byzantine(_) => f,
+            FaultMix::Mixed if f > 0 => rng.between(1, f as u64) as usize,
             _ => 0,
         };
         // The first primary is faulty in most runs: that is where the interesting

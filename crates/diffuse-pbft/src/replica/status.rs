@@ -54,19 +54,25 @@ impl PbftReplica {
         self.status.expensive.clear();
         let stalled = self.last_executed == self.status.executed_at_tick && self.has_work();
         if stalled || self.status.recovering {
-            out.broadcast(Message::Status(Status {
-                view: self.view,
-                view_active: self.view_active,
-                last_executed: self.last_executed,
-                stable: self.low(),
-            }));
-            if let Some(vc) = &self.view_change.own {
-                out.broadcast(Message::ViewChange(vc.clone()));
-            }
+            self.broadcast_status(out);
         }
         self.status.recovering = false;
         self.status.executed_at_tick = self.last_executed;
         self.start_status_timer(out);
+    }
+
+    /// Tells every peer where this replica is (and, while changing view, repeats its
+    /// VIEW-CHANGE, which may have been lost).
+    pub(super) fn broadcast_status(&self, out: &mut Out) {
+        out.broadcast(Message::Status(Status {
+            view: self.view,
+            view_active: self.view_active,
+            last_executed: self.last_executed,
+            stable: self.low(),
+        }));
+        if let Some(vc) = &self.view_change.own {
+            out.broadcast(Message::ViewChange(vc.clone()));
+        }
     }
 
     /// Whether the replica is waiting for something it may have missed.

@@ -13,7 +13,7 @@
 //! correct replica voted for is forgotten, which is what PBFT's safety needs.
 
 use super::{Out, PbftReplica};
-use crate::message::{Batch, Message, NewView, PrepareVote, PreparedCert, Proposal, Status};
+use crate::message::{Batch, NewView, PrepareVote, PreparedCert, Proposal};
 use diffuse_core::codec::{self, Blob, BoundedVec};
 use diffuse_core::crypto::{Digest, Signed};
 use diffuse_core::ids::{Seq, View};
@@ -163,15 +163,7 @@ impl PbftReplica {
         if self.needs_state {
             self.start_transfer(out);
         }
-        out.broadcast(Message::Status(Status {
-            view: self.view,
-            view_active: self.view_active,
-            last_executed: self.last_executed,
-            stable: self.low(),
-        }));
-        if let Some(vc) = &self.view_change.own {
-            out.broadcast(Message::ViewChange(vc.clone()));
-        }
+        self.broadcast_status(out);
     }
 
     fn load(&mut self, recovered: &Recovered) -> Result<(), CorruptStorage> {
