@@ -123,15 +123,18 @@ pub trait Behaviour<M>: Send {
         out.push(Outgoing::now(to, message));
     }
 
-    /// Sees an incoming message (already handled honestly) and may send more.
+    /// Sees an incoming message before the honest protocol does, may send more, and
+    /// decides whether the honest protocol gets to see it (a faulty replica may ignore
+    /// whatever it likes).
     fn incoming(
         &mut self,
         from: NodeId,
         message: &M,
         entropy: &mut dyn Entropy,
         out: &mut Vec<Outgoing<M>>,
-    ) {
+    ) -> bool {
         let _ = (from, message, entropy, out);
+        true
     }
 }
 

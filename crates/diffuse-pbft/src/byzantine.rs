@@ -64,6 +64,12 @@ pub fn build(
         "collude" => Some(Box::new(Collude {
             me,
             coalition: coalition.clone(),
+            // Long enough for the clients to retransmit to every backup, short
+            // enough that the primary's own request timer has not fired yet.
+            hold_back: setup
+                .options
+                .view_change_timeout
+                .saturating_sub(std::time::Duration::from_millis(60)),
         })),
         _ => None,
     }
@@ -90,6 +96,27 @@ impl Me {
         let other = entropy.below(self.n as u64 - 1) as u16;
         ReplicaId(if other >= self.id.0 { other + 1 } else { other })
     }
+}
+
+/// A second, validly signed PRE-PREPARE for the same view and sequence number, made of
+/// the same genuine client requests in another order or with one fewer.
+fn alternative_pre_prepare(pp: &PrePrepare, secret: &SecretKey) -> Option<PrePrepare> {
+    let Proposal { view, seq, .. } = pp.proposal.value;
+    let mut requests = pp.batch.requests.to_vec();
+    if requests.is_empty() {
+        return None;
+    }
+    if requests.len() > 1 && seq.0 % 2 == 0 {
+        requests.reverse();
+    } else {
+        requests.pop();
+    }
+    let batch = Batch {
+        requests: BoundedVec::truncating(requests),
+    };
+    let digest = batch.digest();
+    let proposal = Signed::sign(Proposal { view, seq, digest }, secret);
+    Some(PrePrepare { proposal, batch })
 }
 
 fn random_digest(entropy: &mut dyn Entropy) -> Digest {
@@ -121,23 +148,8 @@ impl Equivocate {
         if let Some(alt) = self.alternatives.get(&(view, seq)) {
             return Some(alt.clone());
         }
-        let mut requests = pp.batch.requests.to_vec();
-        if requests.is_empty() {
-            return None;
-        }
-        // Drop the last request, or reverse the order: either way a different batch
-        // made of genuine client requests.
-        if requests.len() > 1 && seq.0 % 2 == 0 {
-            requests.reverse();
-        } else {
-            requests.pop();
-        }
-        let batch = Batch {
-            requests: BoundedVec::truncating(requests),
-        };
-        let digest = batch.digest();
-        let proposal = Signed::sign(Proposal { view, seq, digest }, &self.me.secret);
-        let alt = (digest, PrePrepare { proposal, batch });
+        let alt = alternative_pre_prepare(pp, &self.me.secret)?;
+        let alt = (alt.proposal.digest, alt);
         if self.alternatives.len() > 4096 {
             self.alternatives.pop_first();
         }
@@ -460,11 +472,13 @@ impl Behaviour<Message> for FalseCertificates {
         message: &Message,
         entropy: &mut dyn Entropy,
         out: &mut Vec<Outgoing<Message>>,
-    ) {
+    ) -> bool {
         // Now and then, demand a view change nobody else wants.
-        let Message::Prepare(p) = message else { return };
+        let Message::Prepare(p) = message else {
+            return true;
+        };
         if !entropy.chance(1, 40) {
-            return;
+            return true;
         }
         let body = ViewChangeBody {
             new_view: p.view.next(),
@@ -481,6 +495,7 @@ impl Behaviour<Message> for FalseCertificates {
             from,
             Message::ViewChange(Signed::sign(body, &self.me.secret)),
         ));
+        true
     }
 }
 
@@ -493,6 +508,9 @@ struct CollusionPlan {
     /// The correct replicas the faulty ones help to prepare: exactly `f` of them, never
     /// the next primary.
     favoured: Vec<ReplicaId>,
+    /// What the other correct replicas get instead, so that they refuse the real batch
+    /// when retransmission brings it.
+    alternative: Option<PrePrepare>,
 }
 
 #[derive(Debug, Default)]
@@ -504,9 +522,10 @@ struct CollusionPlans {
 }
 
 /// The faulty replicas act together. As primary, one sends a PRE-PREPARE to only
-/// `f + 1` correct backups; the faulty backups send their PREPAREs and COMMITs only to
-/// `f` of those ("favoured", never the next primary), so that exactly `f` correct
-/// replicas prepare. They withhold their replies for that batch, so its clients
+/// `f + 1` correct backups and a conflicting one (same requests, other order) to the
+/// rest; the faulty backups send their PREPAREs and COMMITs only to `f` of the first
+/// group ("favoured", never the next primary), so that exactly `f` correct replicas
+/// prepare. They withhold their replies for that batch, so its clients
 /// retransmit and the replicas that never executed it start a view change; their
 /// VIEW-CHANGEs claim nothing prepared. With the real quorums
 /// the batch cannot commit; with a commit quorum one short it commits at the favoured
@@ -514,6 +533,8 @@ struct CollusionPlans {
 struct Collude {
     me: Me,
     coalition: Coalition,
+    /// How long the faulty primary holds a planned PRE-PREPARE back.
+    hold_back: std::time::Duration,
 }
 
 impl Collude {
@@ -549,12 +570,17 @@ impl Collude {
             digest,
             receivers,
             favoured,
+            alternative: alternative_pre_prepare(pp, &self.me.secret),
         };
         self.coalition.with(|plans: &mut CollusionPlans| {
             if plans.plans.len() >= 4096 {
                 plans.plans.pop_first();
+                plans.withheld.pop_first();
             }
             plans.plans.insert((view, seq), plan.clone());
+            plans
+                .withheld
+                .extend(pp.batch.requests.iter().map(|r| (r.client, r.timestamp)));
         });
         plan
     }
@@ -582,6 +608,23 @@ impl Collude {
 }
 
 impl Behaviour<Message> for Collude {
+    /// The faulty replicas ignore COMMITs of planned batches: they never execute them,
+    /// so they too time out and join the view change that drops them.
+    fn incoming(
+        &mut self,
+        _: NodeId,
+        message: &Message,
+        _: &mut dyn Entropy,
+        _: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        match message {
+            Message::Commit(c) => self
+                .existing_plan(c.view, c.seq)
+                .is_none_or(|plan| plan.digest != c.digest),
+            _ => true,
+        }
+    }
+
     fn outgoing(
         &mut self,
         to: NodeId,
@@ -589,32 +632,53 @@ impl Behaviour<Message> for Collude {
         entropy: &mut dyn Entropy,
         out: &mut Vec<Outgoing<Message>>,
     ) {
-        let send = match &message {
+        let mut delay = std::time::Duration::ZERO;
+        let message = match message {
             Message::PrePrepare(pp) => {
                 let Proposal { view, seq, digest } = pp.proposal.value;
-                let plan = if view.primary(self.me.n) == self.me.id {
-                    Some(self.make_plan(pp, entropy))
+                let primary = view.primary(self.me.n) == self.me.id;
+                let plan = if primary {
+                    Some(self.make_plan(&pp, entropy))
                 } else {
                     self.existing_plan(view, seq).filter(|p| p.digest == digest)
                 };
-                plan.is_none_or(|plan| {
-                    self.is_member(to) || to.replica().is_some_and(|r| plan.receivers.contains(&r))
-                })
+                if primary && plan.is_some() {
+                    // Both versions leave together, just before the backups would
+                    // suspect the primary.
+                    delay = self.hold_back;
+                }
+                match plan {
+                    None => Message::PrePrepare(pp),
+                    Some(plan)
+                        if self.is_member(to)
+                            || to.replica().is_some_and(|r| plan.receivers.contains(&r)) =>
+                    {
+                        Message::PrePrepare(pp)
+                    }
+                    // The other correct replicas get the alternative, so that they
+                    // refuse the real batch if retransmission brings it later.
+                    Some(plan) => match plan.alternative {
+                        Some(alternative) if primary => Message::PrePrepare(alternative),
+                        _ => return,
+                    },
+                }
             }
-            Message::Prepare(p) => self.vote_reaches(to, p.view, p.seq, p.digest),
-            Message::Commit(c) => self.vote_reaches(to, c.view, c.seq, c.digest),
-            Message::Reply(r) => !self.coalition.with(|plans: &mut CollusionPlans| {
-                plans.withheld.contains(&(r.client, r.timestamp))
-            }),
-            _ => true,
-        };
-        if !send {
-            return;
-        }
-        let message = match message {
+            Message::Prepare(p) if !self.vote_reaches(to, p.view, p.seq, p.digest) => return,
+            Message::Commit(c) if !self.vote_reaches(to, c.view, c.seq, c.digest) => return,
+            Message::Reply(r)
+                if self.coalition.with(|plans: &mut CollusionPlans| {
+                    plans.withheld.contains(&(r.client, r.timestamp))
+                }) =>
+            {
+                return;
+            }
             Message::ViewChange(vc) => self.me.claim_nothing_prepared(vc),
             other => other,
         };
-        out.push(Outgoing::now(to, message));
+        out.push(Outgoing {
+            to,
+            payload: diffuse_core::suite::Payload::Message(message),
+            delay,
+        });
     }
 }

@@ -82,7 +82,7 @@ impl ProtocolSuite for Pbft {
             max_in_flight: pick(entropy, &[1, 2, 4, 16]),
             view_change_timeout: Duration::from_millis(300),
             view_change_backoff_max: 3,
-            status_interval: Duration::from_millis(100),
+            status_interval: Duration::from_millis(pick(entropy, &[50, 100, 400])),
             fetch_timeout: Duration::from_millis(100),
             client_retransmit: Duration::from_millis(200),
             client_retransmit_max: Duration::from_millis(800),

@@ -96,8 +96,15 @@ impl<M: WireMessage> Behaviour<M> for Replay<M> {
         }
     }
 
-    fn incoming(&mut self, _: NodeId, message: &M, _: &mut dyn Entropy, _: &mut Vec<Outgoing<M>>) {
+    fn incoming(
+        &mut self,
+        _: NodeId,
+        message: &M,
+        _: &mut dyn Entropy,
+        _: &mut Vec<Outgoing<M>>,
+    ) -> bool {
         self.remember(message);
+        true
     }
 }
 

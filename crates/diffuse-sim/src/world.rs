@@ -483,10 +483,13 @@ impl<P: ProtocolSuite> Simulation<P> {
                 }
                 if let Some(mut behaviour) = self.replicas[replica].behaviour.take() {
                     let mut extra = Vec::new();
-                    behaviour.incoming(from, &message, &mut self.rng, &mut extra);
+                    let keep = behaviour.incoming(from, &message, &mut self.rng, &mut extra);
                     self.replicas[replica].behaviour = Some(behaviour);
                     for outgoing in extra {
                         self.transmit_outgoing(NodeId::Replica(r), outgoing);
+                    }
+                    if !keep {
+                        return;
                     }
                 }
                 self.step_replica(replica, Input::Message { from, message });

@@ -62,6 +62,7 @@ impl PbftReplica {
             if fresh {
                 self.propose_batches(false, out);
             }
+            self.ensure_request_timer(out);
             return;
         }
         // A backup relays a client's request to the primary: the first time it sees
@@ -474,9 +475,11 @@ impl PbftReplica {
         self.propose_batches(false, out);
     }
 
-    /// A backup in an active view runs the request timer while anything is pending.
+    /// In an active view, every replica (the primary too) runs the request timer while
+    /// anything is pending: a primary that cannot get its own proposals executed joins
+    /// the view change rather than wait for backups that may have nothing pending.
     pub(super) fn ensure_request_timer(&mut self, out: &mut Out) {
-        if !self.view_active || self.is_primary() || self.request_timer_for.is_some() {
+        if !self.view_active || self.request_timer_for.is_some() {
             return;
         }
         if let Some(oldest) = self.pending.oldest() {
