@@ -321,13 +321,13 @@ impl WireMessage for Message {
 }
 
 impl Message {
-    /// The view a normal-case message belongs to, for buffering messages of views the
-    /// replica has not reached yet.
-    pub fn normal_case_view(&self) -> Option<View> {
+    /// The view and sequence number of a normal-case message (PRE-PREPARE, PREPARE,
+    /// COMMIT), for buffering those a replica cannot take yet.
+    pub fn normal_case_slot(&self) -> Option<(View, Seq)> {
         match self {
-            Message::PrePrepare(pp) => Some(pp.proposal.view),
-            Message::Prepare(p) => Some(p.view),
-            Message::Commit(c) => Some(c.view),
+            Message::PrePrepare(pp) => Some((pp.proposal.view, pp.proposal.seq)),
+            Message::Prepare(p) => Some((p.view, p.seq)),
+            Message::Commit(c) => Some((c.view, c.seq)),
             _ => None,
         }
     }

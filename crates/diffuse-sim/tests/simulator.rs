@@ -138,3 +138,25 @@ fn every_listed_mutant_has_a_case() {
         );
     }
 }
+
+/// In a clean network nothing should ever need a view change or a state transfer,
+/// whatever the configuration the seed draws (including windows of two checkpoints).
+#[test]
+fn a_clean_network_needs_no_view_change_and_no_state_transfer() {
+    for seed in 0..40 {
+        let report = run(seed, FaultMix::None, None, false);
+        assert!(
+            report.violations.is_empty(),
+            "seed {seed}: {:?}",
+            report.violations
+        );
+        assert_eq!(
+            report.metrics.views_installed, 0,
+            "seed {seed} changed view"
+        );
+        assert_eq!(
+            report.metrics.state_transfers, 0,
+            "seed {seed} transferred state"
+        );
+    }
+}

@@ -239,6 +239,7 @@ impl PbftReplica {
         if self.next_seq <= seq {
             self.next_seq = seq.next();
         }
+        self.replay_future(out);
         self.execute_ready(out);
         self.propose_batches(false, out);
     }

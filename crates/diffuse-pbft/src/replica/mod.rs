@@ -52,6 +52,17 @@ pub enum Timer {
 
 pub(crate) type Out = Actions<Message, Timer>;
 
+/// What to do with a normal-case message right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// Its view is current and its sequence number inside the window.
+    Now,
+    /// A view not reached yet, or a sequence number just above the window: buffer it.
+    Later,
+    /// Stale, or too far ahead: drop it.
+    Never,
+}
+
 /// A PBFT replica. Drive it through [`diffuse_core::protocol::Replica::handle`].
 pub struct PbftReplica {
     id: ReplicaId,
@@ -285,8 +296,27 @@ impl PbftReplica {
         }
     }
 
-    /// Buffers a normal-case message of a view this replica has not reached, keeping
-    /// at most `future_messages_per_sender` per sender (the oldest are dropped).
+    /// Whether a normal-case message for `(view, seq)` can be taken now, later (a
+    /// view not reached yet, or just above the window), or never (stale, or too far).
+    fn admit(&self, view: View, seq: Seq) -> Admission {
+        if view > self.view || (view == self.view && !self.view_active) {
+            return Admission::Later;
+        }
+        if view < self.view || seq <= self.low() {
+            return Admission::Never;
+        }
+        if seq > self.high() {
+            return if seq <= self.high().plus(self.options.window) {
+                Admission::Later
+            } else {
+                Admission::Never
+            };
+        }
+        Admission::Now
+    }
+
+    /// Buffers a normal-case message this replica cannot take yet, keeping at most
+    /// `future_messages_per_sender` per sender (the oldest are dropped).
     fn buffer_future(&mut self, from: ReplicaId, message: Message) {
         let cap = self.options.future_messages_per_sender;
         let queue = self.future.entry(from).or_default();
@@ -298,19 +328,28 @@ impl PbftReplica {
         }
     }
 
-    /// Hands buffered messages of the (now active) current view back to the replica.
+    /// Hands buffered messages that became acceptable (a new view was installed, or
+    /// the window moved) back to the replica, and drops those that became stale.
     fn replay_future(&mut self, out: &mut Out) {
-        let view = self.view;
         let mut ready = Vec::new();
-        for (from, queue) in self.future.iter_mut() {
-            queue.retain(|m| m.normal_case_view().is_some_and(|v| v >= view));
-            let (now, later): (VecDeque<_>, VecDeque<_>) = queue
-                .drain(..)
-                .partition(|m| m.normal_case_view() == Some(view));
-            *queue = later;
-            ready.extend(now.into_iter().map(|m| (*from, m)));
+        let mut future = std::mem::take(&mut self.future);
+        for (from, queue) in future.iter_mut() {
+            queue.retain(|m| {
+                let Some((view, seq)) = m.normal_case_slot() else {
+                    return false;
+                };
+                match self.admit(view, seq) {
+                    Admission::Now => {
+                        ready.push((*from, m.clone()));
+                        false
+                    }
+                    Admission::Later => true,
+                    Admission::Never => false,
+                }
+            });
         }
-        self.future.retain(|_, q| !q.is_empty());
+        future.retain(|_, q| !q.is_empty());
+        self.future = future;
         for (from, message) in ready {
             self.on_message(NodeId::Replica(from), message, out);
         }

@@ -1,6 +1,6 @@
 //! The normal case: requests, batching, PRE-PREPARE / PREPARE / COMMIT, execution.
 
-use super::{Out, PbftReplica, Timer};
+use super::{Admission, Out, PbftReplica, Timer};
 use crate::message::{
     Batch, Commit, Message, PrePrepare, PrepareVote, PreparedCert, Proposal, Reply, Request,
 };
@@ -171,12 +171,10 @@ impl PbftReplica {
 
     pub(super) fn on_pre_prepare(&mut self, from: ReplicaId, pp: PrePrepare, out: &mut Out) {
         let Proposal { view, seq, digest } = pp.proposal.value;
-        if view > self.view || (view == self.view && !self.view_active) {
-            self.buffer_future(from, Message::PrePrepare(pp));
-            return;
-        }
-        if view < self.view || self.is_primary() || !self.in_window(seq) {
-            return;
+        match self.admit(view, seq) {
+            Admission::Now if !self.is_primary() => {}
+            Admission::Later => return self.buffer_future(from, Message::PrePrepare(pp)),
+            _ => return,
         }
         let primary = self.primary();
         let valid_signature = self
@@ -265,12 +263,10 @@ impl PbftReplica {
         out: &mut Out,
     ) {
         let vote = prepare.value;
-        if vote.view > self.view || (vote.view == self.view && !self.view_active) {
-            self.buffer_future(from, Message::Prepare(prepare));
-            return;
-        }
-        if vote.view < self.view || !self.in_window(vote.seq) {
-            return;
+        match self.admit(vote.view, vote.seq) {
+            Admission::Now => {}
+            Admission::Later => return self.buffer_future(from, Message::Prepare(prepare)),
+            Admission::Never => return,
         }
         if !self.quorum.is_member(vote.replica) {
             out.fault(from, "unknown-replica");
@@ -364,12 +360,10 @@ impl PbftReplica {
             out.fault(from, "commit-sender-mismatch");
             return;
         }
-        if commit.view > self.view || (commit.view == self.view && !self.view_active) {
-            self.buffer_future(from, Message::Commit(commit));
-            return;
-        }
-        if commit.view < self.view || !self.in_window(commit.seq) {
-            return;
+        match self.admit(commit.view, commit.seq) {
+            Admission::Now => {}
+            Admission::Later => return self.buffer_future(from, Message::Commit(commit)),
+            Admission::Never => return,
         }
         let slot = self.log.entry(commit.seq).or_default();
         match slot.commits.get(&from) {
