@@ -371,6 +371,15 @@ impl<P: ProtocolSuite> Simulation<P> {
         });
     }
 
+    /// Schedules a timer event `after` from now; returns its generation, which the
+    /// node records so that a cancelled or replaced timer's event is ignored.
+    fn arm(&mut self, after: std::time::Duration, event: impl FnOnce(u64) -> Event<P>) -> u64 {
+        self.next_id += 1;
+        let generation = self.next_id;
+        self.schedule(self.now + after.as_nanos() as u64, event(generation));
+        generation
+    }
+
     fn log(&mut self, line: String) {
         if let Some(trace) = &mut self.trace {
             trace.push(format!("{:>10.3}ms  {line}", self.now as f64 / MS as f64));
@@ -520,18 +529,12 @@ impl<P: ProtocolSuite> Simulation<P> {
                     self.replica_send(replica, &targets, message);
                 }
                 Action::SetTimer { timer, after } => {
-                    self.next_id += 1;
-                    let generation = self.next_id;
+                    let generation = self.arm(after, |generation| Event::ReplicaTimer {
+                        replica,
+                        timer,
+                        generation,
+                    });
                     self.replicas[replica].timers.insert(timer, generation);
-                    let at = self.now + after.as_nanos() as u64;
-                    self.schedule(
-                        at,
-                        Event::ReplicaTimer {
-                            replica,
-                            timer,
-                            generation,
-                        },
-                    );
                 }
                 Action::CancelTimer { timer } => {
                     self.replicas[replica].timers.remove(&timer);
@@ -724,18 +727,12 @@ impl<P: ProtocolSuite> Simulation<P> {
                     }
                 }
                 Action::SetTimer { timer, after } => {
-                    self.next_id += 1;
-                    let generation = self.next_id;
+                    let generation = self.arm(after, |generation| Event::ClientTimer {
+                        client,
+                        timer,
+                        generation,
+                    });
                     self.clients[client].timers.insert(timer, generation);
-                    let at = self.now + after.as_nanos() as u64;
-                    self.schedule(
-                        at,
-                        Event::ClientTimer {
-                            client,
-                            timer,
-                            generation,
-                        },
-                    );
                 }
                 Action::CancelTimer { timer } => {
                     self.clients[client].timers.remove(&timer);
