@@ -25,7 +25,7 @@
 //! 4. Every `K` sequence numbers replicas exchange signed checkpoint digests; `2f + 1`
 //!    matching ones make the checkpoint stable and truncate the log below it.
 //! 5. A backup whose oldest pending request does not execute in time starts a view
-//!    change; see [`replica`]'s view-change module for the details.
+//!    change; see the `replica` module's view-change part for the details.
 //!
 //! See `docs/protocols/pbft.md` in the repository for message formats and every choice
 //! made where the papers leave a detail open.

@@ -1,10 +1,10 @@
 //! The PBFT replica state machine.
 //!
-//! The replica is split by concern: [`normal`] (requests, batching, the three-phase
-//! commit, execution), [`checkpoint`] (checkpoints and log truncation),
-//! [`view_change`] (VIEW-CHANGE and NEW-VIEW), [`transfer`] (state transfer and
-//! fetching missing batches), [`status`] (retransmission to replicas that are behind)
-//! and [`storage`] (what is persisted and how a restart reads it back).
+//! The replica is split by concern: `normal` (requests, batching, the three-phase
+//! commit, execution), `checkpoint` (checkpoints and log truncation),
+//! `view_change` (VIEW-CHANGE and NEW-VIEW), `transfer` (state transfer and
+//! fetching missing batches), `status` (retransmission to replicas that are behind)
+//! and `storage` (what is persisted and how a restart reads it back).
 
 mod checkpoint;
 mod normal;

@@ -12,7 +12,6 @@
 //!   frame a correct node sends decodes (a correct node that looks faulty to another
 //!   one is a bug in one of them).
 
-/// Wing–Gong linearizability search for key-value histories.
 pub mod linearizability;
 
 use crate::history::{Operation, Outcome};
