@@ -1,7 +1,11 @@
 //! `diffuse`: the command-line entry point.
 
+mod client;
 mod keygen;
+mod node;
+mod runtime;
 mod sim;
+mod testnet;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -19,6 +23,12 @@ enum Command {
     /// Run a protocol in the deterministic simulator over many seeds, with faults,
     /// and check every run for safety and liveness violations.
     Sim(sim::SimArgs),
+    /// Write keys and configuration files for a cluster of real nodes.
+    Testnet(testnet::TestnetArgs),
+    /// Run one replica of a cluster (stops cleanly on SIGINT / SIGTERM).
+    Node(node::NodeArgs),
+    /// Run one key-value operation against a running cluster.
+    Client(client::ClientArgs),
     /// Generate an Ed25519 key file for a replica or a client.
     Keygen(keygen::KeygenArgs),
 }
@@ -27,6 +37,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Testnet(args) => testnet::run(args),
+        Command::Node(args) => node::run(args),
+        Command::Client(args) => client::run(args),
         Command::Keygen(args) => keygen::run(args),
     }
 }

@@ -136,6 +136,15 @@ impl PublicKey {
         hex::encode(self.to_bytes())
     }
 
+    /// The X25519 public key of the same key pair (the Montgomery form of the point),
+    /// used as the member's static key in the transport's Noise handshake. One key
+    /// pair per member keeps the cluster file to one key each; using an Ed25519 pair
+    /// for X25519 as well is the construction of libsodium's
+    /// `crypto_sign_ed25519_pk_to_curve25519`.
+    pub fn to_x25519(&self) -> [u8; 32] {
+        self.0.to_montgomery().to_bytes()
+    }
+
     /// Verifies `signature` over `label || BLAKE3(payload)`.
     pub fn verify(&self, label: &str, payload: &[u8], signature: &Signature) -> bool {
         let message = signing_message(label, payload);
@@ -196,6 +205,11 @@ impl SecretKey {
     /// The matching public key.
     pub fn public(&self) -> PublicKey {
         PublicKey(self.0.verifying_key())
+    }
+
+    /// The X25519 secret matching [`PublicKey::to_x25519`] of this key's public key.
+    pub fn to_x25519(&self) -> [u8; 32] {
+        self.0.to_scalar_bytes()
     }
 
     /// Signs `label || BLAKE3(payload)`.

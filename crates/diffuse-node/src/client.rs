@@ -1,0 +1,276 @@
+//! The client library: invoke operations on a running cluster from async Rust.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use diffuse_node::client::KvClient;
+//! use diffuse_node::config::ClientConfig;
+//!
+//! let settings = ClientConfig::load("testnet/client-0.toml".as_ref())?;
+//! let mut kv = KvClient::connect(settings).await?;
+//! kv.put(b"greeting", b"hello").await?;
+//! assert_eq!(kv.get(b"greeting").await?, Some(b"hello".to_vec()));
+//! # Ok(()) }
+//! ```
+//!
+//! A client has one operation outstanding at a time (run several clients for
+//! concurrency). The protocol's client machine does the work: it signs requests,
+//! retransmits to every replica on its own timer, and accepts a result only when
+//! f+1 replicas agree. This layer adds the connections, real timers and an overall
+//! deadline per operation.
+
+use crate::config::ClientSettings;
+use crate::metrics::NodeMetrics;
+use crate::timers::Timers;
+use crate::transport::{Inbound, Limits, Transport};
+use diffuse_apps::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use diffuse_apps::{KvOp, KvResult};
+use diffuse_core::protocol::{Action, Actions, Client as _, Input, InvokeError};
+use diffuse_core::suite::{ClientSetup, ProtocolSuite};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Why an operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No f+1 matching replies arrived in time. The operation may still execute.
+    #[error("no result within {0:?} (the operation may still take effect)")]
+    Timeout(Duration),
+    /// The operation exceeds a size limit.
+    #[error("{0}")]
+    Invalid(String),
+    /// The configuration names a protocol this build does not have.
+    #[error("unknown protocol `{0}` (available: pbft)")]
+    UnknownProtocol(String),
+    /// The replicas agreed on a result this client cannot decode.
+    #[error("undecodable result: {0}")]
+    BadResult(String),
+}
+
+impl From<InvokeError> for ClientError {
+    fn from(error: InvokeError) -> Self {
+        ClientError::Invalid(error.to_string())
+    }
+}
+
+/// A client of a cluster running protocol `S`.
+pub struct Client<S: ProtocolSuite> {
+    settings: ClientSettings,
+    options: S::Options,
+    machine: S::Client,
+    transport: Transport<S::Message>,
+    inbox: mpsc::Receiver<Inbound<S::Message>>,
+    timers: Timers<S::ClientTimer>,
+}
+
+fn wall_clock_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+}
+
+impl<S: ProtocolSuite> Client<S> {
+    /// Starts connecting to every replica (connections come up in the background
+    /// and are re-established when they fail).
+    pub async fn connect(settings: ClientSettings, options: S::Options) -> Self {
+        let (transport, inbox) = Transport::client(
+            settings.id,
+            settings.secret.clone(),
+            settings.cluster.clone(),
+            Limits::default(),
+            Arc::new(NodeMetrics::default()),
+        );
+        let machine = Self::machine(&settings, &options);
+        Client {
+            settings,
+            options,
+            machine,
+            transport,
+            inbox,
+            timers: Timers::default(),
+        }
+    }
+
+    /// A fresh protocol client whose timestamps start at the wall clock, above any
+    /// this identity used before (also across restarts).
+    fn machine(settings: &ClientSettings, options: &S::Options) -> S::Client {
+        S::client(ClientSetup {
+            id: settings.id,
+            keys: settings.cluster.keys.clone(),
+            secret: settings.secret.clone(),
+            options: options.clone(),
+            first_timestamp: wall_clock_nanos(),
+        })
+    }
+
+    /// Runs `operation` through the cluster and returns the agreed result.
+    pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let deadline = Instant::now() + self.settings.timeout;
+        let actions = self.machine.invoke(operation)?;
+        if let Some(result) = self.carry_out(actions) {
+            return Ok(result);
+        }
+        loop {
+            let wake = self
+                .timers
+                .next_deadline()
+                .map_or(deadline, |timer| timer.min(deadline));
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => {
+                    if Instant::now() >= deadline {
+                        // Give up on this operation: a new machine with higher
+                        // timestamps, so a late result cannot be mistaken for the next.
+                        self.machine = Self::machine(&self.settings, &self.options);
+                        self.timers = Timers::default();
+                        return Err(ClientError::Timeout(self.settings.timeout));
+                    }
+                    for timer in self.timers.expired(Instant::now()) {
+                        let actions = self.machine.handle(Input::Timer(timer));
+                        if let Some(result) = self.carry_out(actions) {
+                            return Ok(result);
+                        }
+                    }
+                }
+                inbound = self.inbox.recv() => {
+                    let Some(inbound) = inbound else {
+                        return Err(ClientError::Timeout(self.settings.timeout));
+                    };
+                    let actions = self.machine.handle(Input::Message {
+                        from: inbound.from,
+                        message: inbound.message,
+                    });
+                    if let Some(result) = self.carry_out(actions) {
+                        return Ok(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn carry_out(&mut self, actions: Actions<S::Message, S::ClientTimer>) -> Option<Vec<u8>> {
+        let mut result = None;
+        for action in actions.into_vec() {
+            match action {
+                Action::Send { to, message } => {
+                    self.transport.send(to, &message);
+                }
+                Action::Broadcast { message } => self.transport.broadcast(&message),
+                Action::SetTimer { timer, after } => self.timers.set(timer, after, Instant::now()),
+                Action::CancelTimer { timer } => self.timers.cancel(timer),
+                Action::Complete { result: bytes, .. } => result = Some(bytes),
+                Action::Persist(_) | Action::Observe(_) => {}
+            }
+        }
+        if result.is_some() {
+            self.timers = Timers::default();
+        }
+        result
+    }
+}
+
+/// A client of whichever protocol the configuration names.
+pub enum AnyClient {
+    /// PBFT.
+    Pbft(Client<diffuse_pbft::Pbft>),
+}
+
+impl AnyClient {
+    /// Connects with the protocol's default options.
+    pub async fn connect(settings: ClientSettings) -> Result<AnyClient, ClientError> {
+        use diffuse_core::suite::ProtocolSuite as _;
+        match settings.protocol.as_str() {
+            "pbft" => Ok(AnyClient::Pbft(
+                Client::connect(settings, diffuse_pbft::Pbft::default_options()).await,
+            )),
+            other => Err(ClientError::UnknownProtocol(other.to_string())),
+        }
+    }
+
+    /// Runs `operation` and returns the agreed result.
+    pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self {
+            AnyClient::Pbft(client) => client.invoke(operation).await,
+        }
+    }
+}
+
+/// A typed client of the replicated key-value store.
+pub struct KvClient {
+    inner: AnyClient,
+}
+
+fn check(what: &str, bytes: &[u8], limit: usize) -> Result<(), ClientError> {
+    if bytes.len() > limit {
+        return Err(ClientError::Invalid(format!(
+            "{what} of {} bytes exceeds the {limit}-byte limit",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+impl KvClient {
+    /// Connects to the cluster named by `settings`.
+    pub async fn connect(settings: ClientSettings) -> Result<KvClient, ClientError> {
+        Ok(KvClient {
+            inner: AnyClient::connect(settings).await?,
+        })
+    }
+
+    /// Runs any operation and returns its typed result.
+    pub async fn execute(&mut self, op: &KvOp) -> Result<KvResult, ClientError> {
+        let bytes = self.inner.invoke(op.encode()).await?;
+        match KvResult::decode(&bytes).map_err(|e| ClientError::BadResult(e.to_string()))? {
+            KvResult::Error(message) => Err(ClientError::Invalid(
+                String::from_utf8_lossy(&message).into_owned(),
+            )),
+            result => Ok(result),
+        }
+    }
+
+    /// Stores `value` under `key`.
+    pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        check("key", key, MAX_KEY_BYTES)?;
+        check("value", value, MAX_VALUE_BYTES)?;
+        self.execute(&KvOp::put(key, value)).await.map(|_| ())
+    }
+
+    /// Reads `key`.
+    pub async fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        check("key", key, MAX_KEY_BYTES)?;
+        match self.execute(&KvOp::get(key)).await? {
+            KvResult::Value(value) => Ok(value.map(|v| v.to_vec())),
+            other => Err(ClientError::BadResult(format!("{other:?} for a get"))),
+        }
+    }
+
+    /// Stores `new` if `key` holds `expected` (`None`: absent). Returns whether it
+    /// did, and the value found.
+    pub async fn cas(
+        &mut self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+    ) -> Result<(bool, Option<Vec<u8>>), ClientError> {
+        check("key", key, MAX_KEY_BYTES)?;
+        check("value", new, MAX_VALUE_BYTES)?;
+        if let Some(expected) = expected {
+            check("expected value", expected, MAX_VALUE_BYTES)?;
+        }
+        match self.execute(&KvOp::cas(key, expected, new)).await? {
+            KvResult::Swapped { swapped, previous } => Ok((swapped, previous.map(|v| v.to_vec()))),
+            other => Err(ClientError::BadResult(format!("{other:?} for a cas"))),
+        }
+    }
+
+    /// Removes `key`; returns whether it existed.
+    pub async fn delete(&mut self, key: &[u8]) -> Result<bool, ClientError> {
+        check("key", key, MAX_KEY_BYTES)?;
+        match self.execute(&KvOp::delete(key)).await? {
+            KvResult::Deleted { existed } => Ok(existed),
+            other => Err(ClientError::BadResult(format!("{other:?} for a delete"))),
+        }
+    }
+}

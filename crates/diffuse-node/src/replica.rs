@@ -1,0 +1,248 @@
+//! Runs one replica of any protocol: the same loop for every [`ProtocolSuite`].
+//!
+//! The loop owns the protocol instance and feeds it one input at a time: a message
+//! from the inbox, or a timer whose deadline passed. It carries out the returned
+//! actions in order; durable writes are grouped and committed before the first
+//! message that follows them leaves (see [`diffuse_core::protocol`]).
+
+use crate::config::NodeSettings;
+use crate::metrics::{self, NodeMetrics};
+use crate::storage::{StorageError, Store};
+use crate::timers::Timers;
+use crate::transport::{Inbound, Limits, Transport};
+use diffuse_core::app::Application;
+use diffuse_core::ids::{ClientId, NodeId};
+use diffuse_core::protocol::{Action, Actions, Input, Observation, Replica, WriteOp};
+use diffuse_core::suite::{ProtocolSuite, ReplicaSetup};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use tokio::time::Instant;
+
+/// Why a node stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Storage failed; the replica stops rather than forget a vote.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The listening address cannot be bound.
+    #[error("cannot listen on {address}: {error}")]
+    Listen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The protocol named in the configuration is not built in.
+    #[error("unknown protocol `{0}` (available: pbft)")]
+    UnknownProtocol(String),
+}
+
+/// Runs the replica described by `settings` with the protocol and application it
+/// names, until `shutdown` completes.
+pub async fn run_node(
+    settings: NodeSettings,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    match settings.protocol.as_str() {
+        "pbft" => {
+            use diffuse_pbft::Pbft;
+            let app = Box::new(diffuse_apps::KvStore::default());
+            run_replica::<Pbft>(settings, Pbft::default_options(), app, shutdown).await
+        }
+        other => Err(NodeError::UnknownProtocol(other.to_string())),
+    }
+}
+
+/// Runs a replica of protocol `S` until `shutdown` completes.
+pub async fn run_replica<S: ProtocolSuite>(
+    settings: NodeSettings,
+    options: S::Options,
+    app: Box<dyn Application>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let metrics = Arc::new(NodeMetrics::default());
+    let _endpoint = match settings.metrics {
+        Some(address) => Some(
+            metrics::spawn_endpoint(address, metrics.clone())
+                .await
+                .map_err(|error| NodeError::Listen { address, error })?,
+        ),
+        None => None,
+    };
+    let owner = format!(
+        "{} replica {} of cluster {}",
+        S::NAME,
+        settings.id.0,
+        settings.cluster.digest.short()
+    );
+    let store = Store::open(&settings.data_dir, owner.as_bytes())?;
+    let recovered = store.load()?;
+    tracing::info!(
+        replica = settings.id.0,
+        protocol = S::NAME,
+        entries = recovered.entries.len(),
+        "starting from the data directory"
+    );
+    let (transport, mut inbox) = Transport::<S::Message>::replica(
+        settings.id,
+        settings.secret.clone(),
+        settings.cluster.clone(),
+        settings.listen,
+        Limits::default(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(|error| NodeError::Listen {
+        address: settings.listen,
+        error,
+    })?;
+    let setup = ReplicaSetup {
+        id: settings.id,
+        keys: settings.cluster.keys.clone(),
+        secret: settings.secret.clone(),
+        options,
+    };
+    let mut driver = Driver::<S> {
+        replica: S::replica(setup, app),
+        store,
+        transport,
+        timers: Timers::default(),
+        metrics,
+        arrivals: HashMap::new(),
+    };
+    let start = driver.replica.handle(Input::Start(recovered));
+    driver.carry_out(start)?;
+    tracing::info!(replica = settings.id.0, address = %settings.listen, "listening");
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = driver.timers.next_deadline();
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            () = sleep_until(deadline), if deadline.is_some() => {
+                for timer in driver.timers.expired(Instant::now()) {
+                    let actions = driver.replica.handle(Input::Timer(timer));
+                    driver.carry_out(actions)?;
+                }
+            }
+            inbound = inbox.recv() => {
+                let Some(inbound) = inbound else { break };
+                driver.on_message(inbound)?;
+            }
+        }
+        driver.metrics.inbox_depth.set(inbox.len() as i64);
+        driver
+            .metrics
+            .send_queue_depth
+            .set(driver.transport.queued() as i64);
+    }
+    tracing::info!(replica = settings.id.0, "shut down");
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Driver<S: ProtocolSuite> {
+    replica: S::Replica,
+    store: Store,
+    transport: Transport<S::Message>,
+    timers: Timers<S::Timer>,
+    metrics: Arc<NodeMetrics>,
+    /// When each client's oldest unanswered request arrived (bounded by the
+    /// registered clients: no one else can connect).
+    arrivals: HashMap<ClientId, Instant>,
+}
+
+impl<S: ProtocolSuite> Driver<S> {
+    fn on_message(&mut self, inbound: Inbound<S::Message>) -> Result<(), NodeError> {
+        if let NodeId::Client(client) = inbound.from {
+            self.arrivals.entry(client).or_insert_with(Instant::now);
+        }
+        let actions = self.replica.handle(Input::Message {
+            from: inbound.from,
+            message: inbound.message,
+        });
+        self.carry_out(actions)
+    }
+
+    /// Carries out `actions` in order. Writes are gathered and committed in one
+    /// transaction before the next send, and at the end.
+    fn carry_out(&mut self, actions: Actions<S::Message, S::Timer>) -> Result<(), NodeError> {
+        let mut writes: Vec<WriteOp> = Vec::new();
+        for action in actions.into_vec() {
+            match action {
+                Action::Persist(more) => writes.extend(more),
+                Action::Send { to, message } => {
+                    self.persist(&mut writes)?;
+                    if let NodeId::Client(client) = to
+                        && let Some(arrived) = self.arrivals.remove(&client)
+                    {
+                        self.metrics
+                            .request_latency
+                            .observe(arrived.elapsed().as_secs_f64());
+                    }
+                    self.transport.send(to, &message);
+                }
+                Action::Broadcast { message } => {
+                    self.persist(&mut writes)?;
+                    self.transport.broadcast(&message);
+                }
+                Action::SetTimer { timer, after } => self.timers.set(timer, after, Instant::now()),
+                Action::CancelTimer { timer } => self.timers.cancel(timer),
+                Action::Complete { .. } => {}
+                Action::Observe(observation) => self.observe(observation),
+            }
+        }
+        self.persist(&mut writes)
+    }
+
+    fn persist(&mut self, writes: &mut Vec<WriteOp>) -> Result<(), NodeError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        // The commit fsyncs: let the runtime move other tasks off this thread.
+        tokio::task::block_in_place(|| self.store.apply(writes.iter()))?;
+        self.metrics
+            .persist_latency
+            .observe(started.elapsed().as_secs_f64());
+        writes.clear();
+        Ok(())
+    }
+
+    fn observe(&mut self, observation: Observation) {
+        let metrics = &self.metrics;
+        match observation {
+            Observation::Executed { requests, .. } => {
+                metrics.committed_batches.inc();
+                metrics.committed_requests.inc_by(requests as u64);
+            }
+            Observation::Checkpoint { .. } => {}
+            Observation::StableCheckpoint { seq } => {
+                metrics.stable_checkpoint.set(seq.0 as i64);
+            }
+            Observation::StateTransferred { seq, .. } => {
+                metrics.state_transfers.inc();
+                tracing::info!(checkpoint = seq.0, "state transfer completed");
+            }
+            Observation::ViewChangeStarted { view } => {
+                metrics.view_changes.inc();
+                tracing::warn!(view = view.0, "view change started");
+            }
+            Observation::ViewInstalled { view } => {
+                metrics.view.set(view.0 as i64);
+                tracing::info!(view = view.0, "view installed");
+            }
+            Observation::Fault { culprit, kind } => {
+                metrics.peer_faults.inc();
+                tracing::warn!(%culprit, kind, "peer misbehaved");
+            }
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! Writes a ready-to-run cluster directory: keys, the cluster file, and one
+//! configuration per replica and per client.
+//!
+//! ```text
+//! DIR/cluster.toml          members, public keys, replica addresses
+//! DIR/replica-<i>.toml      `diffuse node --config DIR/replica-<i>.toml`
+//! DIR/client-<j>.toml       `diffuse client --config DIR/client-<j>.toml ...`
+//! DIR/keys/*.key            secret keys (mode 0600 on Unix)
+//! DIR/data/replica-<i>/     each replica's database, created on first start
+//! ```
+
+use crate::config::{ClientConfig, NodeConfig};
+use diffuse_core::config::{ClusterFile, KeyFile, MemberEntry, Role};
+use diffuse_core::crypto::SecretKey;
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct TestnetSpec {
+    /// The protocol the cluster runs.
+    pub protocol: String,
+    /// Number of replicas.
+    pub n: usize,
+    /// Number of client identities.
+    pub clients: usize,
+    /// Replica `i` listens on `replica_addresses[i]`.
+    pub replica_addresses: Vec<SocketAddr>,
+    /// Replica `i` serves metrics on `metrics_addresses[i]` (if given).
+    pub metrics_addresses: Option<Vec<SocketAddr>>,
+}
+
+impl TestnetSpec {
+    /// Consecutive ports on one host: replicas from `port`, metrics from `metrics_port`.
+    pub fn on_host(
+        protocol: &str,
+        n: usize,
+        clients: usize,
+        host: IpAddr,
+        port: u16,
+        metrics_port: Option<u16>,
+    ) -> TestnetSpec {
+        let at = |base: u16, i: usize| SocketAddr::new(host, base.saturating_add(i as u16));
+        TestnetSpec {
+            protocol: protocol.to_string(),
+            n,
+            clients,
+            replica_addresses: (0..n).map(|i| at(port, i)).collect(),
+            metrics_addresses: metrics_port.map(|base| (0..n).map(|i| at(base, i)).collect()),
+        }
+    }
+}
+
+/// The files written.
+#[derive(Debug, Clone)]
+pub struct Testnet {
+    /// The directory.
+    pub dir: PathBuf,
+    /// Replica configurations, by id.
+    pub replicas: Vec<PathBuf>,
+    /// Client configurations, by id.
+    pub clients: Vec<PathBuf>,
+}
+
+/// Where a replica's configuration lives in a testnet directory.
+pub fn replica_config(dir: &Path, id: usize) -> PathBuf {
+    dir.join(format!("replica-{id}.toml"))
+}
+
+/// Where a client's configuration lives in a testnet directory.
+pub fn client_config(dir: &Path, id: usize) -> PathBuf {
+    dir.join(format!("client-{id}.toml"))
+}
+
+fn fresh_key() -> std::io::Result<SecretKey> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(std::io::Error::other)?;
+    Ok(SecretKey::from_seed(seed))
+}
+
+fn write_new(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = private;
+    let mut file = options.open(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+    })?;
+    file.write_all(text.as_bytes())
+}
+
+/// Writes the testnet into `dir` (created if needed; existing files are never
+/// overwritten).
+pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
+    if spec.n == 0 || spec.replica_addresses.len() != spec.n {
+        return Err(std::io::Error::other("one address per replica is needed"));
+    }
+    std::fs::create_dir_all(dir.join("keys"))?;
+    let replica_keys: Vec<SecretKey> =
+        (0..spec.n).map(|_| fresh_key()).collect::<Result<_, _>>()?;
+    let client_keys: Vec<SecretKey> = (0..spec.clients)
+        .map(|_| fresh_key())
+        .collect::<Result<_, _>>()?;
+    let cluster = ClusterFile {
+        replicas: replica_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| MemberEntry {
+                id: i as u32,
+                public_key: key.public().to_hex(),
+                address: Some(spec.replica_addresses[i].to_string()),
+            })
+            .collect(),
+        clients: client_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| MemberEntry {
+                id: i as u32,
+                public_key: key.public().to_hex(),
+                address: None,
+            })
+            .collect(),
+    };
+    write_new(&dir.join("cluster.toml"), &cluster.to_toml(), false)?;
+    let mut testnet = Testnet {
+        dir: dir.to_path_buf(),
+        replicas: Vec::new(),
+        clients: Vec::new(),
+    };
+    for (i, key) in replica_keys.iter().enumerate() {
+        let key_file = PathBuf::from(format!("keys/replica-{i}.key"));
+        write_new(
+            &dir.join(&key_file),
+            &KeyFile::new(Role::Replica, i as u32, key).to_toml(),
+            true,
+        )?;
+        let config = NodeConfig {
+            protocol: spec.protocol.clone(),
+            id: i as u32,
+            listen: spec.replica_addresses[i],
+            metrics: spec.metrics_addresses.as_ref().map(|m| m[i]),
+            data_dir: PathBuf::from(format!("data/replica-{i}")),
+            key_file,
+            cluster_file: PathBuf::from("cluster.toml"),
+        };
+        let path = replica_config(dir, i);
+        write_new(&path, &config.to_toml(), false)?;
+        testnet.replicas.push(path);
+    }
+    for (i, key) in client_keys.iter().enumerate() {
+        let key_file = PathBuf::from(format!("keys/client-{i}.key"));
+        write_new(
+            &dir.join(&key_file),
+            &KeyFile::new(Role::Client, i as u32, key).to_toml(),
+            true,
+        )?;
+        let config = ClientConfig {
+            protocol: spec.protocol.clone(),
+            id: i as u32,
+            key_file,
+            cluster_file: PathBuf::from("cluster.toml"),
+            timeout_ms: 10_000,
+        };
+        let path = client_config(dir, i);
+        write_new(&path, &config.to_toml(), false)?;
+        testnet.clients.push(path);
+    }
+    Ok(testnet)
+}
+
+/// Free TCP ports on `host`, found by binding port 0 (the ports are released
+/// again, so another process could take one before the cluster starts).
+pub fn free_ports(host: IpAddr, count: usize) -> std::io::Result<Vec<u16>> {
+    let listeners = (0..count)
+        .map(|_| std::net::TcpListener::bind(SocketAddr::new(host, 0)))
+        .collect::<Result<Vec<_>, _>>()?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ClientConfig, NodeConfig};
+
+    #[test]
+    fn every_written_config_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TestnetSpec::on_host("pbft", 4, 3, [127, 0, 0, 1].into(), 7100, Some(9100));
+        let testnet = write(dir.path(), &spec).unwrap();
+        for (i, path) in testnet.replicas.iter().enumerate() {
+            let settings = NodeConfig::load(path).unwrap();
+            assert_eq!(settings.id.index(), i);
+            assert_eq!(settings.cluster.n(), 4);
+            assert_eq!(settings.listen.port(), 7100 + i as u16);
+        }
+        for path in &testnet.clients {
+            ClientConfig::load(path).unwrap();
+        }
+        assert!(
+            write(dir.path(), &spec).is_err(),
+            "existing files are never overwritten"
+        );
+    }
+
+    #[test]
+    fn a_key_of_another_member_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TestnetSpec::on_host("pbft", 4, 1, [127, 0, 0, 1].into(), 7100, None);
+        let testnet = write(dir.path(), &spec).unwrap();
+        let text = std::fs::read_to_string(&testnet.replicas[0])
+            .unwrap()
+            .replace("keys/replica-0.key", "keys/replica-1.key");
+        std::fs::write(&testnet.replicas[0], text).unwrap();
+        let error = NodeConfig::load(&testnet.replicas[0]).unwrap_err();
+        assert!(error.to_string().contains("for Replica 1"), "{error}");
+    }
+}

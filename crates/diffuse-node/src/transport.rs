@@ -1,0 +1,433 @@
+//! Connections between members: who dials whom, bounded queues, reconnection.
+//!
+//! * Every replica listens. A replica sends to another replica over a connection it
+//!   dials itself, so each ordered pair has its own connection and no tie-breaking
+//!   is needed. A client dials every replica and gets its replies back on the
+//!   connection it dialed.
+//! * Every channel is authenticated (see [`crate::noise`]); the sender of a message
+//!   is the authenticated peer of the connection it came on, never a field in it.
+//! * Each peer has a bounded send queue. When it is full the frame is dropped and
+//!   counted: the protocols retransmit, and a slow or hostile peer must not stall the
+//!   replica or grow its memory. Incoming messages go through one bounded inbox;
+//!   when the protocol falls behind, readers stop reading and TCP pushes back on the
+//!   senders.
+//! * A dialer reconnects with exponential back-off (50 ms to 2 s, with jitter).
+
+use crate::config::Cluster;
+use crate::metrics::{KindLabel, NodeMetrics};
+use crate::noise::{self, FrameReader, FrameWriter};
+use diffuse_core::codec::{self, WireMessage};
+use diffuse_core::crypto::SecretKey;
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Sizes that bound the transport's memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The largest frame accepted or sent.
+    pub max_frame: usize,
+    /// Frames queued per peer before new ones are dropped.
+    pub send_queue: usize,
+    /// Decoded messages waiting for the protocol.
+    pub inbox: usize,
+    /// Simultaneous incoming connections (handshaking or open).
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_frame: codec::MAX_FRAME_BYTES,
+            send_queue: 4096,
+            inbox: 16_384,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// A message from an authenticated peer.
+#[derive(Debug)]
+pub struct Inbound<M> {
+    /// The authenticated sender.
+    pub from: NodeId,
+    /// The decoded message.
+    pub message: M,
+}
+
+type Frame = Arc<[u8]>;
+
+/// Aborts a task when dropped, so a connection's reader dies with its writer.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Who may connect, by X25519 static key.
+fn directory(cluster: &Cluster) -> HashMap<[u8; 32], NodeId> {
+    let mut directory = HashMap::new();
+    for i in 0..cluster.n() {
+        let id = ReplicaId(i as u16);
+        if let Some(key) = cluster.keys.replica(id) {
+            directory.insert(key.to_x25519(), NodeId::Replica(id));
+        }
+    }
+    for client in cluster.keys.clients() {
+        if let Some(key) = cluster.keys.client(client) {
+            directory.insert(key.to_x25519(), NodeId::Client(client));
+        }
+    }
+    directory
+}
+
+struct Shared<M> {
+    me: NodeId,
+    secret: SecretKey,
+    cluster: Cluster,
+    prologue: Vec<u8>,
+    limits: Limits,
+    metrics: Arc<NodeMetrics>,
+    inbox: mpsc::Sender<Inbound<M>>,
+}
+
+/// The network endpoint of one member.
+pub struct Transport<M> {
+    shared: Arc<Shared<M>>,
+    replicas: Vec<Option<mpsc::Sender<Frame>>>,
+    clients: Arc<Mutex<HashMap<ClientId, mpsc::Sender<Frame>>>>,
+    _tasks: JoinSet<()>,
+}
+
+impl<M: WireMessage> Transport<M> {
+    /// Starts a replica's endpoint: listens on `listen` and dials every other replica.
+    pub async fn replica(
+        id: ReplicaId,
+        secret: SecretKey,
+        cluster: Cluster,
+        listen: SocketAddr,
+        limits: Limits,
+        metrics: Arc<NodeMetrics>,
+    ) -> std::io::Result<(Transport<M>, mpsc::Receiver<Inbound<M>>)> {
+        let listener = TcpListener::bind(listen).await?;
+        let (mut transport, inbox) =
+            Transport::new(NodeId::Replica(id), secret, cluster, limits, metrics);
+        let clients = transport.clients.clone();
+        transport
+            ._tasks
+            .spawn(accept_loop(listener, transport.shared.clone(), clients));
+        Ok((transport, inbox))
+    }
+
+    /// Starts a client's endpoint: dials every replica.
+    pub fn client(
+        id: ClientId,
+        secret: SecretKey,
+        cluster: Cluster,
+        limits: Limits,
+        metrics: Arc<NodeMetrics>,
+    ) -> (Transport<M>, mpsc::Receiver<Inbound<M>>) {
+        Transport::new(NodeId::Client(id), secret, cluster, limits, metrics)
+    }
+
+    fn new(
+        me: NodeId,
+        secret: SecretKey,
+        cluster: Cluster,
+        limits: Limits,
+        metrics: Arc<NodeMetrics>,
+    ) -> (Transport<M>, mpsc::Receiver<Inbound<M>>) {
+        let (inbox_tx, inbox_rx) = mpsc::channel(limits.inbox);
+        let prologue = noise::prologue(&cluster.digest.0);
+        let n = cluster.n();
+        let shared = Arc::new(Shared {
+            me,
+            secret,
+            cluster,
+            prologue,
+            limits,
+            metrics,
+            inbox: inbox_tx,
+        });
+        let mut tasks = JoinSet::new();
+        let mut replicas = Vec::with_capacity(n);
+        for i in 0..n {
+            let peer = ReplicaId(i as u16);
+            if me == NodeId::Replica(peer) {
+                replicas.push(None);
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(limits.send_queue);
+            tasks.spawn(dial_loop(shared.clone(), peer, rx));
+            replicas.push(Some(tx));
+        }
+        let transport = Transport {
+            shared,
+            replicas,
+            clients: Arc::new(Mutex::new(HashMap::new())),
+            _tasks: tasks,
+        };
+        (transport, inbox_rx)
+    }
+
+    /// Queues `message` for `to`. Returns false if it was dropped (full queue, or a
+    /// client that is not connected).
+    pub fn send(&self, to: NodeId, message: &M) -> bool {
+        let frame: Frame = codec::encode(message).into();
+        self.send_frame(to, message.kind(), frame)
+    }
+
+    /// Queues `message` for every replica but this one.
+    pub fn broadcast(&self, message: &M) {
+        let frame: Frame = codec::encode(message).into();
+        for i in 0..self.replicas.len() {
+            let to = NodeId::Replica(ReplicaId(i as u16));
+            if to != self.shared.me {
+                self.send_frame(to, message.kind(), frame.clone());
+            }
+        }
+    }
+
+    /// Queues raw bytes (already a frame) for `to`.
+    pub fn send_frame(&self, to: NodeId, kind: &'static str, frame: Frame) -> bool {
+        let len = frame.len() as u64;
+        let queue = match to {
+            NodeId::Replica(id) => self.replicas.get(id.index()).cloned().flatten(),
+            NodeId::Client(id) => self
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&id)
+                .cloned(),
+        };
+        let Some(queue) = queue else {
+            return false;
+        };
+        let metrics = &self.shared.metrics;
+        match queue.try_send(frame) {
+            Ok(()) => {
+                metrics
+                    .messages_out
+                    .get_or_create(&KindLabel { kind })
+                    .inc();
+                metrics.bytes_out.inc_by(len);
+                true
+            }
+            Err(_) => {
+                metrics.send_queue_drops.inc();
+                false
+            }
+        }
+    }
+
+    /// Frames waiting in all send queues.
+    pub fn queued(&self) -> usize {
+        let replica_queues: usize = self
+            .replicas
+            .iter()
+            .flatten()
+            .map(|q| q.max_capacity() - q.capacity())
+            .sum();
+        let client_queues: usize = self
+            .clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|q| q.max_capacity() - q.capacity())
+            .sum();
+        replica_queues + client_queues
+    }
+}
+
+/// Dials `peer` for as long as the transport lives, sending its queue.
+async fn dial_loop<M: WireMessage>(
+    shared: Arc<Shared<M>>,
+    peer: ReplicaId,
+    mut queue: mpsc::Receiver<Frame>,
+) {
+    let address = shared.cluster.addresses[peer.index()];
+    let Some(key) = shared.cluster.keys.replica(peer).copied() else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let connected =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(address)).await;
+        if let Ok(Ok(stream)) = connected {
+            let _ = stream.set_nodelay(true);
+            match noise::initiate(
+                stream,
+                &shared.secret,
+                &key,
+                &shared.prologue,
+                shared.limits.max_frame,
+            )
+            .await
+            {
+                Ok((reader, writer)) => {
+                    tracing::debug!(?peer, "connected");
+                    backoff = Duration::from_millis(50);
+                    if !run_connection(&shared, NodeId::Replica(peer), reader, writer, &mut queue)
+                        .await
+                    {
+                        return;
+                    }
+                    tracing::debug!(?peer, "disconnected");
+                }
+                Err(error) => tracing::debug!(?peer, %error, "handshake failed"),
+            }
+        }
+        // Jitter by process and peer, so that restarted nodes do not redial in step.
+        let jitter = (u64::from(std::process::id()) ^ (peer.index() as u64 * 7919)) % 50;
+        tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Runs one connection: reads into the inbox and writes the queue, until either
+/// side fails. Returns false if the queue is closed (the transport is gone).
+async fn run_connection<M: WireMessage, R, W>(
+    shared: &Arc<Shared<M>>,
+    peer: NodeId,
+    reader: FrameReader<R>,
+    mut writer: FrameWriter<W>,
+    queue: &mut mpsc::Receiver<Frame>,
+) -> bool
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
+{
+    let mut reading = AbortOnDrop(tokio::spawn(read_loop(shared.clone(), peer, reader)));
+    loop {
+        tokio::select! {
+            _ = &mut reading.0 => return true,
+            frame = queue.recv() => {
+                let Some(frame) = frame else { return false };
+                if writer.write_frame(&frame).await.is_err() {
+                    return true;
+                }
+                // Write whatever else is queued before one flush.
+                while let Ok(frame) = queue.try_recv() {
+                    if writer.write_frame(&frame).await.is_err() {
+                        return true;
+                    }
+                }
+                if writer.flush().await.is_err() {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Decodes frames from `peer` into the inbox until the connection fails.
+async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
+    shared: Arc<Shared<M>>,
+    peer: NodeId,
+    mut reader: FrameReader<R>,
+) {
+    loop {
+        let frame = match reader.read_frame().await {
+            Ok(frame) => frame,
+            Err(error) => {
+                tracing::debug!(?peer, %error, "connection closed");
+                return;
+            }
+        };
+        shared.metrics.bytes_in.inc_by(frame.len() as u64);
+        match codec::decode::<M>(&frame) {
+            Ok(message) => {
+                shared
+                    .metrics
+                    .messages_in
+                    .get_or_create(&KindLabel {
+                        kind: message.kind(),
+                    })
+                    .inc();
+                let inbound = Inbound {
+                    from: peer,
+                    message,
+                };
+                if shared.inbox.send(inbound).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                shared.metrics.decode_errors.inc();
+                tracing::debug!(?peer, %error, "undecodable frame dropped");
+            }
+        }
+    }
+}
+
+/// Accepts connections; each is authenticated before anything else is read.
+async fn accept_loop<M: WireMessage>(
+    listener: TcpListener,
+    shared: Arc<Shared<M>>,
+    clients: Arc<Mutex<HashMap<ClientId, mpsc::Sender<Frame>>>>,
+) {
+    let directory = Arc::new(directory(&shared.cluster));
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (stream, address) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let directory = directory.clone();
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let accepted = noise::respond(
+                stream,
+                &shared.secret,
+                &shared.prologue,
+                shared.limits.max_frame,
+                |key| directory.get(key).copied(),
+            )
+            .await;
+            let (peer, reader, writer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    shared.metrics.refused_connections.inc();
+                    tracing::debug!(%address, %error, "connection refused");
+                    return;
+                }
+            };
+            match peer {
+                NodeId::Replica(_) => read_loop(shared, peer, reader).await,
+                NodeId::Client(client) => {
+                    let (tx, mut rx) = mpsc::channel(shared.limits.send_queue);
+                    clients
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(client, tx.clone());
+                    run_connection(&shared, peer, reader, writer, &mut rx).await;
+                    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
+                    if clients
+                        .get(&client)
+                        .is_some_and(|current| current.same_channel(&tx))
+                    {
+                        clients.remove(&client);
+                    }
+                }
+            }
+        });
+    }
+}
