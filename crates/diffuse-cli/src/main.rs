@@ -1,10 +1,14 @@
 //! `diffuse`: the command-line entry point.
 
+mod bench;
 mod client;
+mod demo;
 mod keygen;
+mod load;
 mod node;
 mod runtime;
 mod sim;
+mod svg;
 mod testnet;
 
 use clap::{Parser, Subcommand};
@@ -20,9 +24,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a local 4-replica cluster as child processes, run a key-value workload
+    /// against it and report throughput and latency (--chaos: kill and restart
+    /// replicas mid-run). No setup needed.
+    Demo(demo::DemoArgs),
     /// Run a protocol in the deterministic simulator over many seeds, with faults,
     /// and check every run for safety and liveness violations.
     Sim(sim::SimArgs),
+    /// Measure a local cluster of real processes under closed-loop load: throughput,
+    /// latency percentiles, CPU per operation, with CSV, JSON and SVG results.
+    Bench(bench::BenchArgs),
     /// Write keys and configuration files for a cluster of real nodes.
     Testnet(testnet::TestnetArgs),
     /// Run one replica of a cluster (stops cleanly on SIGINT / SIGTERM).
@@ -37,6 +48,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Demo(args) => demo::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Testnet(args) => testnet::run(args),
         Command::Node(args) => node::run(args),
         Command::Client(args) => client::run(args),

@@ -15,6 +15,10 @@ pub struct NodeArgs {
     /// Log verbosity (logs go to stderr).
     #[arg(long, value_enum, default_value = "info")]
     log: LogLevel,
+    /// Also shut down when stdin closes (used by `diffuse demo` and `bench`, so that
+    /// their children never outlive them).
+    #[arg(long, hide = true)]
+    exit_on_stdin_close: bool,
 }
 
 pub fn run(args: NodeArgs) -> ExitCode {
@@ -33,11 +37,30 @@ pub fn run(args: NodeArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(diffuse_node::replica::run_node(settings, shutdown_signal())) {
+    let watch_stdin = args.exit_on_stdin_close;
+    let shutdown = async move {
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = stdin_closed(), if watch_stdin => {}
+        }
+    };
+    match runtime.block_on(diffuse_node::replica::run_node(settings, shutdown)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Completes when stdin reaches end of file (the parent process is gone).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut buf = [0u8; 64];
+    while let Ok(read) = stdin.read(&mut buf).await {
+        if read == 0 {
+            break;
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod config;
+pub mod local;
 pub mod metrics;
 pub mod noise;
 pub mod replica;
@@ -16,3 +17,4 @@ pub mod storage;
 pub mod testnet;
 pub mod timers;
 pub mod transport;
+pub mod workload;

@@ -1,0 +1,311 @@
+//! `diffuse bench`: closed-loop load from real client connections against a local
+//! cluster of real processes; throughput, latency percentiles, CPU per operation,
+//! CSV / JSON / SVG results and an optional operation history.
+
+use crate::load::{self, LoadRun, Summary};
+use crate::runtime::tokio_runtime;
+use crate::svg::{self, Series};
+use clap::Args;
+use diffuse_node::local::LocalCluster;
+use diffuse_node::workload::WorkloadSpec;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Arguments of `diffuse bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// The protocol the cluster runs.
+    #[arg(long, default_value = "pbft", value_parser = ["pbft"])]
+    protocol: String,
+    /// Number of replicas.
+    #[arg(long, default_value_t = 4)]
+    n: usize,
+    /// Concurrent closed-loop clients.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Bytes per written value.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Percent of operations that are reads (the rest are puts and compare-and-swaps).
+    #[arg(long, default_value_t = 40)]
+    read_percent: u64,
+    /// Keys shared by the clients.
+    #[arg(long, default_value_t = 1024)]
+    keys: usize,
+    /// Also measure throughput against these client counts (comma-separated),
+    /// each for --sweep-duration seconds, and plot it.
+    #[arg(long, value_delimiter = ',')]
+    sweep: Vec<usize>,
+    /// Seconds per point of the sweep.
+    #[arg(long, default_value_t = 5)]
+    sweep_duration: u64,
+    /// Directory for latency.csv, latency.svg, sweep.csv, sweep.svg and summary.json.
+    #[arg(long, default_value = "bench-results")]
+    out: PathBuf,
+    /// Print one JSON object (ops_per_sec, p50_ms, p99_ms, p999_ms, cpu_us_per_op, ...).
+    #[arg(long)]
+    json: bool,
+    /// Record every client operation as one JSON line in this file (docs/history.md).
+    #[arg(long)]
+    history: Option<PathBuf>,
+}
+
+/// CPU seconds (user + system) used so far by process `pid`, from /proc (Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // /proc reports clock ticks of USER_HZ, which is 100 on every Linux ABI.
+    Some((utime + stime) / 100.0)
+}
+
+fn replicas_cpu(cluster: &LocalCluster) -> Option<f64> {
+    (0..cluster.n())
+        .map(|i| cluster.pid(i).and_then(cpu_seconds))
+        .sum()
+}
+
+pub fn run(args: BenchArgs) -> ExitCode {
+    let runtime = match tokio_runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(bench(args)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
+    if args.n < 4 {
+        return Err("PBFT needs --n 4 or more (n = 3f + 1)".into());
+    }
+    let clients = args.clients.max(1);
+    let identities = args
+        .sweep
+        .iter()
+        .copied()
+        .chain([clients])
+        .max()
+        .unwrap_or(clients);
+    let dir = tempfile::Builder::new()
+        .prefix("diffuse-bench-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cluster = LocalCluster::start(&exe, dir.path(), &args.protocol, args.n, identities)
+        .map_err(|e| format!("cannot start the cluster: {e}"))?;
+    for _ in 0..50 {
+        if (0..args.n).all(|i| cluster.metrics(i).is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::create_dir_all(&args.out)
+        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
+    let spec = WorkloadSpec {
+        keys: args.keys.max(1),
+        payload: args.payload,
+        read_percent: args.read_percent.min(100),
+    };
+    let duration = Duration::from_secs(args.duration.max(1));
+    if !args.json {
+        println!(
+            "{} clients against {} {} replicas (real processes on loopback) for {}s, {}-byte values",
+            clients,
+            args.n,
+            args.protocol,
+            duration.as_secs(),
+            args.payload
+        );
+    }
+    let cpu_before = replicas_cpu(&cluster);
+    let client_cpu_before = cpu_seconds(std::process::id());
+    let bar = load::progress(duration);
+    let run = load::run(&mut cluster, clients, &spec, duration, &bar, |_, _, _| {}).await?;
+    if run.interrupted {
+        return Ok(ExitCode::from(130));
+    }
+    let summary = load::summarise(&run.records, run.elapsed);
+    let cpu = replicas_cpu(&cluster)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let client_cpu = cpu_seconds(std::process::id())
+        .zip(client_cpu_before)
+        .map(|(after, before)| after - before);
+    let per_op = |seconds: Option<f64>| seconds.map(|s| s * 1e6 / summary.completed.max(1) as f64);
+    write_latency_over_time(&args.out, &run)?;
+    let mut sweep_points = Vec::new();
+    for &count in &args.sweep {
+        let bar = load::progress(Duration::from_secs(args.sweep_duration.max(1)));
+        let point = load::run(
+            &mut cluster,
+            count.max(1),
+            &spec,
+            Duration::from_secs(args.sweep_duration.max(1)),
+            &bar,
+            |_, _, _| {},
+        )
+        .await?;
+        if point.interrupted {
+            return Ok(ExitCode::from(130));
+        }
+        let s = load::summarise(&point.records, point.elapsed);
+        if !args.json {
+            println!(
+                "sweep: {count:>4} clients  {:>8.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
+                s.ops_per_sec, s.p50_ms, s.p99_ms
+            );
+        }
+        sweep_points.push((count, s));
+    }
+    if !sweep_points.is_empty() {
+        write_sweep(&args.out, &sweep_points)?;
+    }
+    if let Some(path) = &args.history {
+        load::write_history(path, &run.records)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    let json = serde_json::json!({
+        "protocol": args.protocol,
+        "n": args.n,
+        "clients": clients,
+        "payload_bytes": args.payload,
+        "duration_s": run.elapsed.as_secs_f64(),
+        "ops": summary.completed,
+        "unfinished": summary.unfinished,
+        "ops_per_sec": summary.ops_per_sec,
+        "p50_ms": summary.p50_ms,
+        "p99_ms": summary.p99_ms,
+        "p999_ms": summary.p999_ms,
+        "cpu_us_per_op": per_op(cpu),
+        "client_cpu_us_per_op": per_op(client_cpu),
+        "sweep": sweep_points.iter().map(|(c, s)| serde_json::json!({
+            "clients": c, "ops_per_sec": s.ops_per_sec, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+        })).collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&json).expect("JSON values encode");
+    std::fs::write(args.out.join("summary.json"), format!("{text}\n"))
+        .map_err(|e| e.to_string())?;
+    for i in 0..args.n {
+        cluster.stop(i);
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&json).expect("JSON values encode")
+        );
+    } else {
+        print_summary(&summary, per_op(cpu), per_op(client_cpu));
+        println!(
+            "results        {}/{{summary.json,latency.csv,latency.svg{}}}",
+            args.out.display(),
+            if sweep_points.is_empty() {
+                ""
+            } else {
+                ",sweep.csv,sweep.svg"
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(summary: &Summary, cpu: Option<f64>, client_cpu: Option<f64>) {
+    println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
+    println!(
+        "completed      {:>10} operations ({} without a result)",
+        summary.completed, summary.unfinished
+    );
+    println!("latency p50    {:>10.2} ms", summary.p50_ms);
+    println!("latency p99    {:>10.2} ms", summary.p99_ms);
+    println!("latency p999   {:>10.2} ms", summary.p999_ms);
+    match cpu {
+        Some(cpu) => {
+            println!("replica CPU    {cpu:>10.1} µs per operation (all replicas together)")
+        }
+        None => println!("replica CPU    unavailable (needs /proc)"),
+    }
+    if let Some(cpu) = client_cpu {
+        println!("client CPU     {cpu:>10.1} µs per operation (this process)");
+    }
+}
+
+/// One row per second: completions and latency percentiles of what completed in it.
+fn write_latency_over_time(out: &Path, run: &LoadRun) -> Result<(), String> {
+    let seconds = run.elapsed.as_secs() as usize + 1;
+    let mut buckets: Vec<Vec<u64>> = vec![Vec::new(); seconds];
+    for record in &run.records {
+        if let Some(done) = record.complete_ns {
+            let second = (done / 1_000_000_000) as usize;
+            if let Some(bucket) = buckets.get_mut(second) {
+                bucket.push(done - record.invoke_ns);
+            }
+        }
+    }
+    let mut csv = String::from("second,ops,p50_ms,p99_ms\n");
+    let (mut p50, mut p99) = (Vec::new(), Vec::new());
+    for (second, bucket) in buckets.iter_mut().enumerate() {
+        bucket.sort_unstable();
+        let (a, b) = (
+            diffuse_node::workload::percentile_ms(bucket, 0.5),
+            diffuse_node::workload::percentile_ms(bucket, 0.99),
+        );
+        csv.push_str(&format!("{second},{},{a:.3},{b:.3}\n", bucket.len()));
+        p50.push((second as f64, a));
+        p99.push((second as f64, b));
+    }
+    std::fs::write(out.join("latency.csv"), csv).map_err(|e| e.to_string())?;
+    let chart = svg::line_chart(
+        "Latency over time",
+        "second of the run",
+        "latency (ms)",
+        &[
+            Series {
+                label: "p50",
+                points: p50,
+            },
+            Series {
+                label: "p99",
+                points: p99,
+            },
+        ],
+    );
+    std::fs::write(out.join("latency.svg"), chart).map_err(|e| e.to_string())
+}
+
+fn write_sweep(out: &Path, points: &[(usize, Summary)]) -> Result<(), String> {
+    let mut csv = String::from("clients,ops_per_sec,p50_ms,p99_ms\n");
+    for (clients, s) in points {
+        csv.push_str(&format!(
+            "{clients},{:.1},{:.3},{:.3}\n",
+            s.ops_per_sec, s.p50_ms, s.p99_ms
+        ));
+    }
+    std::fs::write(out.join("sweep.csv"), csv).map_err(|e| e.to_string())?;
+    let chart = svg::line_chart(
+        "Throughput against clients",
+        "closed-loop clients",
+        "operations per second",
+        &[Series {
+            label: "ops/s",
+            points: points
+                .iter()
+                .map(|(c, s)| (*c as f64, s.ops_per_sec))
+                .collect(),
+        }],
+    );
+    std::fs::write(out.join("sweep.svg"), chart).map_err(|e| e.to_string())
+}
