@@ -16,6 +16,7 @@ n = d["n"]
 kinds = d["messages_by_kind"]
 votes = sum(kinds.get(k, {}).get("msgs_per_op", 0) for k in ("prepare", "commit"))
 assert d["violations"] == 0, "a violation in a fault-free run"
-print(f"| {n} | {d[\"f\"]} | {d[\"msgs_per_op\"]:.1f} | {d[\"bytes_per_op\"]:.0f} | {votes:.1f} | {d[\"msgs_per_op\"] / n**2:.2f} |")
+f, msgs, size = d["f"], d["msgs_per_op"], d["bytes_per_op"]
+print(f"| {n} | {f} | {msgs:.1f} | {size:.0f} | {votes:.1f} | {msgs / n**2:.2f} |")
 '
 done

@@ -187,6 +187,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         "duration_s": run.elapsed.as_secs_f64(),
         "ops": summary.completed,
         "unfinished": summary.unfinished,
+        "timeouts": summary.timeouts,
         "ops_per_sec": summary.ops_per_sec,
         "p50_ms": summary.p50_ms,
         "p99_ms": summary.p99_ms,
@@ -226,8 +227,10 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
 fn print_summary(summary: &Summary, cpu: Option<f64>, client_cpu: Option<f64>) {
     println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
     println!(
-        "completed      {:>10} operations ({} without a result)",
-        summary.completed, summary.unfinished
+        "completed      {:>10} operations ({} timed out, {} in flight at the end)",
+        summary.completed,
+        summary.timeouts,
+        summary.unfinished - summary.timeouts
     );
     println!("latency p50    {:>10.2} ms", summary.p50_ms);
     println!("latency p99    {:>10.2} ms", summary.p99_ms);

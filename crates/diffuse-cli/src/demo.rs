@@ -241,8 +241,10 @@ async fn demo(args: DemoArgs) -> ExitCode {
     println!();
     println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
     println!(
-        "completed      {:>10} operations ({} without a result)",
-        summary.completed, summary.unfinished
+        "completed      {:>10} operations ({} timed out, {} in flight at the end)",
+        summary.completed,
+        summary.timeouts,
+        summary.unfinished - summary.timeouts
     );
     println!("latency p50    {:>10.2} ms", summary.p50_ms);
     println!("latency p99    {:>10.2} ms", summary.p99_ms);

@@ -123,6 +123,8 @@ pub struct Summary {
     pub completed: usize,
     /// Operations without a result (timeouts, cut off at the end).
     pub unfinished: usize,
+    /// Of those, operations that timed out.
+    pub timeouts: usize,
     /// Completed operations per second.
     pub ops_per_sec: f64,
     /// Latency percentiles, ms.
@@ -153,6 +155,10 @@ pub fn summarise(records: &[HistoryRecord], elapsed: Duration) -> Summary {
     Summary {
         completed: latencies.len(),
         unfinished: records.len() - latencies.len(),
+        timeouts: records
+            .iter()
+            .filter(|r| r.error.as_deref() == Some("timeout"))
+            .count(),
         ops_per_sec: latencies.len() as f64 / elapsed.as_secs_f64().max(1e-9),
         p50_ms: workload::percentile_ms(&latencies, 0.50),
         p99_ms: workload::percentile_ms(&latencies, 0.99),

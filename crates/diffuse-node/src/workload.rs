@@ -48,20 +48,11 @@ pub struct HistoryRecord {
     pub error: Option<String>,
 }
 
-/// The result field of a [`HistoryRecord`].
+/// The result field of a [`HistoryRecord`]. Untagged: the variants are tried in
+/// order, those with required fields first, so `{"value": null}` is a get.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum RecordResult {
-    /// A put was stored.
-    Ok {
-        /// Always true.
-        ok: bool,
-    },
-    /// A get read this value (`null`: absent).
-    Value {
-        /// The value.
-        value: Option<String>,
-    },
     /// A cas.
     Swapped {
         /// Whether the new value was stored.
@@ -73,6 +64,16 @@ pub enum RecordResult {
     Deleted {
         /// Whether the key was present.
         existed: bool,
+    },
+    /// A put was stored.
+    Ok {
+        /// Always true.
+        ok: bool,
+    },
+    /// A get read this value (`null`: absent).
+    Value {
+        /// The value.
+        value: Option<String>,
     },
 }
 
