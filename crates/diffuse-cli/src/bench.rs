@@ -3,7 +3,7 @@
 //! CSV / JSON / SVG results and an optional operation history.
 
 use crate::load::{self, LoadRun, Summary};
-use crate::runtime::tokio_runtime;
+use crate::runtime::block_on;
 use crate::svg::{self, Series};
 use clap::Args;
 use diffuse_node::local::LocalCluster;
@@ -73,20 +73,12 @@ fn replicas_cpu(cluster: &LocalCluster) -> Option<f64> {
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
-    let runtime = match tokio_runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(bench(args)) {
-        Ok(code) => code,
-        Err(error) => {
+    block_on(async {
+        bench(args).await.unwrap_or_else(|error| {
             eprintln!("error: {error}");
             ExitCode::from(1)
-        }
-    }
+        })
+    })
 }
 
 async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
@@ -225,16 +217,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
 }
 
 fn print_summary(summary: &Summary, cpu: Option<f64>, client_cpu: Option<f64>) {
-    println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
-    println!(
-        "completed      {:>10} operations ({} timed out, {} in flight at the end)",
-        summary.completed,
-        summary.timeouts,
-        summary.unfinished - summary.timeouts
-    );
-    println!("latency p50    {:>10.2} ms", summary.p50_ms);
-    println!("latency p99    {:>10.2} ms", summary.p99_ms);
-    println!("latency p999   {:>10.2} ms", summary.p999_ms);
+    load::print_summary(summary);
     match cpu {
         Some(cpu) => {
             println!("replica CPU    {cpu:>10.1} µs per operation (all replicas together)")

@@ -1,6 +1,6 @@
 //! `diffuse client`: one key-value operation against a running cluster.
 
-use crate::runtime::{LogLevel, init_logging, tokio_runtime};
+use crate::runtime::{LogLevel, block_on, init_logging};
 use clap::{Args, Subcommand};
 use diffuse_node::client::KvClient;
 use diffuse_node::config::ClientConfig;
@@ -50,14 +50,7 @@ pub fn run(args: ClientArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio_runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(async move {
+    block_on(async move {
         let mut kv = match KvClient::connect(settings).await {
             Ok(kv) => kv,
             Err(error) => {

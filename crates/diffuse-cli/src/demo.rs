@@ -3,7 +3,7 @@
 //! shows the cluster recover, then proves that no acknowledged write was lost.
 
 use crate::load::{self, say};
-use crate::runtime::tokio_runtime;
+use crate::runtime::block_on;
 use clap::Args;
 use diffuse_node::local::LocalCluster;
 use diffuse_node::workload::{self, WorkloadSpec};
@@ -147,14 +147,7 @@ pub fn run(args: DemoArgs) -> ExitCode {
         eprintln!("error: PBFT needs --n 4 or more (n = 3f + 1)");
         return ExitCode::from(2);
     }
-    let runtime = match tokio_runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
-    runtime.block_on(demo(args))
+    block_on(demo(args))
 }
 
 async fn demo(args: DemoArgs) -> ExitCode {
@@ -239,16 +232,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
     }
     let summary = load::summarise(&run.records, run.elapsed);
     println!();
-    println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
-    println!(
-        "completed      {:>10} operations ({} timed out, {} in flight at the end)",
-        summary.completed,
-        summary.timeouts,
-        summary.unfinished - summary.timeouts
-    );
-    println!("latency p50    {:>10.2} ms", summary.p50_ms);
-    println!("latency p99    {:>10.2} ms", summary.p99_ms);
-    println!("latency p999   {:>10.2} ms", summary.p999_ms);
+    load::print_summary(&summary);
     println!("longest stall  {:>10.0} ms", summary.longest_stall_ms);
 
     // Read every key back through a fresh client and check the whole history.

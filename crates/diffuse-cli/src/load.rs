@@ -197,3 +197,17 @@ pub fn write_history(path: &std::path::Path, records: &[HistoryRecord]) -> std::
     }
     file.flush()
 }
+
+/// Prints throughput and latency lines of a run.
+pub fn print_summary(summary: &Summary) {
+    println!("throughput     {:>10.0} ops/s", summary.ops_per_sec);
+    println!(
+        "completed      {:>10} operations ({} timed out, {} in flight at the end)",
+        summary.completed,
+        summary.timeouts,
+        summary.unfinished - summary.timeouts
+    );
+    println!("latency p50    {:>10.2} ms", summary.p50_ms);
+    println!("latency p99    {:>10.2} ms", summary.p99_ms);
+    println!("latency p999   {:>10.2} ms", summary.p999_ms);
+}

@@ -1,6 +1,6 @@
 //! `diffuse node`: runs one replica until SIGINT or SIGTERM.
 
-use crate::runtime::{LogLevel, init_logging, shutdown_signal, tokio_runtime};
+use crate::runtime::{LogLevel, block_on, init_logging, shutdown_signal};
 use clap::Args;
 use diffuse_node::config::NodeConfig;
 use std::path::PathBuf;
@@ -30,13 +30,6 @@ pub fn run(args: NodeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio_runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("error: cannot start the runtime: {error}");
-            return ExitCode::from(1);
-        }
-    };
     let watch_stdin = args.exit_on_stdin_close;
     let shutdown = async move {
         tokio::select! {
@@ -44,13 +37,15 @@ pub fn run(args: NodeArgs) -> ExitCode {
             () = stdin_closed(), if watch_stdin => {}
         }
     };
-    match runtime.block_on(diffuse_node::replica::run_node(settings, shutdown)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error}");
-            ExitCode::from(1)
+    block_on(async {
+        match diffuse_node::replica::run_node(settings, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error}");
+                ExitCode::from(1)
+            }
         }
-    }
+    })
 }
 
 /// Completes when stdin reaches end of file (the parent process is gone).

@@ -1,6 +1,8 @@
 //! What the commands that run real nodes share: logging, the tokio runtime and
 //! shutdown on SIGINT / SIGTERM.
 
+use std::process::ExitCode;
+
 /// Log verbosity of the runtime commands.
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum LogLevel {
@@ -28,11 +30,19 @@ pub fn init_logging(level: LogLevel) {
         .try_init();
 }
 
-/// A multi-threaded tokio runtime (the replica loop uses `block_in_place` for fsync).
-pub fn tokio_runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `work` to completion on a multi-threaded tokio runtime (the replica loop
+/// uses `block_in_place` for fsync), or reports why the runtime cannot start.
+pub fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
+    {
+        Ok(runtime) => runtime.block_on(work),
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.
