@@ -244,7 +244,14 @@ async fn demo(args: DemoArgs) -> ExitCode {
         }
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let read = workload::read_back(reader, &spec, run.start, &tx).await;
+    // Ctrl-C now stops the demo (the load phase installed tokio's SIGINT handler).
+    let read = tokio::select! {
+        read = workload::read_back(reader, &spec, run.start, &tx) => read,
+        _ = tokio::signal::ctrl_c() => {
+            println!("Interrupted: stopping the cluster.");
+            return ExitCode::from(130);
+        }
+    };
     drop(tx);
     while let Some(record) = rx.recv().await {
         run.records.push(record);

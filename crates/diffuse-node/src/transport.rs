@@ -15,7 +15,7 @@
 
 use crate::config::Cluster;
 use crate::metrics::{KindLabel, NodeMetrics};
-use crate::noise::{self, FrameReader, FrameWriter};
+use crate::noise::{self, ChannelError, FrameReader, FrameWriter};
 use diffuse_core::codec::{self, WireMessage};
 use diffuse_core::crypto::SecretKey;
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
@@ -337,6 +337,10 @@ async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
     loop {
         let frame = match reader.read_frame().await {
             Ok(frame) => frame,
+            Err(error @ (ChannelError::FrameTooLarge { .. } | ChannelError::Noise(_))) => {
+                tracing::info!(?peer, %error, "connection closed: invalid input");
+                return;
+            }
             Err(error) => {
                 tracing::debug!(?peer, %error, "connection closed");
                 return;
@@ -362,7 +366,7 @@ async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
             }
             Err(error) => {
                 shared.metrics.decode_errors.inc();
-                tracing::debug!(?peer, %error, "undecodable frame dropped");
+                tracing::info!(?peer, %error, "undecodable frame dropped");
             }
         }
     }
@@ -406,7 +410,7 @@ async fn accept_loop<M: WireMessage>(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     shared.metrics.refused_connections.inc();
-                    tracing::debug!(%address, %error, "connection refused");
+                    tracing::info!(%address, %error, "connection refused");
                     return;
                 }
             };
