@@ -3,11 +3,10 @@
 //! ```sh
 //! diffuse testnet --n 4 --out testnet
 //! for i in 0 1 2 3; do diffuse node --config testnet/replica-$i.toml & done
-//! cargo run -p diffuse-node --example kv -- testnet/client-0.toml
+//! cargo run -p diffuse-client --example kv -- testnet/client-0.toml
 //! ```
 
-use diffuse_node::client::KvClient;
-use diffuse_node::config::ClientConfig;
+use diffuse_client::{ClientConfig, KvClient};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
