@@ -1,6 +1,6 @@
 //! Hostile peers against a real replica process: garbage bytes, a silent connection
-//! (slowloris), a key outside the cluster, a frame over the limit and a replayed
-//! handshake. Each is refused with a logged reason, and the replica keeps serving.
+//! (slowloris), a key outside the cluster, a frame over the limit, a replayed
+//! handshake, and too many connections from one peer. Each is refused with a logged reason, and the replica keeps serving.
 
 use diffuse_core::crypto::SecretKey;
 use diffuse_node::client::KvClient;
@@ -37,6 +37,8 @@ async fn hostile_peers_are_refused_and_the_replica_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let exe = Path::new(env!("CARGO_BIN_EXE_diffuse"));
     let mut cluster = LocalCluster::start(exe, dir.path(), "pbft", 4, 2).unwrap();
+    // Restart replica 0 at once, to log at `info`. This also SIGKILLs it while it
+    // may still be creating its database, which must not leave it unable to start.
     cluster.set_log_level("info");
     cluster.restart(0).unwrap();
     let settings = NodeConfig::load(&cluster.testnet.replicas[0]).unwrap();
@@ -45,12 +47,19 @@ async fn hostile_peers_are_refused_and_the_replica_keeps_serving() {
     let prologue = noise::prologue(&settings.cluster.digest.0);
     let client_key = cluster.client(1).unwrap().secret;
 
+    let mut listening = false;
     for _ in 0..100 {
         if TcpStream::connect(target).await.is_ok() {
+            listening = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(
+        listening,
+        "replica 0 did not start: {}",
+        std::fs::read_to_string(cluster.log_path(0)).unwrap_or_default()
+    );
 
     // The cluster works before the attacks.
     let mut kv = KvClient::connect(cluster.client(0).unwrap()).await.unwrap();
@@ -133,6 +142,25 @@ async fn hostile_peers_are_refused_and_the_replica_keeps_serving() {
             "replay"
         );
     }
+
+    // One peer cannot hold more than four connections (each may buffer a frame).
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let stream = TcpStream::connect(target).await.unwrap();
+        held.push(
+            noise::initiate(stream, &client_key, &replica_key, &prologue, 1 << 20)
+                .await
+                .unwrap(),
+        );
+    }
+    let stream = TcpStream::connect(target).await.unwrap();
+    let (mut fifth, _writer) =
+        noise::initiate(stream, &client_key, &replica_key, &prologue, 1 << 20)
+            .await
+            .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), fifth.read_frame()).await;
+    assert!(matches!(answer, Ok(Err(_))), "a fifth connection is closed");
+    drop(held);
 
     // The replica still serves, counted every refusal, logged why, and its memory
     // did not grow with the attacks.

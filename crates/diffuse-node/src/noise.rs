@@ -203,6 +203,11 @@ pub struct FrameReader<R> {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Lowers (or raises) the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// The next frame. Fails on a closed socket, a frame above the limit, or any
     /// ciphertext that does not authenticate (Noise nonces also reject replays).
     pub async fn read_frame(&mut self) -> Result<Vec<u8>, ChannelError> {

@@ -47,10 +47,37 @@ impl Store {
     /// and cluster digest): a store created for another owner is refused.
     pub fn open(dir: &Path, owner: &[u8]) -> Result<Store, StorageError> {
         std::fs::create_dir_all(dir).map_err(StorageError::Directory)?;
-        let db = Database::create(dir.join("replica.redb")).map_err(db)?;
-        let store = Store { db };
+        let path = dir.join("replica.redb");
+        if !path.exists() {
+            Store::create_atomically(dir, &path, owner)?;
+        }
+        let store = Store {
+            db: Database::create(&path).map_err(db)?,
+        };
         store.claim(owner)?;
         Ok(store)
+    }
+
+    /// Creates the database under a temporary name and renames it into place, so
+    /// that a crash during creation (a SIGKILL between creating the file and writing
+    /// its header) leaves no half-made database that would refuse to open.
+    fn create_atomically(dir: &Path, path: &Path, owner: &[u8]) -> Result<(), StorageError> {
+        let fresh = dir.join("replica.redb.creating");
+        match std::fs::remove_file(&fresh) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(StorageError::Directory(error)),
+        }
+        let store = Store {
+            db: Database::create(&fresh).map_err(db)?,
+        };
+        store.claim(owner)?;
+        drop(store);
+        std::fs::rename(&fresh, path).map_err(StorageError::Directory)?;
+        // Make the rename itself durable.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(StorageError::Directory)
     }
 
     fn claim(&self, owner: &[u8]) -> Result<(), StorageError> {
@@ -165,6 +192,19 @@ mod tests {
                 (b"c/2".to_vec(), b"y".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn a_half_created_database_does_not_block_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        // What a SIGKILL during the first creation leaves behind.
+        std::fs::write(dir.path().join("replica.redb.creating"), b"").unwrap();
+        let store = Store::open(dir.path(), b"replica 0").unwrap();
+        store.apply(&[put("k", "v")]).unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), b"replica 0").unwrap();
+        assert_eq!(store.load().unwrap().entries.len(), 1);
+        assert!(!dir.path().join("replica.redb.creating").exists());
     }
 
     #[test]

@@ -39,6 +39,11 @@ pub struct Limits {
     pub inbox: usize,
     /// Simultaneous incoming connections (handshaking or open).
     pub max_connections: usize,
+    /// Simultaneous open connections from one authenticated peer.
+    pub connections_per_peer: usize,
+    /// The largest frame a client may send (requests are small; replicas need
+    /// `max_frame` for batches and state-transfer chunks).
+    pub max_client_frame: usize,
 }
 
 impl Default for Limits {
@@ -48,6 +53,8 @@ impl Default for Limits {
             send_queue: 4096,
             inbox: 16_384,
             max_connections: 4096,
+            connections_per_peer: 4,
+            max_client_frame: 1 << 20,
         }
     }
 }
@@ -380,6 +387,7 @@ async fn accept_loop<M: WireMessage>(
 ) {
     let directory = Arc::new(directory(&shared.cluster));
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let open: Arc<Mutex<HashMap<NodeId, usize>>> = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
@@ -396,6 +404,7 @@ async fn accept_loop<M: WireMessage>(
         let shared = shared.clone();
         let directory = directory.clone();
         let clients = clients.clone();
+        let open = open.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let accepted = noise::respond(
@@ -406,7 +415,7 @@ async fn accept_loop<M: WireMessage>(
                 |key| directory.get(key).copied(),
             )
             .await;
-            let (peer, reader, writer) = match accepted {
+            let (peer, mut reader, writer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(error) => {
                     shared.metrics.refused_connections.inc();
@@ -414,6 +423,17 @@ async fn accept_loop<M: WireMessage>(
                     return;
                 }
             };
+            // Memory per peer is bounded: a few connections, each buffering at
+            // most one frame.
+            let Some(_slot) = PeerSlot::take(&open, peer, shared.limits.connections_per_peer)
+            else {
+                shared.metrics.refused_connections.inc();
+                tracing::info!(%address, ?peer, "connection refused: too many connections from this peer");
+                return;
+            };
+            if matches!(peer, NodeId::Client(_)) {
+                reader.set_max_frame(shared.limits.max_client_frame);
+            }
             match peer {
                 NodeId::Replica(_) => read_loop(shared, peer, reader).await,
                 NodeId::Client(client) => {
@@ -433,5 +453,42 @@ async fn accept_loop<M: WireMessage>(
                 }
             }
         });
+    }
+}
+
+/// One open connection counted against its peer's allowance; released on drop.
+struct PeerSlot {
+    open: Arc<Mutex<HashMap<NodeId, usize>>>,
+    peer: NodeId,
+}
+
+impl PeerSlot {
+    fn take(
+        open: &Arc<Mutex<HashMap<NodeId, usize>>>,
+        peer: NodeId,
+        allowed: usize,
+    ) -> Option<PeerSlot> {
+        let mut counts = open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = counts.entry(peer).or_insert(0);
+        if *count >= allowed {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot {
+            open: open.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut counts = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
     }
 }
