@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local 4-replica cluster as child processes, run a key-value workload
+    /// Start a local cluster (4 replicas by default) as child processes, run a key-value workload
     /// against it and report throughput and latency (--chaos: kill and restart
     /// replicas mid-run). No setup needed.
     Demo(demo::DemoArgs),
