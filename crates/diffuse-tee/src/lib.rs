@@ -1,0 +1,23 @@
+//! The trusted component of Diffuse's hybrid protocols (MinBFT, FastBFT).
+//!
+//! A trusted component can crash but never lie: with one per replica, `n = 2f + 1`
+//! replicas suffice. There is no SGX here, so Diffuse ships a **software enclave**
+//! behind the [`TrustedComponent`] interface, which a real enclave can replace:
+//!
+//! * [`platform`]: what hardware provides: attestation quotes, sealing keys, a
+//!   monotonic counter. [`SoftwarePlatform`] models it.
+//! * [`usig`]: MinBFT's USIG, unique sequential identifiers (`create_ui`,
+//!   `verify_ui`).
+//! * [`enclave`]: [`SoftwareEnclave`], with the rollback protection of FastBFT §6.1
+//!   (sealed state bound to the monotonic counter; locked after an unscheduled
+//!   reboot until `f + 1` consistent counter reports reset it).
+//!
+//! What the software enclave only models is written down in `docs/tee.md`.
+
+pub mod enclave;
+pub mod platform;
+pub mod usig;
+
+pub use enclave::{CounterReport, SealedState, SoftwareEnclave, TeeError, TrustedComponent};
+pub use platform::{Measurement, Platform, Quote, QuoteError, SoftwarePlatform, verify_quote};
+pub use usig::{Ui, verify_ui};

@@ -1,0 +1,199 @@
+//! The software enclave's guarantees: unique counters, attestation, sealing, and
+//! rollback protection (FastBFT §6.1).
+
+use diffuse_core::crypto::{Digest, SecretKey};
+use diffuse_tee::{
+    Measurement, Platform, QuoteError, SoftwareEnclave, SoftwarePlatform, TeeError,
+    TrustedComponent, verify_quote, verify_ui,
+};
+use std::sync::Arc;
+
+fn platform(seed: u8) -> Arc<dyn Platform> {
+    Arc::new(SoftwarePlatform::new([seed; 32]))
+}
+
+fn digest(text: &str) -> Digest {
+    Digest::of("test", text.as_bytes())
+}
+
+#[test]
+fn counters_are_sequential_and_certificates_bind_the_message() {
+    let mut enclave = SoftwareEnclave::create(platform(1), [7; 32]);
+    let key = enclave.public_key();
+    let a = enclave.create_ui(&digest("a")).unwrap();
+    let b = enclave.create_ui(&digest("b")).unwrap();
+    assert_eq!((a.counter, b.counter), (1, 2));
+    assert!(verify_ui(&key, &digest("a"), &a));
+    assert!(enclave.verify_ui(&key, &digest("b"), &b));
+    assert!(
+        !verify_ui(&key, &digest("b"), &a),
+        "a UI certifies one message"
+    );
+    let mut forged = a;
+    forged.counter = 2;
+    assert!(
+        !verify_ui(&key, &digest("a"), &forged),
+        "nor another counter value"
+    );
+    let other = SoftwareEnclave::create(platform(1), [8; 32]);
+    assert!(
+        !verify_ui(&other.public_key(), &digest("a"), &a),
+        "nor another enclave"
+    );
+}
+
+#[test]
+fn quotes_vouch_for_the_enclave_key_on_a_trusted_platform() {
+    let trusted = platform(1);
+    let enclave = SoftwareEnclave::create(trusted.clone(), [7; 32]);
+    let data = digest("replica 0 of cluster X");
+    let quote = enclave.attest(data);
+    let measurement = Measurement::software_enclave_v1();
+    let platforms = [trusted.attestation_key()];
+    assert_eq!(
+        verify_quote(&quote, &platforms, &measurement, &data),
+        Ok(enclave.public_key())
+    );
+    assert_eq!(
+        verify_quote(
+            &quote,
+            &[platform(2).attestation_key()],
+            &measurement,
+            &data
+        ),
+        Err(QuoteError::UntrustedPlatform)
+    );
+    let other_code = Measurement(digest("other code"));
+    assert_eq!(
+        verify_quote(&quote, &platforms, &other_code, &data),
+        Err(QuoteError::WrongMeasurement)
+    );
+    assert_eq!(
+        verify_quote(&quote, &platforms, &measurement, &digest("replica 1")),
+        Err(QuoteError::WrongCallerData)
+    );
+    let mut tampered = quote.clone();
+    tampered.body.value.enclave_key = SecretKey::from_seed([9; 32]).public();
+    assert_eq!(
+        verify_quote(&tampered, &platforms, &measurement, &data),
+        Err(QuoteError::BadSignature)
+    );
+}
+
+#[test]
+fn a_scheduled_shutdown_resumes_where_it_stopped() {
+    let hardware = platform(1);
+    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let key = enclave.public_key();
+    for i in 0..5 {
+        enclave.create_ui(&digest(&i.to_string())).unwrap();
+    }
+    let sealed = enclave.shutdown();
+    let mut resumed = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    assert!(!resumed.is_locked());
+    assert_eq!(resumed.public_key(), key, "the identity survives");
+    assert_eq!(resumed.create_ui(&digest("next")).unwrap().counter, 6);
+}
+
+#[test]
+fn the_rollback_attack_is_refused() {
+    let hardware = platform(1);
+    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    enclave.create_ui(&digest("m1")).unwrap();
+    let old = enclave.shutdown();
+    // The host resumes, gets counter 2 bound to A, then restores the old sealed
+    // state to get counter 2 bound to B.
+    let mut first = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
+    let a = first.create_ui(&digest("A")).unwrap();
+    assert_eq!(a.counter, 2);
+    let mut rolled_back = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
+    assert!(rolled_back.is_locked());
+    assert_eq!(rolled_back.create_ui(&digest("B")), Err(TeeError::Locked));
+}
+
+#[test]
+fn without_rollback_protection_the_attack_equivocates() {
+    let hardware = platform(1);
+    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    enclave.create_ui(&digest("m1")).unwrap();
+    let old = enclave.shutdown();
+    let mut first = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
+    let a = first.create_ui(&digest("A")).unwrap();
+    let mut rolled_back =
+        SoftwareEnclave::resume_without_rollback_protection(hardware, &old).unwrap();
+    let b = rolled_back.create_ui(&digest("B")).unwrap();
+    assert_eq!(a.counter, b.counter, "two messages under one counter value");
+    let key = first.public_key();
+    assert!(verify_ui(&key, &digest("A"), &a) && verify_ui(&key, &digest("B"), &b));
+}
+
+#[test]
+fn an_unscheduled_reboot_locks_until_f_plus_one_consistent_reports() {
+    let hardware = platform(1);
+    let enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let sealed = enclave.shutdown();
+    let mut running = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
+    for i in 0..3 {
+        running.create_ui(&digest(&i.to_string())).unwrap();
+    }
+    // Crash: no scheduled shutdown, so only the older sealed state exists.
+    drop(running);
+    let mut rebooted = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    assert!(rebooted.is_locked());
+    let me = rebooted.public_key();
+    let peers: Vec<SoftwareEnclave> = (0..3)
+        .map(|i| SoftwareEnclave::create(platform(10 + i), [20 + i; 32]))
+        .collect();
+    let reporters: Vec<_> = peers.iter().map(|p| p.public_key()).collect();
+    let report =
+        |peer: &SoftwareEnclave, counter| (peer.public_key(), peer.report_counter(me, counter));
+
+    // f = 1: one report is not enough, nor two that disagree, nor a duplicate.
+    let one = [report(&peers[0], 3)];
+    assert!(matches!(
+        rebooted.reset_counter(&one, &reporters, 2),
+        Err(TeeError::NotEnoughReports { needed: 2, got: 1 })
+    ));
+    let disagree = [report(&peers[0], 3), report(&peers[1], 2)];
+    assert!(rebooted.reset_counter(&disagree, &reporters, 2).is_err());
+    let duplicate = [report(&peers[0], 3), report(&peers[0], 3)];
+    assert!(rebooted.reset_counter(&duplicate, &reporters, 2).is_err());
+    let stranger = SoftwareEnclave::create(platform(99), [99; 32]);
+    let with_stranger = [report(&peers[0], 3), report(&stranger, 3)];
+    assert!(
+        rebooted
+            .reset_counter(&with_stranger, &reporters, 2)
+            .is_err()
+    );
+    assert!(rebooted.is_locked());
+
+    let agree = [
+        report(&peers[0], 3),
+        report(&peers[2], 3),
+        report(&peers[1], 2),
+    ];
+    rebooted.reset_counter(&agree, &reporters, 2).unwrap();
+    assert!(!rebooted.is_locked());
+    assert_eq!(rebooted.create_ui(&digest("after")).unwrap().counter, 4);
+}
+
+#[test]
+fn tampered_sealed_state_is_refused() {
+    let hardware = platform(1);
+    let enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let sealed = enclave.shutdown();
+    let mut bytes = sealed.0.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let tampered =
+        diffuse_tee::SealedState(diffuse_core::codec::Blob::try_from_vec(bytes).unwrap());
+    assert_eq!(
+        SoftwareEnclave::resume(hardware.clone(), &tampered).map(|_| ()),
+        Err(TeeError::BadSealedState)
+    );
+    // Sealed on one platform, it does not open on another.
+    assert_eq!(
+        SoftwareEnclave::resume(platform(2), &sealed).map(|_| ()),
+        Err(TeeError::BadSealedState)
+    );
+}
