@@ -52,6 +52,29 @@ pub struct BenchArgs {
     /// Record every client operation as one JSON line in this file (docs/history.md).
     #[arg(long)]
     history: Option<PathBuf>,
+    /// A protocol option for every replica and client, as KEY=VALUE (repeatable),
+    /// e.g. `--set max_in_flight=2 --set batch_delay_ms=0`; see docs/runtime.md.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    options: Vec<String>,
+}
+
+/// Parses `KEY=VALUE` pairs into an `[options]` table (integers, booleans, or text).
+fn options_table(pairs: &[String]) -> Result<toml::Table, String> {
+    let mut table = toml::Table::new();
+    for pair in pairs {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--set {pair}: expected KEY=VALUE"))?;
+        let value = if let Ok(number) = value.parse::<i64>() {
+            toml::Value::Integer(number)
+        } else if let Ok(flag) = value.parse::<bool>() {
+            toml::Value::Boolean(flag)
+        } else {
+            toml::Value::String(value.to_string())
+        };
+        table.insert(key.trim().to_string(), value);
+    }
+    Ok(table)
 }
 
 /// CPU seconds (user + system) used so far by process `pid`, from /proc (Linux).
@@ -98,8 +121,21 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         .tempdir()
         .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let mut cluster = LocalCluster::start(&exe, dir.path(), &args.protocol, args.n, identities)
-        .map_err(|e| format!("cannot start the cluster: {e}"))?;
+    let options = options_table(&args.options)?;
+    // Check the options here, for a clear error instead of replicas that exit.
+    if args.protocol == "pbft" {
+        use diffuse_core::suite::ProtocolSuite as _;
+        diffuse_pbft::Pbft::configured_options(&options)?;
+    }
+    let mut cluster = LocalCluster::start_with_options(
+        &exe,
+        dir.path(),
+        &args.protocol,
+        args.n,
+        identities,
+        options,
+    )
+    .map_err(|e| format!("cannot start the cluster: {e}"))?;
     for _ in 0..50 {
         if (0..args.n).all(|i| cluster.metrics(i).is_some()) {
             break;
@@ -176,6 +212,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         "n": args.n,
         "clients": clients,
         "payload_bytes": args.payload,
+        "options": args.options,
         "duration_s": run.elapsed.as_secs_f64(),
         "ops": summary.completed,
         "unfinished": summary.unfinished,

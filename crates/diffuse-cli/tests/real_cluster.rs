@@ -80,6 +80,7 @@ async fn testnet_behind_proxies(dir: &Path) -> (LocalCluster, Vec<Vec<Option<Pro
         clients: CLIENTS + 1,
         replica_addresses: ports[..N].iter().map(|p| at(*p)).collect(),
         metrics_addresses: Some(ports[N..2 * N].iter().map(|p| at(*p)).collect()),
+        options: Default::default(),
     };
     let written = testnet::write(dir, &spec).unwrap();
     let cluster_text = std::fs::read_to_string(dir.join("cluster.toml")).unwrap();

@@ -202,6 +202,11 @@ pub trait ProtocolSuite: 'static {
     /// Options suited to a real deployment.
     fn default_options() -> Self::Options;
 
+    /// The default options with an operator's overrides: `section` is the
+    /// `[options]` table of a node or client configuration file (untrusted input:
+    /// unknown keys and out-of-range values are errors).
+    fn configured_options(section: &toml::Table) -> Result<Self::Options, String>;
+
     /// Options suited to simulation, with knobs drawn from `entropy` so that many
     /// seeds explore many configurations.
     fn simulation_options(entropy: &mut dyn Entropy) -> Self::Options;

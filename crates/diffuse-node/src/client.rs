@@ -181,9 +181,11 @@ impl AnyClient {
     pub async fn connect(settings: ClientSettings) -> Result<AnyClient, ClientError> {
         use diffuse_core::suite::ProtocolSuite as _;
         match settings.protocol.as_str() {
-            "pbft" => Ok(AnyClient::Pbft(
-                Client::connect(settings, diffuse_pbft::Pbft::default_options()).await,
-            )),
+            "pbft" => {
+                let options = diffuse_pbft::Pbft::configured_options(&settings.options)
+                    .map_err(ClientError::Invalid)?;
+                Ok(AnyClient::Pbft(Client::connect(settings, options).await))
+            }
             other => Err(ClientError::UnknownProtocol(other.to_string())),
         }
     }

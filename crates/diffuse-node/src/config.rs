@@ -144,7 +144,7 @@ fn load_key(path: &Path, role: Role, id: u32) -> Result<SecretKey, SettingsError
 }
 
 /// `diffuse node --config FILE`: one replica.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// The protocol the cluster runs (`pbft`).
@@ -162,6 +162,11 @@ pub struct NodeConfig {
     pub key_file: PathBuf,
     /// The cluster file.
     pub cluster_file: PathBuf,
+    /// Protocol options overriding the defaults (for PBFT: batch sizes, timeouts in
+    /// milliseconds, ...; see `docs/runtime.md`). `checkpoint_interval` and `window`
+    /// must be the same on every replica.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub options: toml::Table,
 }
 
 /// A node configuration with every file read and checked.
@@ -181,6 +186,8 @@ pub struct NodeSettings {
     pub secret: SecretKey,
     /// The cluster.
     pub cluster: Cluster,
+    /// Protocol option overrides (checked when the protocol is built).
+    pub options: toml::Table,
 }
 
 impl NodeConfig {
@@ -219,6 +226,7 @@ impl NodeConfig {
             data_dir: relative_to(path, &config.data_dir),
             secret,
             cluster,
+            options: config.options,
         })
     }
 
@@ -232,7 +240,7 @@ impl NodeConfig {
 }
 
 /// `diffuse client --config FILE`: one client identity.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// The protocol the cluster runs (`pbft`).
@@ -246,6 +254,9 @@ pub struct ClientConfig {
     /// How long one operation may take before it fails with a timeout.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Protocol options overriding the defaults (e.g. `client_retransmit_ms`).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub options: toml::Table,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -265,6 +276,8 @@ pub struct ClientSettings {
     pub cluster: Cluster,
     /// Per-operation deadline.
     pub timeout: std::time::Duration,
+    /// Protocol option overrides (checked when the client is built).
+    pub options: toml::Table,
 }
 
 impl ClientConfig {
@@ -294,6 +307,7 @@ impl ClientConfig {
             secret,
             cluster,
             timeout: std::time::Duration::from_millis(config.timeout_ms.max(1)),
+            options: config.options,
         })
     }
 

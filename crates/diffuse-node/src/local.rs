@@ -33,6 +33,18 @@ impl LocalCluster {
         n: usize,
         clients: usize,
     ) -> std::io::Result<LocalCluster> {
+        LocalCluster::start_with_options(exe, dir, protocol, n, clients, toml::Table::new())
+    }
+
+    /// Like [`LocalCluster::start`], with protocol options for every member.
+    pub fn start_with_options(
+        exe: &Path,
+        dir: &Path,
+        protocol: &str,
+        n: usize,
+        clients: usize,
+        options: toml::Table,
+    ) -> std::io::Result<LocalCluster> {
         let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = testnet::free_ports(host, 2 * n)?;
         let spec = TestnetSpec {
@@ -49,6 +61,7 @@ impl LocalCluster {
                     .map(|p| SocketAddr::new(host, *p))
                     .collect(),
             ),
+            options,
         };
         let testnet = testnet::write(dir, &spec)?;
         let mut cluster =

@@ -40,6 +40,9 @@ pub enum NodeError {
         /// Why.
         error: std::io::Error,
     },
+    /// The `[options]` of the configuration are invalid.
+    #[error("invalid options: {0}")]
+    Options(String),
     /// The protocol named in the configuration is not built in.
     #[error("unknown protocol `{0}` (available: pbft)")]
     UnknownProtocol(String),
@@ -54,8 +57,10 @@ pub async fn run_node(
     match settings.protocol.as_str() {
         "pbft" => {
             use diffuse_pbft::Pbft;
+            let options =
+                Pbft::configured_options(&settings.options).map_err(NodeError::Options)?;
             let app = Box::new(diffuse_apps::KvStore::default());
-            run_replica::<Pbft>(settings, Pbft::default_options(), app, shutdown).await
+            run_replica::<Pbft>(settings, options, app, shutdown).await
         }
         other => Err(NodeError::UnknownProtocol(other.to_string())),
     }

@@ -29,6 +29,8 @@ pub struct TestnetSpec {
     pub replica_addresses: Vec<SocketAddr>,
     /// Replica `i` serves metrics on `metrics_addresses[i]` (if given).
     pub metrics_addresses: Option<Vec<SocketAddr>>,
+    /// Protocol options written into every replica and client configuration.
+    pub options: toml::Table,
 }
 
 impl TestnetSpec {
@@ -48,6 +50,7 @@ impl TestnetSpec {
             clients,
             replica_addresses: (0..n).map(|i| at(port, i)).collect(),
             metrics_addresses: metrics_port.map(|base| (0..n).map(|i| at(base, i)).collect()),
+            options: toml::Table::new(),
         }
     }
 }
@@ -148,6 +151,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             data_dir: PathBuf::from(format!("data/replica-{i}")),
             key_file,
             cluster_file: PathBuf::from("cluster.toml"),
+            options: spec.options.clone(),
         };
         let path = replica_config(dir, i);
         write_new(&path, &config.to_toml(), false)?;
@@ -166,6 +170,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             key_file,
             cluster_file: PathBuf::from("cluster.toml"),
             timeout_ms: 10_000,
+            options: spec.options.clone(),
         };
         let path = client_config(dir, i);
         write_new(&path, &config.to_toml(), false)?;

@@ -38,7 +38,7 @@ pub mod replica;
 
 pub use client::{ClientTimer, PbftClient};
 pub use message::Message;
-pub use options::{Mutant, PbftOptions};
+pub use options::{Mutant, PbftOptions, PbftSettings};
 pub use replica::{PbftReplica, Timer};
 
 use diffuse_core::app::Application;
@@ -67,6 +67,16 @@ impl ProtocolSuite for Pbft {
 
     fn default_options() -> PbftOptions {
         PbftOptions::default()
+    }
+
+    fn configured_options(section: &toml::Table) -> Result<PbftOptions, String> {
+        let settings: PbftSettings = section
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("[options]: {}", e.message()))?;
+        settings
+            .apply(PbftOptions::default())
+            .map_err(|e| e.to_string())
     }
 
     fn simulation_options(entropy: &mut dyn Entropy) -> PbftOptions {

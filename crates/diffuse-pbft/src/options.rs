@@ -67,6 +67,76 @@ impl Default for PbftOptions {
     }
 }
 
+/// Overrides of [`PbftOptions`] from an operator's configuration file (the
+/// `[options]` table); durations are in milliseconds. Every replica of a cluster must
+/// use the same `checkpoint_interval` and `window`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PbftSettings {
+    /// See [`PbftOptions::checkpoint_interval`].
+    pub checkpoint_interval: Option<u64>,
+    /// See [`PbftOptions::window`].
+    pub window: Option<u64>,
+    /// See [`PbftOptions::batch_max_requests`].
+    pub batch_max_requests: Option<usize>,
+    /// See [`PbftOptions::batch_max_bytes`].
+    pub batch_max_bytes: Option<usize>,
+    /// See [`PbftOptions::batch_delay`].
+    pub batch_delay_ms: Option<u64>,
+    /// See [`PbftOptions::max_in_flight`].
+    pub max_in_flight: Option<u64>,
+    /// See [`PbftOptions::view_change_timeout`].
+    pub view_change_timeout_ms: Option<u64>,
+    /// See [`PbftOptions::view_change_backoff_max`].
+    pub view_change_backoff_max: Option<u32>,
+    /// See [`PbftOptions::status_interval`].
+    pub status_interval_ms: Option<u64>,
+    /// See [`PbftOptions::fetch_timeout`].
+    pub fetch_timeout_ms: Option<u64>,
+    /// See [`PbftOptions::client_retransmit`].
+    pub client_retransmit_ms: Option<u64>,
+    /// See [`PbftOptions::client_retransmit_max`].
+    pub client_retransmit_max_ms: Option<u64>,
+    /// See [`PbftOptions::max_operation_bytes`].
+    pub max_operation_bytes: Option<usize>,
+    /// See [`PbftOptions::future_messages_per_sender`].
+    pub future_messages_per_sender: Option<usize>,
+    /// See [`PbftOptions::chunk_bytes`].
+    pub chunk_bytes: Option<usize>,
+}
+
+impl PbftSettings {
+    /// `base` with these overrides, validated.
+    pub fn apply(self, base: PbftOptions) -> Result<PbftOptions, InvalidOptions> {
+        let ms =
+            |value: Option<u64>, default: Duration| value.map_or(default, Duration::from_millis);
+        let options = PbftOptions {
+            checkpoint_interval: self.checkpoint_interval.unwrap_or(base.checkpoint_interval),
+            window: self.window.unwrap_or(base.window),
+            batch_max_requests: self.batch_max_requests.unwrap_or(base.batch_max_requests),
+            batch_max_bytes: self.batch_max_bytes.unwrap_or(base.batch_max_bytes),
+            batch_delay: ms(self.batch_delay_ms, base.batch_delay),
+            max_in_flight: self.max_in_flight.unwrap_or(base.max_in_flight),
+            view_change_timeout: ms(self.view_change_timeout_ms, base.view_change_timeout),
+            view_change_backoff_max: self
+                .view_change_backoff_max
+                .unwrap_or(base.view_change_backoff_max),
+            status_interval: ms(self.status_interval_ms, base.status_interval),
+            fetch_timeout: ms(self.fetch_timeout_ms, base.fetch_timeout),
+            client_retransmit: ms(self.client_retransmit_ms, base.client_retransmit),
+            client_retransmit_max: ms(self.client_retransmit_max_ms, base.client_retransmit_max),
+            max_operation_bytes: self.max_operation_bytes.unwrap_or(base.max_operation_bytes),
+            future_messages_per_sender: self
+                .future_messages_per_sender
+                .unwrap_or(base.future_messages_per_sender),
+            chunk_bytes: self.chunk_bytes.unwrap_or(base.chunk_bytes),
+            mutant: base.mutant,
+        };
+        options.validate()?;
+        Ok(options)
+    }
+}
+
 /// A problem with [`PbftOptions`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidOptions(pub String);
@@ -254,5 +324,34 @@ mod tests {
             assert_eq!(Mutant::from_name(named.name), Some(mutant));
         }
         assert_eq!(Mutant::from_name("nope"), None);
+    }
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use crate::Pbft;
+    use diffuse_core::suite::ProtocolSuite;
+    use std::time::Duration;
+
+    fn table(text: &str) -> toml::Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn overrides_apply_and_bad_ones_are_refused() {
+        let options =
+            Pbft::configured_options(&table("max_in_flight = 2\nbatch_delay_ms = 0")).unwrap();
+        assert_eq!(options.max_in_flight, 2);
+        assert_eq!(options.batch_delay, Duration::ZERO);
+        assert_eq!(
+            Pbft::configured_options(&table("")).unwrap(),
+            Pbft::default_options()
+        );
+        let unknown = Pbft::configured_options(&table("max_inflight = 2")).unwrap_err();
+        assert!(unknown.contains("max_inflight"), "{unknown}");
+        let invalid = Pbft::configured_options(&table("window = 100")).unwrap_err();
+        assert!(invalid.contains("window"), "{invalid}");
+        let wrong_type = Pbft::configured_options(&table("window = \"big\"")).unwrap_err();
+        assert!(wrong_type.contains("[options]"), "{wrong_type}");
     }
 }

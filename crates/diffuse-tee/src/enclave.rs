@@ -3,18 +3,21 @@
 //!
 //! Life cycle:
 //!
-//! * [`SoftwareEnclave::create`]: first start. The enclave makes its key from the
-//!   entropy it is given and never lets it out; the outside world sees only its
-//!   public key, certified by an attestation [`Quote`].
+//! * [`SoftwareEnclave::create`]: first start. The enclave draws its key from the
+//!   platform's random generator (the host cannot choose it) and never lets it out;
+//!   the outside world sees only its public key, certified by an attestation
+//!   [`Quote`]. [`SoftwareEnclave::configure`] then fixes, once, the peer enclaves
+//!   and the number of their reports a REJOIN needs.
 //! * [`SoftwareEnclave::shutdown`] (scheduled): increments the platform's monotonic
-//!   counter to `C` and seals `(C, key, counter, view)` with an AEAD key only enclave
+//!   counter to `C` and seals the whole state for `C` with an AEAD key only enclave
 //!   code on this platform can derive.
-//! * [`SoftwareEnclave::resume`]: accepts a sealed state only if the platform counter
-//!   still reads `C`, then increments it at once, so that the same sealed state can
-//!   never be accepted twice. A host that restores an older sealed state (rollback),
-//!   or restarts after a crash without a scheduled shutdown, finds the enclave
-//!   **locked**: it refuses to certify anything until [`SoftwareEnclave::reset_counter`]
-//!   receives `f + 1` consistent counter reports signed by other enclaves (REJOIN).
+//! * [`SoftwareEnclave::resume`]: increments the platform counter and accepts the
+//!   sealed state as fresh only if that yields `C + 1`, so one sealed state is
+//!   accepted once. A host that restores an older sealed state (rollback), or restarts
+//!   after a crash without a scheduled shutdown, finds the enclave **locked**: it
+//!   certifies nothing until [`SoftwareEnclave::reset_counter`] gets reports from
+//!   enough configured peers, signed over a fresh challenge (REJOIN). A locked
+//!   enclave stays locked through further shutdowns and resumes.
 
 use crate::platform::{Measurement, Platform, Quote, QuoteBody};
 use crate::usig::{self, Ui};
@@ -23,7 +26,7 @@ use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use diffuse_core::codec::{self, Blob};
 use diffuse_core::crypto::{Digest, PublicKey, SecretKey, Signable, Signed};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 /// Why the trusted component refused.
@@ -36,12 +39,15 @@ pub enum TeeError {
     /// The sealed state does not decrypt or does not parse.
     #[error("the sealed state is not authentic")]
     BadSealedState,
-    /// Not enough consistent, authentic counter reports to reset the counter.
-    #[error("a counter reset needs {needed} consistent signed reports, got {got}")]
+    /// The peers were configured already, or the configuration is impossible.
+    #[error("{0}")]
+    Configuration(&'static str),
+    /// Not enough authentic, fresh reports from distinct peers to reset the counter.
+    #[error("a counter reset needs {needed} valid reports from distinct peers, got {got}")]
     NotEnoughReports {
         /// Required.
         needed: usize,
-        /// Consistent and authentic reports received.
+        /// Valid reports from distinct peers.
         got: usize,
     },
 }
@@ -56,8 +62,11 @@ pub trait TrustedComponent: Send {
     fn attest(&self, caller_data: Digest) -> Quote;
     /// USIG `createUI`: binds `message` to the next counter value.
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, TeeError>;
-    /// USIG `verifyUI`: whether `ui` from the enclave with key `signer` certifies
-    /// `message`.
+    /// USIG `verifyUI`, recording inside the enclave the highest counter accepted
+    /// from each configured peer (what it can later vouch for in a REJOIN).
+    fn accept_ui(&mut self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool;
+    /// Whether `ui` from the enclave with key `signer` certifies `message` (no
+    /// record kept).
     fn verify_ui(&self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool {
         usig::verify_ui(signer, message, ui)
     }
@@ -67,13 +76,17 @@ pub trait TrustedComponent: Send {
     fn is_locked(&self) -> bool;
 }
 
-/// What a replica's enclave reports about another enclave's counter in a REJOIN:
-/// "the last counter value of `subject` that I accepted, in `view`".
+/// What a peer's enclave reports about this enclave in a REJOIN: "the highest
+/// counter of `subject` I accepted is `counter`", bound to the subject's challenge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CounterReport {
+    /// The reporting enclave.
+    pub reporter: PublicKey,
     /// The enclave the report is about.
     pub subject: PublicKey,
-    /// The last counter value of `subject` the reporter accepted.
+    /// The challenge the locked subject issued (reports cannot be replayed).
+    pub challenge: Digest,
+    /// The highest counter value of `subject` the reporter accepted.
     pub counter: u64,
     /// The reporter's view.
     pub view: u64,
@@ -91,14 +104,25 @@ struct SealedBody {
     key_seed: [u8; 32],
     counter: u64,
     view: u64,
+    locked: bool,
+    peers: Option<(Vec<[u8; 32]>, u64)>,
+    seen: Vec<([u8; 32], u64)>,
 }
 
-/// The largest sealed state accepted (it is a few dozen bytes).
-const MAX_SEALED_BYTES: usize = 1024;
+/// The largest sealed state accepted.
+pub const MAX_SEALED_BYTES: usize = 256 * 1024;
 
 /// Sealed enclave state, as the host stores it. Opaque and authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedState(pub Blob<MAX_SEALED_BYTES>);
+
+/// The peers whose reports can reset this enclave's counter, fixed once.
+#[derive(Debug, Clone)]
+struct Peers {
+    /// Peer enclave keys, as bytes.
+    keys: BTreeSet<[u8; 32]>,
+    threshold: usize,
+}
 
 /// Diffuse's software enclave.
 pub struct SoftwareEnclave {
@@ -109,6 +133,11 @@ pub struct SoftwareEnclave {
     counter: u64,
     view: u64,
     locked: bool,
+    /// While locked: the challenge reports must sign.
+    challenge: Option<Digest>,
+    peers: Option<Peers>,
+    /// The highest counter accepted from each configured peer.
+    seen: BTreeMap<[u8; 32], u64>,
     /// Test switch: without rollback protection (the `enclave-without-rollback-
     /// protection` mutant), a stale sealed state is accepted. The checkers must then
     /// catch the equivocation this allows.
@@ -141,9 +170,9 @@ fn nonce(platform_counter: u64) -> Nonce {
 const SEAL_AAD: &[u8] = b"diffuse/tee/sealed-state/v1";
 
 impl SoftwareEnclave {
-    /// First start: a fresh enclave whose key derives from `entropy`.
-    pub fn create(platform: Arc<dyn Platform>, entropy: [u8; 32]) -> SoftwareEnclave {
-        let key_seed = blake3::derive_key("diffuse 2026 tee enclave key", &entropy);
+    /// First start: a fresh enclave with a key from the platform's random generator.
+    pub fn create(platform: Arc<dyn Platform>) -> SoftwareEnclave {
+        let key_seed = platform.random();
         SoftwareEnclave {
             measurement: Measurement::software_enclave_v1(),
             key: SecretKey::from_seed(key_seed),
@@ -152,15 +181,32 @@ impl SoftwareEnclave {
             counter: 0,
             view: 0,
             locked: false,
+            challenge: None,
+            peers: None,
+            seen: BTreeMap::new(),
             rollback_protection: true,
         }
     }
 
-    /// Turns rollback protection off (a deliberately broken enclave for mutant
-    /// testing; never in a deployment).
-    pub fn without_rollback_protection(mut self) -> SoftwareEnclave {
-        self.rollback_protection = false;
-        self
+    /// Fixes, once, the peer enclaves (keys learnt from verified quotes) and how many
+    /// of their reports a counter reset needs (`f + 1`).
+    pub fn configure(&mut self, peers: Vec<PublicKey>, threshold: usize) -> Result<(), TeeError> {
+        if self.peers.is_some() {
+            return Err(TeeError::Configuration("the peers are configured already"));
+        }
+        let me = self.key.public();
+        let keys: BTreeSet<[u8; 32]> = peers
+            .into_iter()
+            .filter(|k| *k != me)
+            .map(|k| k.to_bytes())
+            .collect();
+        if threshold == 0 || threshold > keys.len() {
+            return Err(TeeError::Configuration(
+                "the reset threshold must be between 1 and the number of peers",
+            ));
+        }
+        self.peers = Some(Peers { keys, threshold });
+        Ok(())
     }
 
     /// Scheduled shutdown: increments the platform counter and seals the state for
@@ -172,6 +218,12 @@ impl SoftwareEnclave {
             key_seed: self.key_seed,
             counter: self.counter,
             view: self.view,
+            locked: self.locked,
+            peers: self
+                .peers
+                .as_ref()
+                .map(|p| (p.keys.iter().copied().collect(), p.threshold as u64)),
+            seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
         };
         let plaintext = codec::encode_payload(&body);
         let ciphertext = cipher(&*self.platform, &self.measurement)
@@ -185,7 +237,7 @@ impl SoftwareEnclave {
             .expect("ChaCha20-Poly1305 encrypts any message of this size");
         let mut sealed = platform_counter.to_be_bytes().to_vec();
         sealed.extend_from_slice(&ciphertext);
-        SealedState(Blob::try_from_vec(sealed).expect("a sealed state is a few dozen bytes"))
+        SealedState(Blob::try_from_vec(sealed).expect("the sealed state fits its bound"))
     }
 
     /// Restart from a sealed state. A state sealed by a scheduled shutdown, and not
@@ -215,9 +267,15 @@ impl SoftwareEnclave {
         if body.platform_counter != sealed_for {
             return Err(TeeError::BadSealedState);
         }
-        let fresh = platform.counter() == body.platform_counter;
-        // Spend the sealed state: from now on it is stale.
-        platform.increment_counter();
+        // Spend the sealed state in one step: of two concurrent resumes, only one
+        // can see the increment that makes it fresh.
+        let fresh = platform.increment_counter() == body.platform_counter + 1;
+        let locked = body.locked || !fresh;
+        let peers = body.peers.map(|(keys, threshold)| Peers {
+            keys: keys.into_iter().collect(),
+            threshold: threshold as usize,
+        });
+        let challenge = locked.then(|| Digest(platform.random()));
         Ok(SoftwareEnclave {
             measurement,
             key: SecretKey::from_seed(body.key_seed),
@@ -225,7 +283,10 @@ impl SoftwareEnclave {
             platform,
             counter: body.counter,
             view: body.view,
-            locked: !fresh,
+            locked,
+            challenge,
+            peers,
+            seen: body.seen.into_iter().collect(),
             rollback_protection: true,
         })
     }
@@ -252,61 +313,68 @@ impl SoftwareEnclave {
         self.view = self.view.max(view);
     }
 
-    /// Signs a report on another enclave's counter, for a REJOIN.
-    pub fn report_counter(&self, subject: PublicKey, counter: u64) -> Signed<CounterReport> {
-        Signed::sign(
+    /// While locked: the challenge peers' reports must sign.
+    pub fn rejoin_challenge(&self) -> Option<Digest> {
+        self.challenge.filter(|_| self.is_locked())
+    }
+
+    /// A REJOIN report on a configured peer `subject`: the highest counter of it
+    /// this enclave accepted, bound to the subject's `challenge`. `None` if the
+    /// subject is not a configured peer.
+    pub fn report_counter(
+        &self,
+        subject: PublicKey,
+        challenge: Digest,
+    ) -> Option<Signed<CounterReport>> {
+        if !self.peers.as_ref()?.keys.contains(&subject.to_bytes()) {
+            return None;
+        }
+        Some(Signed::sign(
             CounterReport {
+                reporter: self.key.public(),
                 subject,
-                counter,
+                challenge,
+                counter: self.seen.get(&subject.to_bytes()).copied().unwrap_or(0),
                 view: self.view,
             },
             &self.key,
-        )
+        ))
     }
 
-    /// REJOIN after an unscheduled reboot: unlocks the enclave once `reports` holds
-    /// at least `threshold` (f + 1) reports about this enclave, signed by distinct
-    /// enclaves among `reporters`, that agree on (counter, view). The counter then
-    /// continues after the reported value.
-    pub fn reset_counter(
-        &mut self,
-        reports: &[(PublicKey, Signed<CounterReport>)],
-        reporters: &[PublicKey],
-        threshold: usize,
-    ) -> Result<(), TeeError> {
+    /// REJOIN after an unscheduled reboot: unlocks the enclave once it holds valid
+    /// reports (configured, distinct peers; about this enclave; over its current
+    /// challenge) from at least the configured threshold of peers. The counter then
+    /// continues after the highest reported value: every report is a value this
+    /// enclave really issued, and a lower one could repeat a counter value.
+    pub fn reset_counter(&mut self, reports: &[Signed<CounterReport>]) -> Result<(), TeeError> {
+        let (Some(peers), Some(challenge)) = (self.peers.as_ref(), self.rejoin_challenge()) else {
+            return Err(TeeError::NotEnoughReports { needed: 1, got: 0 });
+        };
         let me = self.key.public();
-        let mut agreeing: BTreeMap<(u64, u64), Vec<PublicKey>> = BTreeMap::new();
-        for (reporter, report) in reports {
-            let valid = *reporter != me
-                && reporters.contains(reporter)
-                && report.value.subject == me
-                && report.verify(reporter);
-            if !valid {
-                continue;
-            }
-            let signers = agreeing
-                .entry((report.value.counter, report.value.view))
-                .or_default();
-            if !signers.contains(reporter) {
-                signers.push(*reporter);
+        let mut valid: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
+        for report in reports {
+            let body = &report.value;
+            if peers.keys.contains(&body.reporter.to_bytes())
+                && body.subject == me
+                && body.challenge == challenge
+                && report.verify(&body.reporter)
+            {
+                valid.insert(body.reporter.to_bytes(), (body.counter, body.view));
             }
         }
-        let best = agreeing
-            .iter()
-            .max_by_key(|(_, signers)| signers.len())
-            .map(|(value, signers)| (*value, signers.len()));
-        match best {
-            Some(((counter, view), got)) if got >= threshold => {
-                self.counter = self.counter.max(counter);
-                self.view = self.view.max(view);
-                self.locked = false;
-                Ok(())
-            }
-            other => Err(TeeError::NotEnoughReports {
-                needed: threshold,
-                got: other.map_or(0, |(_, got)| got),
-            }),
+        if valid.len() < peers.threshold {
+            return Err(TeeError::NotEnoughReports {
+                needed: peers.threshold,
+                got: valid.len(),
+            });
         }
+        let counter = valid.values().map(|(c, _)| *c).max().unwrap_or(0);
+        let view = valid.values().map(|(_, v)| *v).max().unwrap_or(0);
+        self.counter = self.counter.max(counter);
+        self.view = self.view.max(view);
+        self.locked = false;
+        self.challenge = None;
+        Ok(())
     }
 }
 
@@ -324,7 +392,7 @@ impl TrustedComponent for SoftwareEnclave {
     }
 
     fn create_ui(&mut self, message: &Digest) -> Result<Ui, TeeError> {
-        if self.locked && self.rollback_protection {
+        if self.is_locked() {
             return Err(TeeError::Locked);
         }
         self.counter += 1;
@@ -335,6 +403,21 @@ impl TrustedComponent for SoftwareEnclave {
             counter: self.counter,
             certificate,
         })
+    }
+
+    fn accept_ui(&mut self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool {
+        if !usig::verify_ui(signer, message, ui) {
+            return false;
+        }
+        if self
+            .peers
+            .as_ref()
+            .is_some_and(|p| p.keys.contains(&signer.to_bytes()))
+        {
+            let seen = self.seen.entry(signer.to_bytes()).or_insert(0);
+            *seen = (*seen).max(ui.counter);
+        }
+        true
     }
 
     fn counter(&self) -> u64 {

@@ -18,6 +18,8 @@ pub mod enclave;
 pub mod platform;
 pub mod usig;
 
-pub use enclave::{CounterReport, SealedState, SoftwareEnclave, TeeError, TrustedComponent};
+pub use enclave::{
+    CounterReport, MAX_SEALED_BYTES, SealedState, SoftwareEnclave, TeeError, TrustedComponent,
+};
 pub use platform::{Measurement, Platform, Quote, QuoteError, SoftwarePlatform, verify_quote};
 pub use usig::{Ui, verify_ui};

@@ -99,6 +99,9 @@ pub trait Platform: Send + Sync {
     fn quote(&self, body: QuoteBody) -> Quote;
     /// The sealing key of enclaves with `measurement` on this platform.
     fn sealing_key(&self, measurement: &Measurement) -> [u8; 32];
+    /// 32 bytes from the hardware random number generator (only enclave code calls
+    /// this; the host cannot choose them).
+    fn random(&self) -> [u8; 32];
     /// The monotonic counter's value.
     fn counter(&self) -> u64;
     /// Increments the monotonic counter and returns the new value.
@@ -111,6 +114,8 @@ pub struct SoftwarePlatform {
     attestation: SecretKey,
     sealing_root: [u8; 32],
     counter: Mutex<u64>,
+    /// The random generator: a key and the number of outputs drawn so far.
+    random: Mutex<([u8; 32], u64)>,
 }
 
 impl SoftwarePlatform {
@@ -122,10 +127,12 @@ impl SoftwarePlatform {
             &seed,
         ));
         let sealing_root = blake3::derive_key("diffuse 2026 tee platform sealing root", &seed);
+        let random_key = blake3::derive_key("diffuse 2026 tee platform random", &seed);
         SoftwarePlatform {
             attestation,
             sealing_root,
             counter: Mutex::new(0),
+            random: Mutex::new((random_key, 0)),
         }
     }
 
@@ -134,6 +141,11 @@ impl SoftwarePlatform {
     pub fn with_counter(seed: [u8; 32], value: u64) -> SoftwarePlatform {
         let platform = SoftwarePlatform::new(seed);
         *platform.counter.lock().unwrap_or_else(|p| p.into_inner()) = value;
+        // A restarted platform must not repeat the random outputs of an earlier run.
+        let mut material = seed.to_vec();
+        material.extend_from_slice(&value.to_be_bytes());
+        platform.random.lock().unwrap_or_else(|p| p.into_inner()).0 =
+            blake3::derive_key("diffuse 2026 tee platform random", &material);
         platform
     }
 }
@@ -154,6 +166,12 @@ impl Platform for SoftwarePlatform {
         let mut material = self.sealing_root.to_vec();
         material.extend_from_slice(&measurement.0.0);
         blake3::derive_key("diffuse 2026 tee sealing key", &material)
+    }
+
+    fn random(&self) -> [u8; 32] {
+        let mut state = self.random.lock().unwrap_or_else(|p| p.into_inner());
+        state.1 += 1;
+        *blake3::keyed_hash(&state.0, &state.1.to_be_bytes()).as_bytes()
     }
 
     fn counter(&self) -> u64 {

@@ -18,7 +18,7 @@ fn digest(text: &str) -> Digest {
 
 #[test]
 fn counters_are_sequential_and_certificates_bind_the_message() {
-    let mut enclave = SoftwareEnclave::create(platform(1), [7; 32]);
+    let mut enclave = SoftwareEnclave::create(platform(1));
     let key = enclave.public_key();
     let a = enclave.create_ui(&digest("a")).unwrap();
     let b = enclave.create_ui(&digest("b")).unwrap();
@@ -35,7 +35,7 @@ fn counters_are_sequential_and_certificates_bind_the_message() {
         !verify_ui(&key, &digest("a"), &forged),
         "nor another counter value"
     );
-    let other = SoftwareEnclave::create(platform(1), [8; 32]);
+    let other = SoftwareEnclave::create(platform(2));
     assert!(
         !verify_ui(&other.public_key(), &digest("a"), &a),
         "nor another enclave"
@@ -45,7 +45,7 @@ fn counters_are_sequential_and_certificates_bind_the_message() {
 #[test]
 fn quotes_vouch_for_the_enclave_key_on_a_trusted_platform() {
     let trusted = platform(1);
-    let enclave = SoftwareEnclave::create(trusted.clone(), [7; 32]);
+    let enclave = SoftwareEnclave::create(trusted.clone());
     let data = digest("replica 0 of cluster X");
     let quote = enclave.attest(data);
     let measurement = Measurement::software_enclave_v1();
@@ -83,7 +83,7 @@ fn quotes_vouch_for_the_enclave_key_on_a_trusted_platform() {
 #[test]
 fn a_scheduled_shutdown_resumes_where_it_stopped() {
     let hardware = platform(1);
-    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let mut enclave = SoftwareEnclave::create(hardware.clone());
     let key = enclave.public_key();
     for i in 0..5 {
         enclave.create_ui(&digest(&i.to_string())).unwrap();
@@ -98,7 +98,7 @@ fn a_scheduled_shutdown_resumes_where_it_stopped() {
 #[test]
 fn the_rollback_attack_is_refused() {
     let hardware = platform(1);
-    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let mut enclave = SoftwareEnclave::create(hardware.clone());
     enclave.create_ui(&digest("m1")).unwrap();
     let old = enclave.shutdown();
     // The host resumes, gets counter 2 bound to A, then restores the old sealed
@@ -114,7 +114,7 @@ fn the_rollback_attack_is_refused() {
 #[test]
 fn without_rollback_protection_the_attack_equivocates() {
     let hardware = platform(1);
-    let mut enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let mut enclave = SoftwareEnclave::create(hardware.clone());
     enclave.create_ui(&digest("m1")).unwrap();
     let old = enclave.shutdown();
     let mut first = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
@@ -127,60 +127,130 @@ fn without_rollback_protection_the_attack_equivocates() {
     assert!(verify_ui(&key, &digest("A"), &a) && verify_ui(&key, &digest("B"), &b));
 }
 
-#[test]
-fn an_unscheduled_reboot_locks_until_f_plus_one_consistent_reports() {
+/// Four enclaves that know each other, f = 1 (two reports reset a counter).
+fn cluster() -> (Arc<dyn Platform>, SoftwareEnclave, Vec<SoftwareEnclave>) {
     let hardware = platform(1);
-    let enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
-    let sealed = enclave.shutdown();
+    let mut subject = SoftwareEnclave::create(hardware.clone());
+    let mut peers: Vec<SoftwareEnclave> = (0..3)
+        .map(|i| SoftwareEnclave::create(platform(10 + i)))
+        .collect();
+    let all: Vec<_> = std::iter::once(subject.public_key())
+        .chain(peers.iter().map(|p| p.public_key()))
+        .collect();
+    subject.configure(all.clone(), 2).unwrap();
+    for peer in &mut peers {
+        peer.configure(all.clone(), 2).unwrap();
+    }
+    (hardware, subject, peers)
+}
+
+#[test]
+fn an_unscheduled_reboot_locks_until_enough_fresh_reports() {
+    let (hardware, subject, mut peers) = cluster();
+    let me = subject.public_key();
+    let sealed = subject.shutdown();
     let mut running = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
     for i in 0..3 {
-        running.create_ui(&digest(&i.to_string())).unwrap();
+        let message = digest(&i.to_string());
+        let ui = running.create_ui(&message).unwrap();
+        for peer in &mut peers[..2] {
+            assert!(peer.accept_ui(&me, &message, &ui));
+        }
     }
     // Crash: no scheduled shutdown, so only the older sealed state exists.
     drop(running);
-    let mut rebooted = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    let mut rebooted = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
     assert!(rebooted.is_locked());
-    let me = rebooted.public_key();
-    let peers: Vec<SoftwareEnclave> = (0..3)
-        .map(|i| SoftwareEnclave::create(platform(10 + i), [20 + i; 32]))
-        .collect();
-    let reporters: Vec<_> = peers.iter().map(|p| p.public_key()).collect();
-    let report =
-        |peer: &SoftwareEnclave, counter| (peer.public_key(), peer.report_counter(me, counter));
+    let challenge = rebooted.rejoin_challenge().unwrap();
+    let report = |peer: &SoftwareEnclave| peer.report_counter(me, challenge).unwrap();
 
-    // f = 1: one report is not enough, nor two that disagree, nor a duplicate.
-    let one = [report(&peers[0], 3)];
+    // One report is not enough, nor the same peer twice, nor a stranger.
     assert!(matches!(
-        rebooted.reset_counter(&one, &reporters, 2),
+        rebooted.reset_counter(&[report(&peers[0])]),
         Err(TeeError::NotEnoughReports { needed: 2, got: 1 })
     ));
-    let disagree = [report(&peers[0], 3), report(&peers[1], 2)];
-    assert!(rebooted.reset_counter(&disagree, &reporters, 2).is_err());
-    let duplicate = [report(&peers[0], 3), report(&peers[0], 3)];
-    assert!(rebooted.reset_counter(&duplicate, &reporters, 2).is_err());
-    let stranger = SoftwareEnclave::create(platform(99), [99; 32]);
-    let with_stranger = [report(&peers[0], 3), report(&stranger, 3)];
     assert!(
         rebooted
-            .reset_counter(&with_stranger, &reporters, 2)
+            .reset_counter(&[report(&peers[0]), report(&peers[0])])
+            .is_err()
+    );
+    let mut stranger = SoftwareEnclave::create(platform(99));
+    stranger
+        .configure(vec![me, peers[0].public_key()], 1)
+        .unwrap();
+    let foreign = stranger.report_counter(me, challenge).unwrap();
+    assert!(
+        rebooted
+            .reset_counter(&[report(&peers[0]), foreign])
             .is_err()
     );
     assert!(rebooted.is_locked());
 
-    let agree = [
-        report(&peers[0], 3),
-        report(&peers[2], 3),
-        report(&peers[1], 2),
-    ];
-    rebooted.reset_counter(&agree, &reporters, 2).unwrap();
+    // Peer 2 saw nothing (reports 0); the highest report wins, so no value repeats.
+    rebooted
+        .reset_counter(&[report(&peers[2]), report(&peers[0])])
+        .unwrap();
     assert!(!rebooted.is_locked());
     assert_eq!(rebooted.create_ui(&digest("after")).unwrap().counter, 4);
 }
 
 #[test]
+fn reports_for_an_old_challenge_do_not_unlock() {
+    let (hardware, subject, peers) = cluster();
+    let me = subject.public_key();
+    let sealed = subject.shutdown();
+    drop(SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap());
+    let first = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
+    let old = first.rejoin_challenge().unwrap();
+    let stale: Vec<_> = peers[..2]
+        .iter()
+        .map(|p| p.report_counter(me, old).unwrap())
+        .collect();
+    let mut again = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    assert_ne!(again.rejoin_challenge(), Some(old));
+    assert!(again.reset_counter(&stale).is_err(), "replayed reports");
+    assert!(again.is_locked());
+}
+
+#[test]
+fn a_locked_enclave_stays_locked_across_shutdown_and_resume() {
+    let (hardware, subject, _) = cluster();
+    let old = subject.shutdown();
+    let mut first = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
+    first.create_ui(&digest("A")).unwrap();
+    let rolled_back = SoftwareEnclave::resume(hardware.clone(), &old).unwrap();
+    assert!(rolled_back.is_locked());
+    // The host tries to launder the lock with a scheduled shutdown.
+    let laundered = rolled_back.shutdown();
+    let mut resumed = SoftwareEnclave::resume(hardware, &laundered).unwrap();
+    assert!(resumed.is_locked());
+    assert_eq!(resumed.create_ui(&digest("B")), Err(TeeError::Locked));
+}
+
+#[test]
+fn the_peers_are_fixed_once() {
+    let (_, mut subject, _) = cluster();
+    let stranger = SoftwareEnclave::create(platform(99));
+    assert!(subject.configure(vec![stranger.public_key()], 1).is_err());
+    let mut fresh = SoftwareEnclave::create(platform(5));
+    assert!(
+        fresh.configure(vec![stranger.public_key()], 2).is_err(),
+        "threshold above peers"
+    );
+}
+
+#[test]
+fn each_enclave_draws_its_own_key() {
+    let hardware = platform(1);
+    let a = SoftwareEnclave::create(hardware.clone());
+    let b = SoftwareEnclave::create(hardware);
+    assert_ne!(a.public_key(), b.public_key());
+}
+
+#[test]
 fn tampered_sealed_state_is_refused() {
     let hardware = platform(1);
-    let enclave = SoftwareEnclave::create(hardware.clone(), [7; 32]);
+    let enclave = SoftwareEnclave::create(hardware.clone());
     let sealed = enclave.shutdown();
     let mut bytes = sealed.0.to_vec();
     let last = bytes.len() - 1;
