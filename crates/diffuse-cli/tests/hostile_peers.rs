@@ -144,20 +144,27 @@ async fn hostile_peers_are_refused_and_the_replica_keeps_serving() {
     }
 
     // One peer cannot hold more than four connections (each may buffer a frame).
+    // A connection counts once it has carried an authenticated frame (the empty
+    // hello every dialer sends).
     let mut held = Vec::new();
     for _ in 0..4 {
         let stream = TcpStream::connect(target).await.unwrap();
-        held.push(
+        let (reader, mut writer) =
             noise::initiate(stream, &client_key, &replica_key, &prologue, 1 << 20)
                 .await
-                .unwrap(),
-        );
+                .unwrap();
+        writer.write_frame(&[]).await.unwrap();
+        writer.flush().await.unwrap();
+        held.push((reader, writer));
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let stream = TcpStream::connect(target).await.unwrap();
-    let (mut fifth, _writer) =
+    let (mut fifth, mut fifth_writer) =
         noise::initiate(stream, &client_key, &replica_key, &prologue, 1 << 20)
             .await
             .unwrap();
+    fifth_writer.write_frame(&[]).await.unwrap();
+    fifth_writer.flush().await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), fifth.read_frame()).await;
     assert!(matches!(answer, Ok(Err(_))), "a fifth connection is closed");
     drop(held);

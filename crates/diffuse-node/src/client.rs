@@ -62,6 +62,15 @@ pub struct Client<S: ProtocolSuite> {
     transport: Transport<S::Message>,
     inbox: mpsc::Receiver<Inbound<S::Message>>,
     timers: Timers<S::ClientTimer>,
+    /// The first timestamp of the current machine, and operations it started.
+    first_timestamp: u64,
+    invoked: u64,
+}
+
+/// The first timestamp of a replacement machine: above every timestamp the old one
+/// may have used (one per operation), and at least the wall clock.
+fn next_first_timestamp(previous_first: u64, invoked: u64) -> u64 {
+    wall_clock_nanos().max(previous_first.saturating_add(invoked).saturating_add(1))
 }
 
 fn wall_clock_nanos() -> u64 {
@@ -79,14 +88,17 @@ impl<S: ProtocolSuite> Client<S> {
             settings.id,
             settings.secret.clone(),
             settings.cluster.clone(),
-            Limits::default(),
+            Limits::client(),
             Arc::new(NodeMetrics::default()),
         );
-        let machine = Self::machine(&settings, &options);
+        let first_timestamp = wall_clock_nanos();
+        let machine = Self::machine(&settings, &options, first_timestamp);
         Client {
             settings,
             options,
             machine,
+            first_timestamp,
+            invoked: 0,
             transport,
             inbox,
             timers: Timers::default(),
@@ -95,20 +107,25 @@ impl<S: ProtocolSuite> Client<S> {
 
     /// A fresh protocol client whose timestamps start at the wall clock, above any
     /// this identity used before (also across restarts).
-    fn machine(settings: &ClientSettings, options: &S::Options) -> S::Client {
+    fn machine(settings: &ClientSettings, options: &S::Options, first_timestamp: u64) -> S::Client {
         S::client(ClientSetup {
             id: settings.id,
             keys: settings.cluster.keys.clone(),
             secret: settings.secret.clone(),
             options: options.clone(),
-            first_timestamp: wall_clock_nanos(),
+            first_timestamp,
         })
     }
 
     /// Runs `operation` through the cluster and returns the agreed result.
     pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        if self.machine.is_busy() {
+            // An earlier `invoke` was dropped before it finished: abandon it.
+            self.abandon();
+        }
         let deadline = Instant::now() + self.settings.timeout;
         let actions = self.machine.invoke(operation)?;
+        self.invoked += 1;
         if let Some(result) = self.carry_out(actions) {
             return Ok(result);
         }
@@ -120,10 +137,7 @@ impl<S: ProtocolSuite> Client<S> {
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => {
                     if Instant::now() >= deadline {
-                        // Give up on this operation: a new machine with higher
-                        // timestamps, so a late result cannot be mistaken for the next.
-                        self.machine = Self::machine(&self.settings, &self.options);
-                        self.timers = Timers::default();
+                        self.abandon();
                         return Err(ClientError::Timeout(self.settings.timeout));
                     }
                     for timer in self.timers.expired(Instant::now()) {
@@ -147,6 +161,15 @@ impl<S: ProtocolSuite> Client<S> {
                 }
             }
         }
+    }
+
+    /// Gives up on the outstanding operation: a new machine with higher timestamps,
+    /// so that a late result cannot be mistaken for the next operation's.
+    fn abandon(&mut self) {
+        self.first_timestamp = next_first_timestamp(self.first_timestamp, self.invoked);
+        self.invoked = 0;
+        self.machine = Self::machine(&self.settings, &self.options, self.first_timestamp);
+        self.timers = Timers::default();
     }
 
     fn carry_out(&mut self, actions: Actions<S::Message, S::ClientTimer>) -> Option<Vec<u8>> {

@@ -142,7 +142,8 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin, P>(
         let mut state = builder(&secret, prologue)?.build_responder()?;
         let mut incoming = Vec::new();
         read_noise(&mut stream, &mut incoming).await?;
-        let mut buf = vec![0u8; NOISE_MAX_MESSAGE];
+        // Sized by what arrived, not the maximum: strangers cost little memory.
+        let mut buf = vec![0u8; incoming.len().max(256)];
         state.read_message(&incoming, &mut buf)?;
         let remote: [u8; 32] = state
             .get_remote_static()
@@ -224,6 +225,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if pending.len() >= 4 + len {
                     let frame = pending[4..4 + len].to_vec();
                     self.consumed += 4 + len;
+                    // Do not keep a large frame's buffer for the connection's life.
+                    if self.plain.capacity() > 4 * CHUNK_BYTES
+                        && self.plain.len() - self.consumed < CHUNK_BYTES
+                    {
+                        self.plain.drain(..self.consumed);
+                        self.consumed = 0;
+                        self.plain.shrink_to(2 * CHUNK_BYTES);
+                    }
                     return Ok(frame);
                 }
             }

@@ -225,7 +225,14 @@ impl<S: ProtocolSuite> Driver<S> {
             // The commit fsyncs: let the runtime move other tasks off this thread.
             let writes = &self.writes;
             let store = &self.store;
-            tokio::task::block_in_place(|| store.apply(writes.iter()))?;
+            let flavor = tokio::runtime::Handle::current().runtime_flavor();
+            if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+                tokio::task::block_in_place(|| store.apply(writes.iter()))?;
+            } else {
+                // block_in_place needs the multi-threaded runtime; on another one
+                // the commit simply blocks this thread.
+                store.apply(writes.iter())?;
+            }
             self.metrics
                 .persist_latency
                 .observe(started.elapsed().as_secs_f64());

@@ -44,6 +44,11 @@ pub struct Limits {
     /// The largest frame a client may send (requests are small; replicas need
     /// `max_frame` for batches and state-transfer chunks).
     pub max_client_frame: usize,
+    /// Bytes of frames waiting in the inbox: readers wait (and TCP pushes back)
+    /// beyond it, so memory is bounded in bytes, not only in messages.
+    pub inbox_bytes: usize,
+    /// Handshakes in progress at once (strangers included).
+    pub max_handshakes: usize,
 }
 
 impl Default for Limits {
@@ -55,9 +60,31 @@ impl Default for Limits {
             max_connections: 4096,
             connections_per_peer: 4,
             max_client_frame: 1 << 20,
+            inbox_bytes: 256 << 20,
+            max_handshakes: 256,
         }
     }
 }
+
+impl Limits {
+    /// Limits for a client: replies are small, and a Byzantine replica must not be
+    /// able to fill the client's memory.
+    pub fn client() -> Limits {
+        Limits {
+            max_frame: 4 << 20,
+            inbox: 1024,
+            inbox_bytes: 32 << 20,
+            ..Limits::default()
+        }
+    }
+}
+
+/// A connection that carries no frame for this long is closed (writers send an
+/// empty keepalive frame after a third of it).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an accepted connection may take to prove, with a first authenticated
+/// frame, that the peer holds its key (a replayed handshake message cannot).
+pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A message from an authenticated peer.
 #[derive(Debug)]
@@ -66,6 +93,8 @@ pub struct Inbound<M> {
     pub from: NodeId,
     /// The decoded message.
     pub message: M,
+    /// The frame's share of the inbox byte budget, returned when this is dropped.
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 type Frame = Arc<[u8]>;
@@ -104,6 +133,7 @@ struct Shared<M> {
     limits: Limits,
     metrics: Arc<NodeMetrics>,
     inbox: mpsc::Sender<Inbound<M>>,
+    inbox_bytes: Arc<Semaphore>,
 }
 
 /// The network endpoint of one member.
@@ -163,6 +193,7 @@ impl<M: WireMessage> Transport<M> {
             limits,
             metrics,
             inbox: inbox_tx,
+            inbox_bytes: Arc::new(Semaphore::new(limits.inbox_bytes)),
         });
         let mut tasks = JoinSet::new();
         let mut replicas = Vec::with_capacity(n);
@@ -279,15 +310,20 @@ async fn dial_loop<M: WireMessage>(
             )
             .await
             {
-                Ok((reader, writer)) => {
-                    tracing::debug!(?peer, "connected");
-                    backoff = Duration::from_millis(50);
-                    if !run_connection(&shared, NodeId::Replica(peer), reader, writer, &mut queue)
-                        .await
-                    {
-                        return;
+                Ok((reader, mut writer)) => {
+                    // Hello: an empty authenticated frame proves at once that this
+                    // side holds its key (the responder waits for one).
+                    let hello =
+                        writer.write_frame(&[]).await.is_ok() && writer.flush().await.is_ok();
+                    if hello {
+                        tracing::debug!(?peer, "connected");
+                        backoff = Duration::from_millis(50);
+                        let peer_id = NodeId::Replica(peer);
+                        if !run_connection(&shared, peer_id, reader, writer, &mut queue).await {
+                            return;
+                        }
+                        tracing::debug!(?peer, "disconnected");
                     }
-                    tracing::debug!(?peer, "disconnected");
                 }
                 Err(error) => tracing::debug!(?peer, %error, "handshake failed"),
             }
@@ -316,6 +352,12 @@ where
     loop {
         tokio::select! {
             _ = &mut reading.0 => return true,
+            () = tokio::time::sleep(IDLE_TIMEOUT / 3) => {
+                // Keepalive: an empty frame, skipped by the reader.
+                if writer.write_frame(&[]).await.is_err() || writer.flush().await.is_err() {
+                    return true;
+                }
+            }
             frame = queue.recv() => {
                 let Some(frame) = frame else { return false };
                 if writer.write_frame(&frame).await.is_err() {
@@ -335,46 +377,82 @@ where
     }
 }
 
-/// Decodes frames from `peer` into the inbox until the connection fails.
+/// Decodes frames from `peer` into the inbox until the connection fails or stays
+/// silent for [`IDLE_TIMEOUT`].
 async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
     shared: Arc<Shared<M>>,
     peer: NodeId,
     mut reader: FrameReader<R>,
 ) {
     loop {
-        let frame = match reader.read_frame().await {
-            Ok(frame) => frame,
-            Err(error @ (ChannelError::FrameTooLarge { .. } | ChannelError::Noise(_))) => {
-                tracing::info!(?peer, %error, "connection closed: invalid input");
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(?peer, %error, "connection closed");
-                return;
-            }
+        let frame = match next_frame(&mut reader, peer, IDLE_TIMEOUT).await {
+            Some(frame) => frame,
+            None => return,
         };
-        shared.metrics.bytes_in.inc_by(frame.len() as u64);
-        match codec::decode::<M>(&frame) {
-            Ok(message) => {
-                shared
-                    .metrics
-                    .messages_in
-                    .get_or_create(&KindLabel {
-                        kind: message.kind(),
-                    })
-                    .inc();
-                let inbound = Inbound {
-                    from: peer,
-                    message,
-                };
-                if shared.inbox.send(inbound).await.is_err() {
-                    return;
-                }
-            }
-            Err(error) => {
-                shared.metrics.decode_errors.inc();
-                tracing::info!(?peer, %error, "undecodable frame dropped");
-            }
+        if !deliver(&shared, peer, frame).await {
+            return;
+        }
+    }
+}
+
+/// The next frame, or `None` (logged) if the connection failed or timed out.
+async fn next_frame<R: AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    peer: NodeId,
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    match tokio::time::timeout(timeout, reader.read_frame()).await {
+        Ok(Ok(frame)) => Some(frame),
+        Ok(Err(error @ (ChannelError::FrameTooLarge { .. } | ChannelError::Noise(_)))) => {
+            tracing::info!(?peer, %error, "connection closed: invalid input");
+            None
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(?peer, %error, "connection closed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(?peer, "connection closed: idle");
+            None
+        }
+    }
+}
+
+/// Decodes one frame into the inbox (an empty frame is a keepalive). Returns false
+/// if the inbox is gone.
+async fn deliver<M: WireMessage>(shared: &Arc<Shared<M>>, peer: NodeId, frame: Vec<u8>) -> bool {
+    if frame.is_empty() {
+        return true;
+    }
+    shared.metrics.bytes_in.inc_by(frame.len() as u64);
+    match codec::decode::<M>(&frame) {
+        Ok(message) => {
+            shared
+                .metrics
+                .messages_in
+                .get_or_create(&KindLabel {
+                    kind: message.kind(),
+                })
+                .inc();
+            // Frames are at most `max_frame`, far below u32::MAX and the budget.
+            let cost = u32::try_from(frame.len().min(shared.limits.inbox_bytes))
+                .unwrap_or(u32::MAX)
+                .max(1);
+            drop(frame);
+            let Ok(budget) = shared.inbox_bytes.clone().acquire_many_owned(cost).await else {
+                return false;
+            };
+            let inbound = Inbound {
+                from: peer,
+                message,
+                _budget: budget,
+            };
+            shared.inbox.send(inbound).await.is_ok()
+        }
+        Err(error) => {
+            shared.metrics.decode_errors.inc();
+            tracing::info!(?peer, %error, "undecodable frame dropped");
+            true
         }
     }
 }
@@ -387,6 +465,7 @@ async fn accept_loop<M: WireMessage>(
 ) {
     let directory = Arc::new(directory(&shared.cluster));
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    let handshakes = Arc::new(Semaphore::new(shared.limits.max_handshakes));
     let open: Arc<Mutex<HashMap<NodeId, usize>>> = Arc::new(Mutex::new(HashMap::new()));
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
@@ -405,8 +484,15 @@ async fn accept_loop<M: WireMessage>(
         let directory = directory.clone();
         let clients = clients.clone();
         let open = open.clone();
+        let handshakes = handshakes.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // Strangers can occupy at most the handshake slots, never all connections.
+            let Ok(handshaking) = handshakes.try_acquire_owned() else {
+                shared.metrics.refused_connections.inc();
+                tracing::info!(%address, "connection refused: too many handshakes in progress");
+                return;
+            };
             let accepted = noise::respond(
                 stream,
                 &shared.secret,
@@ -423,6 +509,17 @@ async fn accept_loop<M: WireMessage>(
                     return;
                 }
             };
+            if matches!(peer, NodeId::Client(_)) {
+                reader.set_max_frame(shared.limits.max_client_frame);
+            }
+            // A replayed first handshake message completes the handshake but cannot
+            // produce an authenticated frame: only a peer that sends one counts.
+            let Some(first) = next_frame(&mut reader, peer, FIRST_FRAME_TIMEOUT).await else {
+                shared.metrics.refused_connections.inc();
+                tracing::info!(%address, ?peer, "connection refused: no authenticated frame");
+                return;
+            };
+            drop(handshaking);
             // Memory per peer is bounded: a few connections, each buffering at
             // most one frame.
             let Some(_slot) = PeerSlot::take(&open, peer, shared.limits.connections_per_peer)
@@ -431,8 +528,8 @@ async fn accept_loop<M: WireMessage>(
                 tracing::info!(%address, ?peer, "connection refused: too many connections from this peer");
                 return;
             };
-            if matches!(peer, NodeId::Client(_)) {
-                reader.set_max_frame(shared.limits.max_client_frame);
+            if !deliver(&shared, peer, first).await {
+                return;
             }
             match peer {
                 NodeId::Replica(_) => read_loop(shared, peer, reader).await,

@@ -224,6 +224,7 @@ pub async fn run_client(
 ) -> Result<(), ClientError> {
     let client = settings.id.0;
     let mut kv = KvClient::connect(settings).await?;
+    let read_percent = spec.read_percent.min(100);
     let mut rng = SplitMix(u64::from(client).wrapping_mul(0x1234_5678_9ABC_DEF1) ^ 1);
     let mut last_seen: Vec<Option<String>> = vec![None; spec.keys.max(1)];
     let mut seq = 0u64;
@@ -243,9 +244,9 @@ pub async fn run_client(
             result: None,
             error: None,
         };
-        let op = if roll < spec.read_percent {
+        let op = if roll < read_percent {
             Planned::Get
-        } else if roll < spec.read_percent + (100 - spec.read_percent) * 3 / 4 {
+        } else if roll < read_percent + (100 - read_percent) * 3 / 4 {
             Planned::Put(unique_value(client, seq, spec.payload))
         } else {
             Planned::Cas(
