@@ -186,13 +186,19 @@ impl NodeMetrics {
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<NodeMetrics>) {
+    // A few scrapers at a time; more wait in the listen backlog.
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let Ok((mut stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let mut request = vec![0u8; 4096];
             let mut len = 0;
             let read = tokio::time::timeout(Duration::from_secs(2), async {
