@@ -27,7 +27,8 @@ pub struct TestnetArgs {
     /// Port of replica 0; replica i listens on PORT + i.
     #[arg(long, default_value_t = 7100)]
     port: u16,
-    /// Port of replica 0's metrics endpoint; replica i serves on METRICS_PORT + i.
+    /// Port of replica 0's metrics endpoint; replica i serves on METRICS_PORT + i
+    /// (of its own host, with --addresses).
     #[arg(long, default_value_t = 9100)]
     metrics_port: u16,
     /// Explicit replica addresses (host:port, comma-separated, one per replica),
@@ -59,10 +60,13 @@ pub fn run(args: TestnetArgs) -> ExitCode {
             return ExitCode::from(2);
         }
         spec.replica_addresses = args.addresses.clone();
+        // Replica i serves metrics on METRICS_PORT + i of its own host, so that
+        // replicas sharing a host never collide.
         spec.metrics_addresses = Some(
             args.addresses
                 .iter()
-                .map(|a| SocketAddr::new(a.ip(), args.metrics_port))
+                .enumerate()
+                .map(|(i, a)| SocketAddr::new(a.ip(), args.metrics_port.saturating_add(i as u16)))
                 .collect(),
         );
     }

@@ -1,0 +1,131 @@
+//! The documented workflow, as a user runs it: `diffuse testnet`, four
+//! `diffuse node` processes, `diffuse client` operations, then SIGTERM for a clean
+//! stop.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const EXE: &str = env!("CARGO_BIN_EXE_diffuse");
+
+fn diffuse(args: &[&str]) -> Output {
+    Command::new(EXE).args(args).output().expect("run diffuse")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Stops the nodes even when an assertion fails.
+struct Nodes(Vec<Child>);
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn client(dir: &Path, args: &[&str]) -> Output {
+    let config = dir.join("client-0.toml");
+    let mut all = vec!["client", "--config", config.to_str().unwrap()];
+    all.extend_from_slice(args);
+    diffuse(&all)
+}
+
+#[test]
+fn testnet_node_client_and_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("net");
+    let ports = diffuse_node::testnet::free_ports([127, 0, 0, 1].into(), 8).unwrap();
+    // Consecutive ports are not guaranteed free; use explicit addresses instead.
+    let addresses: Vec<String> = ports[..4]
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let made = diffuse(&[
+        "testnet",
+        "--n",
+        "4",
+        "--clients",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+        "--addresses",
+        &addresses.join(","),
+        "--metrics-port",
+        &ports[4].to_string(),
+    ]);
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    assert!(text(&made.stdout).contains("diffuse node --config"));
+
+    let mut nodes = Nodes(Vec::new());
+    for i in 0..4 {
+        let config = out.join(format!("replica-{i}.toml"));
+        let log = std::fs::File::create(out.join(format!("node-{i}.log"))).unwrap();
+        nodes.0.push(
+            Command::new(EXE)
+                .args(["node", "--config", config.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        );
+    }
+
+    let put = client(&out, &["put", "greeting", "hello"]);
+    assert!(put.status.success(), "{}", text(&put.stderr));
+    assert_eq!(text(&put.stdout).trim(), "ok");
+    let get = client(&out, &["get", "greeting"]);
+    assert_eq!(text(&get.stdout).trim(), "hello");
+    let cas = client(&out, &["cas", "greeting", "hello", "bye"]);
+    assert!(
+        text(&cas.stdout).starts_with("swapped"),
+        "{}",
+        text(&cas.stdout)
+    );
+    let stale = client(&out, &["cas", "greeting", "hello", "again"]);
+    assert!(text(&stale.stdout).starts_with("not swapped"));
+    assert_eq!(stale.status.code(), Some(1));
+    let absent = client(&out, &["get", "nothing"]);
+    assert_eq!(absent.status.code(), Some(1), "a missing key exits with 1");
+    let deleted = client(&out, &["delete", "greeting"]);
+    assert_eq!(text(&deleted.stdout).trim(), "deleted");
+
+    // SIGTERM: every node stops by itself, successfully, and says so.
+    for child in &nodes.0 {
+        // The shell's built-in `kill`: no extra tool needed.
+        let sent = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {}", child.id())])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (i, child) in nodes.0.iter_mut().enumerate() {
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < deadline, "replica {i} ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(status.success(), "replica {i} exited with {status}");
+        let log = std::fs::read_to_string(out.join(format!("node-{i}.log"))).unwrap();
+        assert!(log.contains("shut down"), "replica {i} log: {log}");
+    }
+
+    // A broken configuration is a clear error, not a panic.
+    let broken = out.join("broken.toml");
+    std::fs::write(&broken, "protocol = \"pbft\"\nid = 9\n").unwrap();
+    let refused = diffuse(&["node", "--config", broken.to_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        text(&refused.stderr).contains("broken.toml"),
+        "{}",
+        text(&refused.stderr)
+    );
+}
