@@ -396,4 +396,30 @@ mod tests {
             "the responder must refuse the handshake"
         );
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Arbitrary bytes in place of a handshake never panic the responder and are
+        /// refused.
+        #[test]
+        fn arbitrary_bytes_never_panic_the_responder(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let (mut a, b) = tokio::io::duplex(4096);
+                let server = key(1);
+                let accept = tokio::spawn(async move {
+                    respond(b, &server, &prologue(&[7; 32]), 1024, |_| Some(())).await.is_ok()
+                });
+                use tokio::io::AsyncWriteExt;
+                let _ = a.write_all(&bytes).await;
+                drop(a);
+                let accepted = accept.await.expect("the responder must not panic");
+                assert!(!accepted, "garbage must not complete a handshake");
+            });
+        }
+    }
 }
