@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod noise;
 pub mod replica;
 pub mod storage;
+pub mod tee;
 pub mod testnet;
 pub mod timers;
 pub mod transport;

@@ -21,5 +21,7 @@ pub mod usig;
 pub use enclave::{
     CounterReport, MAX_SEALED_BYTES, SealedState, SoftwareEnclave, TeeError, TrustedComponent,
 };
-pub use platform::{Measurement, Platform, Quote, QuoteError, SoftwarePlatform, verify_quote};
+pub use platform::{
+    Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,
+};
 pub use usig::{Ui, verify_ui};
