@@ -49,6 +49,9 @@ pub struct Limits {
     pub inbox_bytes: usize,
     /// Handshakes in progress at once (strangers included).
     pub max_handshakes: usize,
+    /// Messages from one peer waiting in the inbox: a flooding peer waits at this
+    /// share, and the others' messages still get in.
+    pub inbox_per_peer: usize,
 }
 
 impl Default for Limits {
@@ -62,6 +65,7 @@ impl Default for Limits {
             max_client_frame: 1 << 20,
             inbox_bytes: 256 << 20,
             max_handshakes: 256,
+            inbox_per_peer: 1024,
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Inbound<M> {
     pub message: M,
     /// The frame's share of the inbox byte budget, returned when this is dropped.
     _budget: tokio::sync::OwnedSemaphorePermit,
+    /// Its place in the sender's share of the inbox, returned when this is dropped.
+    _share: tokio::sync::OwnedSemaphorePermit,
 }
 
 type Frame = Arc<[u8]>;
@@ -134,6 +140,9 @@ struct Shared<M> {
     metrics: Arc<NodeMetrics>,
     inbox: mpsc::Sender<Inbound<M>>,
     inbox_bytes: Arc<Semaphore>,
+    /// Each peer's share of the inbox (created on its first message; at most one per
+    /// member of the cluster).
+    shares: Mutex<HashMap<NodeId, Arc<Semaphore>>>,
 }
 
 /// The network endpoint of one member.
@@ -194,6 +203,7 @@ impl<M: WireMessage> Transport<M> {
             metrics,
             inbox: inbox_tx,
             inbox_bytes: Arc::new(Semaphore::new(limits.inbox_bytes)),
+            shares: Mutex::new(HashMap::new()),
         });
         let mut tasks = JoinSet::new();
         let mut replicas = Vec::with_capacity(n);
@@ -439,6 +449,16 @@ async fn deliver<M: WireMessage>(shared: &Arc<Shared<M>>, peer: NodeId, frame: V
                 .unwrap_or(u32::MAX)
                 .max(1);
             drop(frame);
+            let share = shared
+                .shares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(shared.limits.inbox_per_peer)))
+                .clone();
+            let Ok(share) = share.acquire_owned().await else {
+                return false;
+            };
             let Ok(budget) = shared.inbox_bytes.clone().acquire_many_owned(cost).await else {
                 return false;
             };
@@ -446,6 +466,7 @@ async fn deliver<M: WireMessage>(shared: &Arc<Shared<M>>, peer: NodeId, frame: V
                 from: peer,
                 message,
                 _budget: budget,
+                _share: share,
             };
             shared.inbox.send(inbound).await.is_ok()
         }
@@ -587,5 +608,95 @@ impl Drop for PeerSlot {
                 counts.remove(&self.peer);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Cluster;
+    use diffuse_core::config::{ClusterFile, MemberEntry};
+    use serde::{Deserialize, Serialize};
+
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct Note(u32);
+
+    impl WireMessage for Note {
+        fn kind(&self) -> &'static str {
+            "note"
+        }
+    }
+
+    fn key(i: u8) -> SecretKey {
+        SecretKey::from_seed([i; 32])
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flooding_peer_cannot_crowd_out_the_others() {
+        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: vec![member(0, 1, Some(address.to_string()))],
+            clients: vec![member(0, 2, None), member(1, 3, None)],
+        })
+        .unwrap();
+        let limits = Limits {
+            inbox: 64,
+            inbox_per_peer: 8,
+            ..Limits::default()
+        };
+        let prologue = noise::prologue(&cluster.digest.0);
+        let (_transport, mut inbox) = Transport::<Note>::replica(
+            ReplicaId(0),
+            key(1),
+            cluster,
+            address,
+            limits,
+            Arc::new(NodeMetrics::default()),
+        )
+        .await
+        .unwrap();
+        let connect = |k: u8| {
+            let prologue = prologue.clone();
+            async move {
+                let stream = TcpStream::connect(address).await.unwrap();
+                let (reader, mut writer) =
+                    noise::initiate(stream, &key(k), &key(1).public(), &prologue, 1 << 20)
+                        .await
+                        .unwrap();
+                writer.write_frame(&[]).await.unwrap();
+                (reader, writer)
+            }
+        };
+        let (_flood_reader, mut flooder) = connect(2).await;
+        for i in 0..200 {
+            flooder.write_frame(&codec::encode(&Note(i))).await.unwrap();
+        }
+        flooder.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (_honest_reader, mut honest) = connect(3).await;
+        honest
+            .write_frame(&codec::encode(&Note(999)))
+            .await
+            .unwrap();
+        honest.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut first = Vec::new();
+        for _ in 0..9 {
+            let inbound = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            first.push(inbound.from);
+        }
+        assert!(
+            first.contains(&NodeId::Client(ClientId(1))),
+            "the honest client's message waits behind the flood: {first:?}"
+        );
     }
 }
