@@ -71,7 +71,8 @@ fn builder<'a>(local: &'a [u8; 32], prologue: &'a [u8]) -> Result<snow::Builder<
 }
 
 async fn write_noise<W: AsyncWrite + Unpin>(writer: &mut W, message: &[u8]) -> std::io::Result<()> {
-    let len = u16::try_from(message.len()).expect("Noise messages are at most 65,535 bytes");
+    let len = u16::try_from(message.len())
+        .map_err(|_| std::io::Error::other("a Noise message exceeds 65,535 bytes"))?;
     writer.write_all(&len.to_be_bytes()).await?;
     writer.write_all(message).await
 }
@@ -214,8 +215,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub async fn read_frame(&mut self) -> Result<Vec<u8>, ChannelError> {
         loop {
             let pending = &self.plain[self.consumed..];
-            if pending.len() >= 4 {
-                let len = u32::from_be_bytes(pending[..4].try_into().expect("4 bytes")) as usize;
+            if let [a, b, c, d, ..] = *pending {
+                let len = u32::from_be_bytes([a, b, c, d]) as usize;
                 if len > self.max_frame {
                     return Err(ChannelError::FrameTooLarge {
                         len,

@@ -112,6 +112,11 @@ struct SealedBody {
 /// The largest sealed state accepted.
 pub const MAX_SEALED_BYTES: usize = 256 * 1024;
 
+/// The most peers an enclave can be configured with: with their recorded counters
+/// they stay far below [`MAX_SEALED_BYTES`] (about 45 bytes each), so sealing never
+/// outgrows its bound.
+pub const MAX_PEERS: usize = diffuse_core::ids::MAX_REPLICAS;
+
 /// Sealed enclave state, as the host stores it. Opaque and authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedState(pub Blob<MAX_SEALED_BYTES>);
@@ -194,6 +199,9 @@ impl SoftwareEnclave {
         if self.peers.is_some() {
             return Err(TeeError::Configuration("the peers are configured already"));
         }
+        if peers.len() > MAX_PEERS {
+            return Err(TeeError::Configuration("too many peers"));
+        }
         let me = self.key.public();
         let keys: BTreeSet<[u8; 32]> = peers
             .into_iter()
@@ -237,7 +245,9 @@ impl SoftwareEnclave {
             .expect("ChaCha20-Poly1305 encrypts any message of this size");
         let mut sealed = platform_counter.to_be_bytes().to_vec();
         sealed.extend_from_slice(&ciphertext);
-        SealedState(Blob::try_from_vec(sealed).expect("the sealed state fits its bound"))
+        SealedState(
+            Blob::try_from_vec(sealed).expect("MAX_PEERS keeps the sealed state within its bound"),
+        )
     }
 
     /// Restart from a sealed state. A state sealed by a scheduled shutdown, and not
@@ -249,15 +259,15 @@ impl SoftwareEnclave {
     ) -> Result<SoftwareEnclave, TeeError> {
         let measurement = Measurement::software_enclave_v1();
         let bytes: &[u8] = &sealed.0;
-        if bytes.len() < 8 {
+        let Some((counter_bytes, ciphertext)) = bytes.split_first_chunk::<8>() else {
             return Err(TeeError::BadSealedState);
-        }
-        let sealed_for = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"));
+        };
+        let sealed_for = u64::from_be_bytes(*counter_bytes);
         let plaintext = cipher(&*platform, &measurement)
             .decrypt(
                 &nonce(sealed_for),
                 Payload {
-                    msg: &bytes[8..],
+                    msg: ciphertext,
                     aad: SEAL_AAD,
                 },
             )
