@@ -116,9 +116,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
         state.read_message(&incoming, &mut buf)?;
         Ok::<_, ChannelError>(state.into_stateless_transport_mode()?)
     };
-    let transport = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| ChannelError::HandshakeTimeout)??;
+    let transport = within_deadline(handshake).await?;
     Ok(split(stream, transport, max_frame))
 }
 
@@ -155,11 +153,18 @@ pub async fn respond<S: AsyncRead + AsyncWrite + Unpin, P>(
         write_noise(&mut stream, &buf[..len]).await?;
         Ok::<_, ChannelError>((peer, state.into_stateless_transport_mode()?))
     };
-    let (peer, transport) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
-        .await
-        .map_err(|_| ChannelError::HandshakeTimeout)??;
+    let (peer, transport) = within_deadline(handshake).await?;
     let (reader, writer) = split(stream, transport, max_frame);
     Ok((peer, reader, writer))
+}
+
+/// Runs a handshake under [`HANDSHAKE_TIMEOUT`].
+async fn within_deadline<T>(
+    handshake: impl std::future::Future<Output = Result<T, ChannelError>>,
+) -> Result<T, ChannelError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+        .await
+        .map_err(|_| ChannelError::HandshakeTimeout)?
 }
 
 fn split<S: AsyncRead + AsyncWrite>(

@@ -394,12 +394,13 @@ async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
     peer: NodeId,
     mut reader: FrameReader<R>,
 ) {
+    let share = share_of(&shared, peer);
     loop {
         let frame = match next_frame(&mut reader, peer, IDLE_TIMEOUT).await {
             Some(frame) => frame,
             None => return,
         };
-        if !deliver(&shared, peer, frame).await {
+        if !deliver(&shared, peer, &share, frame).await {
             return;
         }
     }
@@ -428,9 +429,25 @@ async fn next_frame<R: AsyncRead + Unpin>(
     }
 }
 
-/// Decodes one frame into the inbox (an empty frame is a keepalive). Returns false
-/// if the inbox is gone.
-async fn deliver<M: WireMessage>(shared: &Arc<Shared<M>>, peer: NodeId, frame: Vec<u8>) -> bool {
+/// `peer`'s share of the inbox, looked up once per connection.
+fn share_of<M>(shared: &Shared<M>, peer: NodeId) -> Arc<Semaphore> {
+    shared
+        .shares
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(peer)
+        .or_insert_with(|| Arc::new(Semaphore::new(shared.limits.inbox_per_peer)))
+        .clone()
+}
+
+/// Decodes one frame into the inbox (an empty frame is a keepalive), within the
+/// sender's `share`. Returns false if the inbox is gone.
+async fn deliver<M: WireMessage>(
+    shared: &Arc<Shared<M>>,
+    peer: NodeId,
+    share: &Arc<Semaphore>,
+    frame: Vec<u8>,
+) -> bool {
     if frame.is_empty() {
         return true;
     }
@@ -449,14 +466,7 @@ async fn deliver<M: WireMessage>(shared: &Arc<Shared<M>>, peer: NodeId, frame: V
                 .unwrap_or(u32::MAX)
                 .max(1);
             drop(frame);
-            let share = shared
-                .shares
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .entry(peer)
-                .or_insert_with(|| Arc::new(Semaphore::new(shared.limits.inbox_per_peer)))
-                .clone();
-            let Ok(share) = share.acquire_owned().await else {
+            let Ok(share) = share.clone().acquire_owned().await else {
                 return false;
             };
             let Ok(budget) = shared.inbox_bytes.clone().acquire_many_owned(cost).await else {
@@ -549,7 +559,7 @@ async fn accept_loop<M: WireMessage>(
                 tracing::info!(%address, ?peer, "connection refused: too many connections from this peer");
                 return;
             };
-            if !deliver(&shared, peer, first).await {
+            if !deliver(&shared, peer, &share_of(&shared, peer), first).await {
                 return;
             }
             match peer {
