@@ -39,6 +39,9 @@ impl Proxy {
         let (b, c) = (blocked.clone(), connections.clone());
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
+                // Check and register under one lock, so that a cut cannot slip in
+                // between and leave this connection open.
+                let mut open = c.lock().unwrap();
                 if b.load(Ordering::SeqCst) {
                     continue;
                 }
@@ -47,7 +50,7 @@ impl Proxy {
                         let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                     }
                 });
-                c.lock().unwrap().push(task.abort_handle());
+                open.push(task.abort_handle());
             }
         });
         Proxy {
@@ -57,8 +60,9 @@ impl Proxy {
     }
 
     fn cut(&self) {
+        let mut open = self.connections.lock().unwrap();
         self.blocked.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().unwrap().drain(..) {
+        for connection in open.drain(..) {
             connection.abort();
         }
     }
@@ -252,10 +256,18 @@ async fn replicas_survive_kills_and_partitions_without_losing_a_write() {
         if transfers > transfers_before && caught_up {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "replica 2 did not catch up by state transfer (transfers {transfers})"
-        );
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(cluster.log_path(isolated)).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!(
+                "replica 2 did not catch up by state transfer (transfers {transfers}, checkpoint {} vs {}, executed {} vs {}); its log ends:\n{}",
+                metric(&cluster, isolated, "diffuse_stable_checkpoint"),
+                metric(&cluster, 1, "diffuse_stable_checkpoint"),
+                metric(&cluster, isolated, "diffuse_committed_batches_total"),
+                metric(&cluster, 1, "diffuse_committed_batches_total"),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
         progress("after healing", &mut rx, &mut log, 20, minute).await;
     }
 
