@@ -2,7 +2,6 @@
 //! runs the workload clients, ticks a callback (chaos, progress) and collects the
 //! history.
 
-use diffuse_apps::KvResult;
 use diffuse_core::ids::ClientId;
 use diffuse_node::local::LocalCluster;
 use diffuse_node::workload::{self, HistoryRecord, WorkloadSpec};
@@ -175,12 +174,12 @@ pub fn check_linearizable(records: &[HistoryRecord]) -> Result<(), String> {
             client: ClientId(r.client),
             op: r.kv_op(),
             invoke_ns: r.invoke_ns,
-            outcome: match (r.complete_ns, r.kv_result()) {
-                (Some(at_ns), Some(result)) => Outcome::Completed {
+            outcome: match r.completion() {
+                Some((at_ns, result)) => Outcome::Completed {
                     at_ns,
-                    result: Ok::<KvResult, Vec<u8>>(result),
+                    result: Ok(result),
                 },
-                _ => Outcome::Pending,
+                None => Outcome::Pending,
             },
         })
         .collect();

@@ -295,12 +295,12 @@ async fn replicas_survive_kills_and_partitions_without_losing_a_write() {
             client: ClientId(r.client),
             op: r.kv_op(),
             invoke_ns: r.invoke_ns,
-            outcome: match (r.complete_ns, r.kv_result()) {
-                (Some(at_ns), Some(result)) => Outcome::Completed {
+            outcome: match r.completion() {
+                Some((at_ns, result)) => Outcome::Completed {
                     at_ns,
                     result: Ok(result),
                 },
-                _ => Outcome::Pending,
+                None => Outcome::Pending,
             },
         })
         .collect();

@@ -107,6 +107,12 @@ impl HistoryRecord {
         }
     }
 
+    /// When the result came back and what it was; `None` for an operation without
+    /// a result (it may or may not have taken effect).
+    pub fn completion(&self) -> Option<(u64, KvResult)> {
+        Some((self.complete_ns?, self.kv_result()?))
+    }
+
     /// The typed result, if one came back.
     pub fn kv_result(&self) -> Option<KvResult> {
         use diffuse_core::codec::Blob;
