@@ -20,7 +20,7 @@
 //!   enclave stays locked through further shutdowns and resumes.
 
 use crate::platform::{Measurement, Platform, Quote, QuoteBody};
-use crate::usig::{self, Ui};
+use crate::usig::{self, Scope, Ui};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use diffuse_core::codec::{self, Blob};
@@ -42,6 +42,9 @@ pub enum TeeError {
     /// The peers were configured already, or the configuration is impossible.
     #[error("{0}")]
     Configuration(&'static str),
+    /// The scope's rule refuses the message (see [`SlotRules`]).
+    #[error("the enclave refuses this scope: {0}")]
+    Scope(&'static str),
     /// Not enough authentic, fresh reports from distinct peers to reset the counter.
     #[error("a counter reset needs {needed} valid reports from distinct peers, got {got}")]
     NotEnoughReports {
@@ -60,11 +63,18 @@ pub trait TrustedComponent: Send {
     fn public_key(&self) -> PublicKey;
     /// A quote over the enclave key and `caller_data`, signed by the platform.
     fn attest(&self, caller_data: Digest) -> Quote;
-    /// USIG `createUI`: binds `message` to the next counter value.
-    fn create_ui(&mut self, message: &Digest) -> Result<Ui, TeeError>;
-    /// USIG `verifyUI`, recording inside the enclave the highest counter accepted
-    /// from each configured peer (what it can later vouch for in a REJOIN).
-    fn accept_ui(&mut self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool;
+    /// USIG `createUI`: binds `message` to the next counter value
+    /// ([`Scope::Free`]).
+    fn create_ui(&mut self, message: &Digest) -> Result<Ui, TeeError> {
+        self.create_scoped_ui(Scope::Free, message)
+    }
+    /// `createUI` for a message about `scope`, refused if the scope's rule does not
+    /// hold (see [`SlotRules`]).
+    fn create_scoped_ui(&mut self, scope: Scope, message: &Digest) -> Result<Ui, TeeError>;
+    /// USIG `verifyUI` for `scope`, recording inside the enclave the highest counter
+    /// (and checkpoint) accepted from each configured peer: what it can later vouch
+    /// for in a REJOIN.
+    fn accept_ui(&mut self, signer: &PublicKey, scope: Scope, message: &Digest, ui: &Ui) -> bool;
     /// Whether `ui` from the enclave with key `signer` certifies `message` (no
     /// record kept).
     fn verify_ui(&self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool {
@@ -88,6 +98,8 @@ pub struct CounterReport {
     pub challenge: Digest,
     /// The highest counter value of `subject` the reporter accepted.
     pub counter: u64,
+    /// The highest checkpoint of `subject` the reporter accepted.
+    pub checkpoint: u64,
     /// The reporter's view.
     pub view: u64,
 }
@@ -106,7 +118,30 @@ struct SealedBody {
     view: u64,
     locked: bool,
     peers: Option<(Vec<[u8; 32]>, u64)>,
-    seen: Vec<([u8; 32], u64)>,
+    slot_rules: Option<SlotRules>,
+    last_checkpoint: u64,
+    seen: Vec<([u8; 32], Seen)>,
+}
+
+/// The rules of [`Scope::Checkpoint`] and [`Scope::Slot`], fixed once: checkpoints
+/// are multiples of `checkpoint_interval` and strictly increase; a slot is at most
+/// the last checkpoint plus `window`. With them, every slot certified before a
+/// checkpoint `K` is at most `K - checkpoint_interval + window`, which is what lets
+/// MinBFT anchor a view change at a checkpoint (`docs/protocols/minbft.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotRules {
+    /// Sequence numbers between checkpoints (at least 1).
+    pub checkpoint_interval: u64,
+    /// How far above the last checkpoint a slot may be (a positive multiple of the
+    /// interval).
+    pub window: u64,
+}
+
+/// What this enclave accepted from one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Seen {
+    counter: u64,
+    checkpoint: u64,
 }
 
 /// The largest sealed state accepted.
@@ -141,8 +176,11 @@ pub struct SoftwareEnclave {
     /// While locked: the challenge reports must sign.
     challenge: Option<Digest>,
     peers: Option<Peers>,
-    /// The highest counter accepted from each configured peer.
-    seen: BTreeMap<[u8; 32], u64>,
+    slot_rules: Option<SlotRules>,
+    /// The highest checkpoint certified here.
+    last_checkpoint: u64,
+    /// The highest counter and checkpoint accepted from each configured peer.
+    seen: BTreeMap<[u8; 32], Seen>,
     /// Test switch: without rollback protection (the `enclave-without-rollback-
     /// protection` mutant), a stale sealed state is accepted. The checkers must then
     /// catch the equivocation this allows.
@@ -188,6 +226,8 @@ impl SoftwareEnclave {
             locked: false,
             challenge: None,
             peers: None,
+            slot_rules: None,
+            last_checkpoint: 0,
             seen: BTreeMap::new(),
             rollback_protection: true,
         }
@@ -217,6 +257,36 @@ impl SoftwareEnclave {
         Ok(())
     }
 
+    /// Fixes, once, the rules of [`Scope::Checkpoint`] and [`Scope::Slot`]; until then
+    /// those scopes are refused.
+    pub fn configure_slots(&mut self, rules: SlotRules) -> Result<(), TeeError> {
+        if self.slot_rules.is_some() {
+            return Err(TeeError::Configuration(
+                "the slot rules are configured already",
+            ));
+        }
+        if rules.checkpoint_interval == 0
+            || rules.window == 0
+            || rules.window % rules.checkpoint_interval != 0
+        {
+            return Err(TeeError::Configuration(
+                "the window must be a positive multiple of a positive checkpoint interval",
+            ));
+        }
+        self.slot_rules = Some(rules);
+        Ok(())
+    }
+
+    /// The rules of checkpoint and slot scopes, once configured.
+    pub fn slot_rules(&self) -> Option<SlotRules> {
+        self.slot_rules
+    }
+
+    /// The highest checkpoint this enclave certified.
+    pub fn last_checkpoint(&self) -> u64 {
+        self.last_checkpoint
+    }
+
     /// Scheduled shutdown: increments the platform counter and seals the state for
     /// that value. The enclave must not be used afterwards.
     pub fn shutdown(self) -> SealedState {
@@ -231,6 +301,8 @@ impl SoftwareEnclave {
                 .peers
                 .as_ref()
                 .map(|p| (p.keys.iter().copied().collect(), p.threshold as u64)),
+            slot_rules: self.slot_rules,
+            last_checkpoint: self.last_checkpoint,
             seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
         };
         let plaintext = codec::encode_payload(&body);
@@ -296,6 +368,8 @@ impl SoftwareEnclave {
             locked,
             challenge,
             peers,
+            slot_rules: body.slot_rules,
+            last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
         })
@@ -328,23 +402,31 @@ impl SoftwareEnclave {
         self.challenge.filter(|_| self.is_locked())
     }
 
-    /// A REJOIN report on a configured peer `subject`: the highest counter of it
-    /// this enclave accepted, bound to the subject's `challenge`. `None` if the
-    /// subject is not a configured peer.
+    /// A REJOIN report on a configured peer `subject`: the highest counter and
+    /// checkpoint of it this enclave accepted, bound to the subject's `challenge`.
+    /// `None` if the subject is not a configured peer, or if this enclave is locked
+    /// itself (what it recorded may be stale, and an under-report could let the
+    /// subject repeat a counter value).
     pub fn report_counter(
         &self,
         subject: PublicKey,
         challenge: Digest,
     ) -> Option<Signed<CounterReport>> {
-        if !self.peers.as_ref()?.keys.contains(&subject.to_bytes()) {
+        if self.is_locked() || !self.peers.as_ref()?.keys.contains(&subject.to_bytes()) {
             return None;
         }
+        let seen = self
+            .seen
+            .get(&subject.to_bytes())
+            .copied()
+            .unwrap_or_default();
         Some(Signed::sign(
             CounterReport {
                 reporter: self.key.public(),
                 subject,
                 challenge,
-                counter: self.seen.get(&subject.to_bytes()).copied().unwrap_or(0),
+                counter: seen.counter,
+                checkpoint: seen.checkpoint,
                 view: self.view,
             },
             &self.key,
@@ -355,13 +437,19 @@ impl SoftwareEnclave {
     /// reports (configured, distinct peers; about this enclave; over its current
     /// challenge) from at least the configured threshold of peers. The counter then
     /// continues after the highest reported value: every report is a value this
-    /// enclave really issued, and a lower one could repeat a counter value.
-    pub fn reset_counter(&mut self, reports: &[Signed<CounterReport>]) -> Result<(), TeeError> {
+    /// enclave really issued, and a lower one could repeat a counter value. An
+    /// honest host passes in `at_least` the highest counter it persisted as used;
+    /// raising the counter is always safe (it can only leave a gap).
+    pub fn reset_counter(
+        &mut self,
+        reports: &[Signed<CounterReport>],
+        at_least: u64,
+    ) -> Result<(), TeeError> {
         let (Some(peers), Some(challenge)) = (self.peers.as_ref(), self.rejoin_challenge()) else {
             return Err(TeeError::NotEnoughReports { needed: 1, got: 0 });
         };
         let me = self.key.public();
-        let mut valid: BTreeMap<[u8; 32], (u64, u64)> = BTreeMap::new();
+        let mut valid: BTreeMap<[u8; 32], (u64, u64, u64)> = BTreeMap::new();
         for report in reports {
             let body = &report.value;
             if peers.keys.contains(&body.reporter.to_bytes())
@@ -369,7 +457,10 @@ impl SoftwareEnclave {
                 && body.challenge == challenge
                 && report.verify(&body.reporter)
             {
-                valid.insert(body.reporter.to_bytes(), (body.counter, body.view));
+                valid.insert(
+                    body.reporter.to_bytes(),
+                    (body.counter, body.checkpoint, body.view),
+                );
             }
         }
         if valid.len() < peers.threshold {
@@ -378,9 +469,11 @@ impl SoftwareEnclave {
                 got: valid.len(),
             });
         }
-        let counter = valid.values().map(|(c, _)| *c).max().unwrap_or(0);
-        let view = valid.values().map(|(_, v)| *v).max().unwrap_or(0);
-        self.counter = self.counter.max(counter);
+        let counter = valid.values().map(|(c, _, _)| *c).max().unwrap_or(0);
+        let checkpoint = valid.values().map(|(_, k, _)| *k).max().unwrap_or(0);
+        let view = valid.values().map(|(_, _, v)| *v).max().unwrap_or(0);
+        self.counter = self.counter.max(counter).max(at_least);
+        self.last_checkpoint = self.last_checkpoint.max(checkpoint);
         self.view = self.view.max(view);
         self.locked = false;
         self.challenge = None;
@@ -401,22 +494,45 @@ impl TrustedComponent for SoftwareEnclave {
         })
     }
 
-    fn create_ui(&mut self, message: &Digest) -> Result<Ui, TeeError> {
+    fn create_scoped_ui(&mut self, scope: Scope, message: &Digest) -> Result<Ui, TeeError> {
         if self.is_locked() {
             return Err(TeeError::Locked);
         }
+        match scope {
+            Scope::Free => {}
+            Scope::Checkpoint(seq) => {
+                let rules = self
+                    .slot_rules
+                    .ok_or(TeeError::Scope("slot rules are not configured"))?;
+                if seq % rules.checkpoint_interval != 0 || seq <= self.last_checkpoint {
+                    return Err(TeeError::Scope(
+                        "a checkpoint must be a multiple of the interval above the last one",
+                    ));
+                }
+                self.last_checkpoint = seq;
+            }
+            Scope::Slot(seq) => {
+                let rules = self
+                    .slot_rules
+                    .ok_or(TeeError::Scope("slot rules are not configured"))?;
+                if seq > self.last_checkpoint.saturating_add(rules.window) {
+                    return Err(TeeError::Scope("the slot is above the window"));
+                }
+            }
+        }
         self.counter += 1;
-        let certificate = self
-            .key
-            .sign(usig::UI_LABEL, &usig::encode_payload(self.counter, message));
+        let certificate = self.key.sign(
+            usig::UI_LABEL,
+            &usig::encode_payload(self.counter, scope, message),
+        );
         Ok(Ui {
             counter: self.counter,
             certificate,
         })
     }
 
-    fn accept_ui(&mut self, signer: &PublicKey, message: &Digest, ui: &Ui) -> bool {
-        if !usig::verify_ui(signer, message, ui) {
+    fn accept_ui(&mut self, signer: &PublicKey, scope: Scope, message: &Digest, ui: &Ui) -> bool {
+        if !usig::verify_scoped_ui(signer, scope, message, ui) {
             return false;
         }
         if self
@@ -424,8 +540,11 @@ impl TrustedComponent for SoftwareEnclave {
             .as_ref()
             .is_some_and(|p| p.keys.contains(&signer.to_bytes()))
         {
-            let seen = self.seen.entry(signer.to_bytes()).or_insert(0);
-            *seen = (*seen).max(ui.counter);
+            let seen = self.seen.entry(signer.to_bytes()).or_default();
+            seen.counter = seen.counter.max(ui.counter);
+            if let Scope::Checkpoint(seq) = scope {
+                seen.checkpoint = seen.checkpoint.max(seq);
+            }
         }
         true
     }

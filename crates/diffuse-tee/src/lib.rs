@@ -19,9 +19,10 @@ pub mod platform;
 pub mod usig;
 
 pub use enclave::{
-    CounterReport, MAX_SEALED_BYTES, SealedState, SoftwareEnclave, TeeError, TrustedComponent,
+    CounterReport, MAX_SEALED_BYTES, SealedState, SlotRules, SoftwareEnclave, TeeError,
+    TrustedComponent,
 };
 pub use platform::{
     Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,
 };
-pub use usig::{Ui, verify_ui};
+pub use usig::{Scope, Ui, verify_scoped_ui, verify_ui};

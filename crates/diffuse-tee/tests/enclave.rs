@@ -3,8 +3,8 @@
 
 use diffuse_core::crypto::{Digest, SecretKey};
 use diffuse_tee::{
-    Measurement, Platform, QuoteError, SoftwareEnclave, SoftwarePlatform, TeeError,
-    TrustedComponent, verify_quote, verify_ui,
+    Measurement, Platform, QuoteError, Scope, SlotRules, SoftwareEnclave, SoftwarePlatform,
+    TeeError, TrustedComponent, verify_quote, verify_scoped_ui, verify_ui,
 };
 use std::sync::Arc;
 
@@ -154,7 +154,7 @@ fn an_unscheduled_reboot_locks_until_enough_fresh_reports() {
         let message = digest(&i.to_string());
         let ui = running.create_ui(&message).unwrap();
         for peer in &mut peers[..2] {
-            assert!(peer.accept_ui(&me, &message, &ui));
+            assert!(peer.accept_ui(&me, Scope::Free, &message, &ui));
         }
     }
     // Crash: no scheduled shutdown, so only the older sealed state exists.
@@ -166,12 +166,12 @@ fn an_unscheduled_reboot_locks_until_enough_fresh_reports() {
 
     // One report is not enough, nor the same peer twice, nor a stranger.
     assert!(matches!(
-        rebooted.reset_counter(&[report(&peers[0])]),
+        rebooted.reset_counter(&[report(&peers[0])], 0),
         Err(TeeError::NotEnoughReports { needed: 2, got: 1 })
     ));
     assert!(
         rebooted
-            .reset_counter(&[report(&peers[0]), report(&peers[0])])
+            .reset_counter(&[report(&peers[0]), report(&peers[0])], 0)
             .is_err()
     );
     let mut stranger = SoftwareEnclave::create(platform(99));
@@ -181,14 +181,14 @@ fn an_unscheduled_reboot_locks_until_enough_fresh_reports() {
     let foreign = stranger.report_counter(me, challenge).unwrap();
     assert!(
         rebooted
-            .reset_counter(&[report(&peers[0]), foreign])
+            .reset_counter(&[report(&peers[0]), foreign], 0)
             .is_err()
     );
     assert!(rebooted.is_locked());
 
     // Peer 2 saw nothing (reports 0); the highest report wins, so no value repeats.
     rebooted
-        .reset_counter(&[report(&peers[2]), report(&peers[0])])
+        .reset_counter(&[report(&peers[2]), report(&peers[0])], 0)
         .unwrap();
     assert!(!rebooted.is_locked());
     assert_eq!(rebooted.create_ui(&digest("after")).unwrap().counter, 4);
@@ -208,7 +208,7 @@ fn reports_for_an_old_challenge_do_not_unlock() {
         .collect();
     let mut again = SoftwareEnclave::resume(hardware, &sealed).unwrap();
     assert_ne!(again.rejoin_challenge(), Some(old));
-    assert!(again.reset_counter(&stale).is_err(), "replayed reports");
+    assert!(again.reset_counter(&stale, 0).is_err(), "replayed reports");
     assert!(again.is_locked());
 }
 
@@ -265,5 +265,151 @@ fn tampered_sealed_state_is_refused() {
     assert_eq!(
         SoftwareEnclave::resume(platform(2), &sealed).map(|_| ()),
         Err(TeeError::BadSealedState)
+    );
+}
+
+#[test]
+fn an_honest_host_can_only_raise_the_counter_at_a_reset() {
+    let (hardware, subject, mut peers) = cluster();
+    let me = subject.public_key();
+    let sealed = subject.shutdown();
+    let mut running = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
+    for i in 0..5 {
+        let message = digest(&i.to_string());
+        let ui = running.create_ui(&message).unwrap();
+        // Only the first two reach the peers before the crash; the host persisted all.
+        if i < 2 {
+            for peer in &mut peers {
+                assert!(peer.accept_ui(&me, Scope::Free, &message, &ui));
+            }
+        }
+    }
+    drop(running);
+    let mut rebooted = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    let challenge = rebooted.rejoin_challenge().unwrap();
+    let reports: Vec<_> = peers[..2]
+        .iter()
+        .map(|p| p.report_counter(me, challenge).unwrap())
+        .collect();
+    rebooted.reset_counter(&reports, 5).unwrap();
+    assert_eq!(rebooted.create_ui(&digest("after")).unwrap().counter, 6);
+}
+
+#[test]
+fn a_locked_enclave_does_not_report() {
+    let (hardware, subject, peers) = cluster();
+    let sealed = subject.shutdown();
+    drop(SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap());
+    let locked = SoftwareEnclave::resume(hardware, &sealed).unwrap();
+    assert!(locked.is_locked());
+    assert!(
+        locked
+            .report_counter(peers[0].public_key(), digest("c"))
+            .is_none()
+    );
+}
+
+fn ordered_enclave() -> SoftwareEnclave {
+    let mut enclave = SoftwareEnclave::create(platform(7));
+    enclave
+        .configure_slots(SlotRules {
+            checkpoint_interval: 4,
+            window: 8,
+        })
+        .unwrap();
+    enclave
+}
+
+#[test]
+fn checkpoints_must_increase_by_multiples_of_the_interval() {
+    let mut enclave = ordered_enclave();
+    let key = enclave.public_key();
+    let ui = enclave
+        .create_scoped_ui(Scope::Checkpoint(4), &digest("s4"))
+        .unwrap();
+    assert!(verify_scoped_ui(
+        &key,
+        Scope::Checkpoint(4),
+        &digest("s4"),
+        &ui
+    ));
+    assert!(!verify_ui(&key, &digest("s4"), &ui), "the scope is signed");
+    for bad in [4, 2, 6] {
+        assert!(matches!(
+            enclave.create_scoped_ui(Scope::Checkpoint(bad), &digest("x")),
+            Err(TeeError::Scope(_))
+        ));
+    }
+    assert_eq!(
+        enclave.counter(),
+        1,
+        "a refused scope uses no counter value"
+    );
+    enclave
+        .create_scoped_ui(Scope::Checkpoint(12), &digest("s12"))
+        .unwrap();
+    assert_eq!(enclave.last_checkpoint(), 12);
+    assert!(
+        enclave
+            .configure_slots(SlotRules {
+                checkpoint_interval: 1,
+                window: 1
+            })
+            .is_err()
+    );
+}
+
+#[test]
+fn slots_stay_within_the_window_of_the_last_checkpoint() {
+    let mut enclave = ordered_enclave();
+    assert!(
+        enclave
+            .create_scoped_ui(Scope::Slot(8), &digest("8"))
+            .is_ok()
+    );
+    assert!(matches!(
+        enclave.create_scoped_ui(Scope::Slot(9), &digest("9")),
+        Err(TeeError::Scope(_))
+    ));
+    enclave
+        .create_scoped_ui(Scope::Checkpoint(4), &digest("cp"))
+        .unwrap();
+    assert!(
+        enclave
+            .create_scoped_ui(Scope::Slot(12), &digest("12"))
+            .is_ok()
+    );
+    let mut unconfigured = SoftwareEnclave::create(platform(8));
+    assert!(
+        unconfigured
+            .create_scoped_ui(Scope::Slot(1), &digest("1"))
+            .is_err()
+    );
+}
+
+#[test]
+fn slot_rules_and_the_last_checkpoint_are_sealed() {
+    let hardware = platform(3);
+    let mut enclave = SoftwareEnclave::create(hardware.clone());
+    enclave
+        .configure_slots(SlotRules {
+            checkpoint_interval: 2,
+            window: 4,
+        })
+        .unwrap();
+    enclave
+        .create_scoped_ui(Scope::Checkpoint(6), &digest("cp"))
+        .unwrap();
+    let mut resumed = SoftwareEnclave::resume(hardware, &enclave.shutdown()).unwrap();
+    assert_eq!(resumed.last_checkpoint(), 6);
+    assert!(
+        resumed
+            .create_scoped_ui(Scope::Checkpoint(6), &digest("again"))
+            .is_err()
+    );
+    assert!(
+        resumed
+            .create_scoped_ui(Scope::Slot(10), &digest("10"))
+            .is_ok()
     );
 }
