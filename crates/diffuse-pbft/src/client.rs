@@ -1,5 +1,8 @@
 //! The PBFT client: sign, send to the primary, retransmit to all, accept `f + 1`
 //! matching replies.
+//!
+//! It is generic over the wire enum ([`ClientWire`]) so that every ordering
+//! protocol whose clients work this way (MinBFT too) shares it.
 
 use crate::message::{Message, Reply, Request, RequestBody};
 use crate::options::{Mutant, PbftOptions};
@@ -21,7 +24,28 @@ pub enum ClientTimer {
     Retransmit,
 }
 
-type Out = Actions<Message, ClientTimer>;
+/// A protocol's wire enum, as far as the client needs it.
+pub trait ClientWire: diffuse_core::codec::WireMessage {
+    /// Wraps a request.
+    fn request(request: Request) -> Self;
+    /// The reply inside, if this is one.
+    fn into_reply(self) -> Option<Reply>;
+}
+
+impl ClientWire for Message {
+    fn request(request: Request) -> Self {
+        Message::Request(request)
+    }
+
+    fn into_reply(self) -> Option<Reply> {
+        match self {
+            Message::Reply(reply) => Some(reply),
+            _ => None,
+        }
+    }
+}
+
+type Out<M> = Actions<M, ClientTimer>;
 
 struct Outstanding {
     request: Request,
@@ -30,8 +54,10 @@ struct Outstanding {
     retransmissions: u32,
 }
 
-/// A PBFT client with at most one outstanding request.
-pub struct PbftClient {
+/// A PBFT client (or, with another wire enum `M` and quorum system, a client of
+/// any protocol that accepts `f + 1` matching replies) with at most one
+/// outstanding request.
+pub struct PbftClient<M = Message> {
     id: ClientId,
     secret: SecretKey,
     quorum: QuorumSystem,
@@ -41,13 +67,22 @@ pub struct PbftClient {
     next_timestamp: u64,
     outstanding: Option<Outstanding>,
     _keys: Arc<ClusterKeys>,
+    _wire: std::marker::PhantomData<fn() -> M>,
 }
 
-impl PbftClient {
-    /// Builds a client.
+impl PbftClient<Message> {
+    /// Builds a PBFT client.
     pub fn new(setup: ClientSetup<PbftOptions>) -> Self {
         let quorum = QuorumSystem::byzantine(setup.keys.n())
             .expect("ClusterKeys guarantees 1..=MAX_REPLICAS replicas");
+        Self::with_quorum(setup, quorum)
+    }
+}
+
+impl<M: ClientWire> PbftClient<M> {
+    /// Builds a client for a protocol with the quorum system `quorum` (its
+    /// `contains_correct` decides how many matching replies are enough).
+    pub fn with_quorum(setup: ClientSetup<PbftOptions>, quorum: QuorumSystem) -> Self {
         Self {
             id: setup.id,
             secret: setup.secret,
@@ -57,6 +92,7 @@ impl PbftClient {
             next_timestamp: setup.first_timestamp.max(1),
             outstanding: None,
             _keys: setup.keys,
+            _wire: std::marker::PhantomData,
         }
     }
 
@@ -79,7 +115,7 @@ impl PbftClient {
         )
     }
 
-    fn on_reply(&mut self, from: NodeId, reply: Reply, out: &mut Out) {
+    fn on_reply(&mut self, from: NodeId, reply: Reply, out: &mut Out<M>) {
         let NodeId::Replica(replica) = from else {
             return;
         };
@@ -118,13 +154,13 @@ impl PbftClient {
             .push(diffuse_core::protocol::Action::Complete { timestamp, result });
     }
 
-    fn on_retransmit(&mut self, out: &mut Out) {
+    fn on_retransmit(&mut self, out: &mut Out<M>) {
         let Some(outstanding) = &mut self.outstanding else {
             return;
         };
         outstanding.retransmissions += 1;
         let retransmissions = outstanding.retransmissions;
-        out.broadcast(Message::Request(outstanding.request.clone()));
+        out.broadcast(M::request(outstanding.request.clone()));
         out.set_timer(
             ClientTimer::Retransmit,
             self.retransmit_delay(retransmissions),
@@ -132,11 +168,11 @@ impl PbftClient {
     }
 }
 
-impl diffuse_core::protocol::Client for PbftClient {
-    type Message = Message;
+impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
+    type Message = M;
     type Timer = ClientTimer;
 
-    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out, InvokeError> {
+    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out<M>, InvokeError> {
         if self.outstanding.is_some() {
             return Err(InvokeError::Busy);
         }
@@ -164,7 +200,7 @@ impl diffuse_core::protocol::Client for PbftClient {
         let mut out = Out::new();
         out.send(
             self.view.primary(self.quorum.n()),
-            Message::Request(request.clone()),
+            M::request(request.clone()),
         );
         out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));
         self.outstanding = Some(Outstanding {
@@ -175,15 +211,14 @@ impl diffuse_core::protocol::Client for PbftClient {
         Ok(out)
     }
 
-    fn handle(&mut self, input: Input<Message, ClientTimer>) -> Out {
+    fn handle(&mut self, input: Input<M, ClientTimer>) -> Out<M> {
         let mut out = Out::new();
         match input {
             Input::Start(_) => {}
-            Input::Message {
-                from,
-                message: Message::Reply(reply),
-            } => self.on_reply(from, reply, &mut out),
-            Input::Message { from, .. } => out.fault(from, "unexpected-message-to-client"),
+            Input::Message { from, message } => match message.into_reply() {
+                Some(reply) => self.on_reply(from, reply, &mut out),
+                None => out.fault(from, "unexpected-message-to-client"),
+            },
             Input::Timer(ClientTimer::Retransmit) => self.on_retransmit(&mut out),
         }
         out

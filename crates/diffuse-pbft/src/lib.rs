@@ -34,9 +34,10 @@ pub mod byzantine;
 pub mod client;
 pub mod message;
 pub mod options;
+pub mod pending;
 pub mod replica;
 
-pub use client::{ClientTimer, PbftClient};
+pub use client::{ClientTimer, ClientWire, PbftClient};
 pub use message::Message;
 pub use options::{Mutant, PbftOptions, PbftSettings};
 pub use replica::{PbftReplica, Timer};

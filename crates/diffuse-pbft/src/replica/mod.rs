@@ -8,7 +8,7 @@
 
 mod checkpoint;
 mod normal;
-mod pending;
+
 mod slot;
 mod status;
 mod storage;
@@ -17,6 +17,7 @@ mod view_change;
 
 use crate::message::{Batch, CheckpointCert, Message, NewView};
 use crate::options::PbftOptions;
+use crate::pending::Pending;
 use diffuse_core::app::Application;
 use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{Digest, PublicKey, SecretKey};
@@ -25,7 +26,6 @@ use diffuse_core::protocol::{Actions, Input};
 use diffuse_core::quorum::QuorumSystem;
 use diffuse_core::service::{ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
-use pending::Pending;
 use slot::Slot;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! Client requests a replica knows about but has not executed yet.
+//! Client requests a replica knows about but has not executed yet (shared by the
+//! ordering protocols whose clients follow PBFT's, such as MinBFT).
 
 use crate::message::Request;
 use diffuse_core::ids::{ClientId, View};
@@ -6,7 +7,8 @@ use std::collections::BTreeMap;
 
 /// One pending request.
 #[derive(Debug, Clone)]
-pub(crate) struct PendingRequest {
+pub struct PendingRequest {
+    /// The request.
     pub request: Request,
     /// Arrival order, for fair batching and for the request timer.
     pub arrival: u64,
@@ -17,7 +19,7 @@ pub(crate) struct PendingRequest {
 /// At most one pending request per client (a client has one outstanding request),
 /// so the table is bounded by the number of registered clients.
 #[derive(Debug, Default)]
-pub(crate) struct Pending {
+pub struct Pending {
     by_client: BTreeMap<ClientId, PendingRequest>,
     next_arrival: u64,
 }

@@ -1,0 +1,412 @@
+//! The MinBFT replica state machine.
+//!
+//! Split by concern: `normal` (requests, batching, PREPARE / COMMIT, execution),
+//! `checkpoint` (checkpoints and log truncation) and this module (start, the
+//! enclave, and feeding certified messages through the per-sender streams).
+
+mod checkpoint;
+mod normal;
+
+use crate::message::{Certified, CheckpointCert, Message, Prepare, StreamFetch};
+use crate::options::{MinBftOptions, Mutant};
+use crate::stream::{Offered, Streams};
+use diffuse_core::app::Application;
+use diffuse_core::codec;
+use diffuse_core::config::ClusterKeys;
+use diffuse_core::crypto::{Digest, PublicKey};
+use diffuse_core::ids::{NodeId, ReplicaId, Seq, View};
+use diffuse_core::protocol::{Actions, Input, Recovered, WriteOp};
+use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
+use diffuse_core::service::{ReplicatedService, StateSnapshot};
+use diffuse_core::suite::ReplicaSetup;
+use diffuse_pbft::pending::Pending;
+use diffuse_tee::{Scope, SlotRules, SoftwareEnclave, TrustedComponent, Ui};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+
+/// The replica's timers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Timer {
+    /// The primary's batching delay.
+    Batch,
+    /// Periodic check for stream gaps, answered by fetching the missing messages.
+    Status,
+}
+
+pub(crate) type Out = Actions<Message, Timer>;
+
+/// What to do with the next message of a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Consume it now.
+    Consume,
+    /// Leave it at the head of its stream until the replica can use it.
+    Stall,
+}
+
+/// One sequence number's agreement state.
+#[derive(Debug, Default)]
+struct Slot {
+    /// The first PREPARE for this slot in the primary's stream.
+    prepare: Option<Prepare>,
+    /// Replicas whose certified vote for `prepare` was consumed (the primary's
+    /// PREPARE is its vote).
+    votes: ReplicaSet,
+    committed: bool,
+}
+
+/// The key under which an own certified message is persisted.
+fn sent_key(counter: u64) -> Vec<u8> {
+    let mut key = b"sent/".to_vec();
+    key.extend_from_slice(&counter.to_be_bytes());
+    key
+}
+
+/// A MinBFT replica. Drive it through [`diffuse_core::protocol::Replica::handle`].
+pub struct MinBftReplica {
+    id: ReplicaId,
+    quorum: QuorumSystem,
+    keys: Arc<ClusterKeys>,
+    options: MinBftOptions,
+    service: ReplicatedService,
+    /// Set when the replica cannot take part (see `halt`): it then sends nothing.
+    halted: bool,
+    enclave: Option<SoftwareEnclave>,
+    /// Every replica's enclave key, by index.
+    enclave_keys: Vec<PublicKey>,
+
+    view: View,
+    streams: Streams,
+    log: BTreeMap<Seq, Slot>,
+    stable: CheckpointCert,
+    stable_snapshot: Option<StateSnapshot>,
+    last_executed: Seq,
+    own_checkpoints: BTreeMap<Seq, StateSnapshot>,
+    /// Checkpoint votes above the low watermark: sequence number to votes.
+    checkpoint_votes: BTreeMap<Seq, BTreeMap<ReplicaId, crate::message::Checkpoint>>,
+    /// As primary: the next sequence number to assign.
+    next_seq: Seq,
+    pending: Pending,
+    batch_timer_running: bool,
+    /// Own certified messages not yet garbage-collected, in counter order, for
+    /// retransmission (and, with view changes, for VIEW-CHANGE logs).
+    sent: VecDeque<Certified>,
+}
+
+impl MinBftReplica {
+    /// Builds a replica that has not started yet; feed it [`Input::Start`] first.
+    pub fn new(setup: ReplicaSetup<MinBftOptions>, app: Box<dyn Application>) -> Self {
+        let quorum = QuorumSystem::trusted(setup.keys.n())
+            .expect("ClusterKeys guarantees 1..=MAX_REPLICAS replicas");
+        let service = ReplicatedService::new(app);
+        let genesis = service.snapshot();
+        let window = setup.options.base.window as usize;
+        let streams = Streams::new(
+            quorum.replicas().filter(|r| *r != setup.id),
+            1,
+            4 * window + 16,
+        );
+        Self {
+            id: setup.id,
+            quorum,
+            keys: setup.keys,
+            service,
+            halted: false,
+            enclave: None,
+            enclave_keys: Vec::new(),
+            view: View(0),
+            streams,
+            log: BTreeMap::new(),
+            stable: CheckpointCert {
+                seq: Seq(0),
+                state: genesis.digest,
+                votes: Default::default(),
+            },
+            stable_snapshot: Some(genesis),
+            last_executed: Seq(0),
+            own_checkpoints: BTreeMap::new(),
+            checkpoint_votes: BTreeMap::new(),
+            next_seq: Seq(1),
+            pending: Pending::default(),
+            batch_timer_running: false,
+            sent: VecDeque::new(),
+            options: setup.options,
+        }
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> ReplicaId {
+        self.id
+    }
+
+    /// The last executed sequence number.
+    pub fn last_executed(&self) -> Seq {
+        self.last_executed
+    }
+
+    /// The stable checkpoint's sequence number (the low watermark).
+    pub fn low_watermark(&self) -> Seq {
+        self.stable.seq
+    }
+
+    fn n(&self) -> usize {
+        self.quorum.n()
+    }
+
+    fn primary(&self) -> ReplicaId {
+        self.view.primary(self.n())
+    }
+
+    fn is_primary(&self) -> bool {
+        self.primary() == self.id
+    }
+
+    fn low(&self) -> Seq {
+        self.stable.seq
+    }
+
+    fn high(&self) -> Seq {
+        self.low().plus(self.options.base.window)
+    }
+
+    fn slot_rules(&self) -> SlotRules {
+        SlotRules {
+            checkpoint_interval: self.options.base.checkpoint_interval,
+            window: self.options.base.window,
+        }
+    }
+
+    /// Stops taking part, for a reason written to the trace as a fault of itself.
+    fn halt(&mut self, why: &'static str, out: &mut Out) {
+        self.halted = true;
+        out.fault(self.id, why);
+    }
+
+    fn on_start(&mut self, recovered: Recovered, out: &mut Out) {
+        let booted =
+            self.options
+                .tee
+                .boot(self.id, self.n(), self.quorum.f() + 1, self.slot_rules());
+        let booted = match booted {
+            Ok(booted) => booted,
+            Err(_) => return self.halt("enclave-unavailable", out),
+        };
+        self.enclave_keys = booted.enclave_keys;
+        let locked = booted.enclave.is_locked();
+        self.enclave = Some(booted.enclave);
+        if !recovered.is_empty() || locked {
+            // Recovery from persisted state and REJOIN of a locked enclave are the
+            // next step of issue 5 (docs/protocols/minbft.md); until then a restarted
+            // replica stays out rather than vote without its history.
+            return self.halt("recovery-not-implemented", out);
+        }
+        out.set_timer(Timer::Status, self.options.base.status_interval);
+    }
+
+    /// Certifies `message` (built from its UI) with this replica's enclave, persists
+    /// it, and returns it; `None` if the enclave refuses (locked, or the scope rule).
+    fn certify(
+        &mut self,
+        scope: Scope,
+        digest: &Digest,
+        build: impl FnOnce(Ui) -> Certified,
+        out: &mut Out,
+    ) -> Option<Certified> {
+        let ui = self
+            .enclave
+            .as_mut()?
+            .create_scoped_ui(scope, digest)
+            .ok()?;
+        let message = build(ui);
+        out.persist(vec![WriteOp::Put {
+            key: sent_key(ui.counter),
+            value: codec::encode_payload(&message),
+        }]);
+        self.sent.push_back(message.clone());
+        Some(message)
+    }
+
+    fn on_input(&mut self, input: Input<Message, Timer>, out: &mut Out) {
+        if self.halted {
+            return;
+        }
+        match input {
+            Input::Start(recovered) => self.on_start(recovered, out),
+            Input::Message { from, message } => self.on_message(from, message, out),
+            Input::Timer(Timer::Batch) => {
+                self.batch_timer_running = false;
+                self.propose_batches(true, out);
+            }
+            Input::Timer(Timer::Status) => self.on_status_tick(out),
+        }
+    }
+
+    fn on_message(&mut self, from: NodeId, message: Message, out: &mut Out) {
+        match (from, message) {
+            (_, Message::Request(request)) => self.on_request(from, request, out),
+            (NodeId::Client(_), _) => out.fault(from, "client-sent-replica-message"),
+            (NodeId::Replica(r), _) if !self.quorum.is_member(r) || r == self.id => {}
+            (NodeId::Replica(_), Message::Reply(_)) => {
+                out.fault(from, "replica-sent-reply-to-replica")
+            }
+            (NodeId::Replica(r), Message::Certified(certified)) => {
+                self.on_certified(r, certified, out)
+            }
+            (NodeId::Replica(r), Message::StreamFetch(fetch)) => {
+                self.on_stream_fetch(r, fetch, out)
+            }
+        }
+    }
+
+    /// Verifies a certified message's UI (recording it in the enclave, which is what
+    /// a REJOIN report vouches for), queues it in its sender's stream, and consumes
+    /// whatever is in line.
+    fn on_certified(&mut self, from: ReplicaId, message: Certified, out: &mut Out) {
+        if message.sender() != from {
+            return out.fault(from, "certified-message-of-another-replica");
+        }
+        let Some(key) = self.enclave_keys.get(from.index()).copied() else {
+            return;
+        };
+        let (scope, digest, ui) = (message.scope(), message.certified_digest(), *message.ui());
+        if self
+            .streams
+            .next_expected(from)
+            .is_some_and(|next| ui.counter < next)
+        {
+            return; // a retransmission of something consumed already
+        }
+        let Some(enclave) = self.enclave.as_mut() else {
+            return;
+        };
+        if !enclave.accept_ui(&key, scope, &digest, &ui) {
+            return out.fault(from, "bad-ui");
+        }
+        if self.options.is(Mutant::NoContinuityCheck) {
+            return self.consume(message, out);
+        }
+        if self.streams.offer(message) == Offered::Dropped {
+            return;
+        }
+        self.drain_streams(out);
+    }
+
+    /// Consumes every stream's messages that are in line and usable, until none is.
+    fn drain_streams(&mut self, out: &mut Out) {
+        loop {
+            let mut progressed = false;
+            let senders: Vec<ReplicaId> = self.streams.senders().collect();
+            for sender in senders {
+                while let Some(next) = self.streams.peek(sender) {
+                    if self.admit(next) == Next::Stall {
+                        break;
+                    }
+                    let message = self.streams.pop(sender).expect("peeked above");
+                    self.consume(message, out);
+                    progressed = true;
+                }
+            }
+            if !progressed || self.halted {
+                return;
+            }
+        }
+    }
+
+    /// Whether the replica can use a stream's next message now.
+    fn admit(&self, message: &Certified) -> Next {
+        let slot_admission = |view: View, seq: Seq| {
+            if view > self.view || seq > self.high() {
+                Next::Stall
+            } else {
+                Next::Consume
+            }
+        };
+        match message {
+            Certified::Prepare(p) => slot_admission(p.view, p.seq),
+            Certified::Commit(c) => {
+                let prepare = &c.prepare;
+                // The PREPARE a COMMIT points at must be consumed first, so that the
+                // replica judges it against the primary's stream order.
+                let prepare_pending = prepare.replica != self.id
+                    && self
+                        .streams
+                        .next_expected(prepare.replica)
+                        .is_some_and(|next| next <= prepare.ui.counter);
+                if prepare_pending && prepare.seq > self.low() && prepare.view >= self.view {
+                    return Next::Stall;
+                }
+                slot_admission(prepare.view, prepare.seq)
+            }
+            Certified::Checkpoint(_) => Next::Consume,
+        }
+    }
+
+    fn consume(&mut self, message: Certified, out: &mut Out) {
+        match message {
+            Certified::Prepare(prepare) => self.on_prepare(prepare, out),
+            Certified::Commit(commit) => self.on_commit(commit, out),
+            Certified::Checkpoint(checkpoint) => self.on_checkpoint(checkpoint, out),
+        }
+    }
+
+    /// Every status interval: ask each sender whose stream has a gap to resend.
+    fn on_status_tick(&mut self, out: &mut Out) {
+        let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
+        for (sender, from) in gaps {
+            out.send(sender, Message::StreamFetch(StreamFetch { from }));
+        }
+        out.set_timer(Timer::Status, self.options.base.status_interval);
+    }
+
+    /// Resends own certified messages from `fetch.from` on (at most one hold-back
+    /// queue's worth, so one request cannot make the replica send without bound).
+    fn on_stream_fetch(&mut self, from: ReplicaId, fetch: StreamFetch, out: &mut Out) {
+        let capacity = self.streams.capacity();
+        for message in self
+            .sent
+            .iter()
+            .filter(|m| m.counter() >= fetch.from)
+            .take(capacity)
+        {
+            out.send(from, Message::Certified(message.clone()));
+        }
+    }
+
+    /// Internal consistency, checked by the simulator after every input.
+    fn assert_invariants(&self) {
+        assert!(self.last_executed >= self.low());
+        if let Some((first, _)) = self.log.first_key_value() {
+            assert!(
+                *first > self.low(),
+                "slot {first} at or below the low watermark"
+            );
+        }
+        for sender in self.streams.senders() {
+            assert!(self.streams.held(sender) <= self.streams.capacity());
+        }
+        let counters: Vec<u64> = self.sent.iter().map(Certified::counter).collect();
+        assert!(
+            counters.windows(2).all(|w| w[0] + 1 == w[1]),
+            "own log has a gap"
+        );
+    }
+}
+
+impl diffuse_core::protocol::Replica for MinBftReplica {
+    type Message = Message;
+    type Timer = Timer;
+
+    fn handle(&mut self, input: Input<Message, Timer>) -> Actions<Message, Timer> {
+        let mut out = Out::new();
+        self.on_input(input, &mut out);
+        out
+    }
+
+    fn view(&self) -> View {
+        self.view
+    }
+
+    fn check_invariants(&self) {
+        self.assert_invariants();
+    }
+}

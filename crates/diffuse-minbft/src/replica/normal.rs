@@ -1,0 +1,284 @@
+//! The normal case: requests, batching, PREPARE / COMMIT, execution.
+
+use super::{MinBftReplica, Out, Slot, Timer};
+use crate::message::{Certified, Commit, Message, Prepare};
+use diffuse_core::codec::{Blob, BoundedVec};
+use diffuse_core::ids::{ClientId, NodeId, Seq};
+use diffuse_core::protocol::Observation;
+use diffuse_core::service::Execution;
+use diffuse_pbft::message::{Batch, Reply, Request};
+use diffuse_tee::Scope;
+
+impl MinBftReplica {
+    fn request_is_valid(&self, request: &Request) -> bool {
+        if request.operation.len() > self.options.base.max_operation_bytes {
+            return false;
+        }
+        let Some(key) = self.keys.client(request.client) else {
+            return false;
+        };
+        if let Some(pending) = self.pending.get(request.client) {
+            if pending.request == *request {
+                return true;
+            }
+        }
+        request.verify(key)
+    }
+
+    pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
+        let from_client = from == NodeId::Client(request.client);
+        if matches!(from, NodeId::Client(_)) && !from_client {
+            return out.fault(from, "request-for-another-client");
+        }
+        if !self.request_is_valid(&request) {
+            return out.fault(from, "bad-request");
+        }
+        let (client, timestamp) = (request.client, request.timestamp);
+        let last = self.service.last_timestamp(client);
+        if timestamp <= last {
+            if timestamp == last && from_client {
+                self.resend_reply(client, out);
+            }
+            return;
+        }
+        let known = self.pending.get(client).map(|p| p.request.timestamp);
+        if known.is_some_and(|t| t > timestamp) {
+            return;
+        }
+        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None);
+        if self.is_primary() {
+            if fresh {
+                self.propose_batches(false, out);
+            }
+        } else if from_client {
+            out.send(self.primary(), Message::Request(request));
+        }
+    }
+
+    fn resend_reply(&self, client: ClientId, out: &mut Out) {
+        if let Some((timestamp, result)) = self.service.cached_reply(client) {
+            out.send(
+                client,
+                Message::Reply(self.reply(client, timestamp, result.to_vec())),
+            );
+        }
+    }
+
+    fn reply(&self, client: ClientId, timestamp: u64, result: Vec<u8>) -> Reply {
+        Reply {
+            view: self.view,
+            client,
+            timestamp,
+            replica: self.id,
+            result: Blob::try_from_vec(result).unwrap_or_default(),
+        }
+    }
+
+    /// As primary, cuts batches from pending requests while the window, the
+    /// pipeline and the enclave's slot rule allow. A partial batch goes out only when
+    /// `flush` is set (the batch timer fired) or when no delay is configured.
+    pub(super) fn propose_batches(&mut self, mut flush: bool, out: &mut Out) {
+        if !self.is_primary() {
+            return;
+        }
+        let base = &self.options.base;
+        let (max_requests, max_bytes, max_in_flight, delay) = (
+            base.batch_max_requests,
+            base.batch_max_bytes,
+            base.max_in_flight,
+            base.batch_delay,
+        );
+        loop {
+            let in_flight = self.next_seq.0.saturating_sub(self.last_executed.0 + 1);
+            let enclave_limit = self
+                .enclave
+                .as_ref()
+                .map_or(0, |e| e.last_checkpoint() + self.options.base.window);
+            if self.next_seq > self.high()
+                || self.next_seq.0 > enclave_limit
+                || in_flight >= max_in_flight
+            {
+                return;
+            }
+            let mut requests = Vec::new();
+            let mut bytes = 0usize;
+            for pending in self.pending.unproposed(self.view) {
+                let size = pending.request.operation.len();
+                if requests.len() == max_requests
+                    || (!requests.is_empty() && bytes + size > max_bytes)
+                {
+                    break;
+                }
+                bytes += size;
+                requests.push(pending.request.clone());
+            }
+            if requests.is_empty() {
+                return;
+            }
+            let full = requests.len() == max_requests;
+            if !full && !flush && !delay.is_zero() {
+                if !self.batch_timer_running {
+                    self.batch_timer_running = true;
+                    out.set_timer(Timer::Batch, delay);
+                }
+                return;
+            }
+            flush = false;
+            for request in &requests {
+                self.pending
+                    .mark_proposed(request.client, request.timestamp, self.view);
+            }
+            let batch = Batch {
+                requests: BoundedVec::truncating(requests),
+            };
+            let (view, seq, replica) = (self.view, self.next_seq, self.id);
+            let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
+            let certified = self.certify(
+                Scope::Slot(seq.0),
+                &digest,
+                |ui| {
+                    Certified::Prepare(Prepare {
+                        replica,
+                        view,
+                        seq,
+                        batch,
+                        ui,
+                    })
+                },
+                out,
+            );
+            let Some(Certified::Prepare(prepare)) = certified else {
+                return;
+            };
+            self.next_seq = seq.next();
+            out.broadcast(Message::Certified(Certified::Prepare(prepare.clone())));
+            let slot = self.log.entry(seq).or_default();
+            slot.prepare = Some(prepare);
+            slot.votes.insert(replica);
+            self.try_commit(seq, out);
+        }
+    }
+
+    /// The first PREPARE for a slot in the primary's stream is the one accepted.
+    pub(super) fn on_prepare(&mut self, prepare: Prepare, out: &mut Out) {
+        if prepare.replica != prepare.view.primary(self.n()) {
+            return out.fault(prepare.replica, "prepare-from-a-backup");
+        }
+        if prepare.view < self.view || prepare.seq <= self.low() {
+            return;
+        }
+        if !prepare
+            .batch
+            .requests
+            .iter()
+            .all(|r| self.request_is_valid(r))
+        {
+            return out.fault(prepare.replica, "prepare-with-bad-request");
+        }
+        let seq = prepare.seq;
+        let slot = self.log.entry(seq).or_default();
+        if slot.prepare.is_some() {
+            return out.fault(prepare.replica, "second-prepare-for-a-slot");
+        }
+        let reference = prepare.reference();
+        slot.votes.insert(prepare.replica);
+        slot.prepare = Some(prepare);
+        let me = self.id;
+        let certified = self.certify(
+            Scope::Slot(seq.0),
+            &Commit::certified_digest(me, &reference),
+            |ui| {
+                Certified::Commit(Commit {
+                    replica: me,
+                    prepare: reference,
+                    ui,
+                })
+            },
+            out,
+        );
+        if let Some(commit) = certified {
+            out.broadcast(Message::Certified(commit));
+            if let Some(slot) = self.log.get_mut(&seq) {
+                slot.votes.insert(me);
+            }
+        }
+        self.try_commit(seq, out);
+    }
+
+    /// A COMMIT counts only for the PREPARE this replica accepted for the slot.
+    pub(super) fn on_commit(&mut self, commit: Commit, out: &mut Out) {
+        let seq = commit.prepare.seq;
+        if commit.prepare.view < self.view || seq <= self.low() {
+            return;
+        }
+        let accepted = self
+            .log
+            .get(&seq)
+            .and_then(|slot| slot.prepare.as_ref())
+            .map(Prepare::reference);
+        if accepted != Some(commit.prepare) {
+            return out.fault(commit.replica, "commit-for-another-prepare");
+        }
+        if let Some(slot) = self.log.get_mut(&seq) {
+            slot.votes.insert(commit.replica);
+        }
+        self.try_commit(seq, out);
+    }
+
+    fn try_commit(&mut self, seq: Seq, out: &mut Out) {
+        let Some(slot) = self.log.get_mut(&seq) else {
+            return;
+        };
+        if !slot.committed && slot.prepare.is_some() && self.quorum.is_quorum(&slot.votes) {
+            slot.committed = true;
+            self.execute_ready(out);
+        }
+    }
+
+    fn execute_ready(&mut self, out: &mut Out) {
+        let mut progressed = false;
+        loop {
+            let seq = self.last_executed.next();
+            let Some(Slot {
+                prepare: Some(prepare),
+                committed: true,
+                ..
+            }) = self.log.get(&seq)
+            else {
+                break;
+            };
+            let batch = prepare.batch.clone();
+            self.execute_batch(seq, &batch, out);
+            self.last_executed = seq;
+            progressed = true;
+            if seq.0 % self.options.base.checkpoint_interval == 0 {
+                self.take_checkpoint(seq, out);
+            }
+        }
+        if progressed {
+            self.propose_batches(false, out);
+        }
+    }
+
+    fn execute_batch(&mut self, seq: Seq, batch: &Batch, out: &mut Out) {
+        let mut executed = 0;
+        for request in batch.requests.iter() {
+            let (client, timestamp) = (request.client, request.timestamp);
+            self.pending.executed(client, timestamp);
+            if let Execution::Executed(result) =
+                self.service.execute(client, timestamp, &request.operation)
+            {
+                executed += 1;
+                out.send(
+                    client,
+                    Message::Reply(self.reply(client, timestamp, result)),
+                );
+            }
+        }
+        out.observe(Observation::Executed {
+            seq,
+            batch: batch.digest(),
+            requests: executed,
+        });
+    }
+}

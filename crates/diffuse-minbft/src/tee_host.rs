@@ -1,0 +1,139 @@
+//! Where a MinBFT replica gets its enclave from: the machine around the replica.
+//!
+//! The enclave lives in the replica's process, but its platform (monotonic counter,
+//! sealing key) and its sealed state on disk outlive a crash of that process. A
+//! [`TeeHost`] models that machine: the simulator uses [`TeeHost::simulated`], which
+//! creates one platform and enclave per replica on first use and keeps them across
+//! the replica's crashes, where the replica's own code cannot rewrite them.
+
+use diffuse_core::crypto::PublicKey;
+use diffuse_core::ids::ReplicaId;
+use diffuse_tee::{
+    Platform, SealedState, SlotRules, SoftwareEnclave, SoftwarePlatform, TeeError, TrustedComponent,
+};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+/// One replica's machine: its platform and the sealed state on its disk.
+struct Machine {
+    platform: Arc<dyn Platform>,
+    /// The state sealed at the last scheduled shutdown.
+    sealed: SealedState,
+}
+
+struct Cluster {
+    machines: BTreeMap<ReplicaId, Machine>,
+    /// Every replica's enclave key, as an attested cluster config would list them.
+    enclave_keys: Vec<PublicKey>,
+}
+
+/// The machines of a cluster's replicas, shared by every replica built with the same
+/// options (cloning shares it).
+#[derive(Clone)]
+pub struct TeeHost {
+    seed: [u8; 32],
+    cluster: Arc<Mutex<Option<Cluster>>>,
+}
+
+impl std::fmt::Debug for TeeHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TeeHost").finish_non_exhaustive()
+    }
+}
+
+/// What a replica gets at boot.
+pub struct Booted {
+    /// Its enclave: unlocked after a scheduled shutdown or on first boot, locked after
+    /// an unscheduled reboot.
+    pub enclave: SoftwareEnclave,
+    /// Every replica's enclave key, by replica index.
+    pub enclave_keys: Vec<PublicKey>,
+}
+
+impl TeeHost {
+    /// Simulated machines whose platforms derive from `seed`.
+    pub fn simulated(seed: [u8; 32]) -> TeeHost {
+        TeeHost {
+            seed,
+            cluster: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Boots replica `id` of `n`: on the first boot of the cluster, creates every
+    /// machine and enclave (as `diffuse testnet` does before any replica starts),
+    /// configures each with its peers, `reset_threshold` and `rules`, and seals it
+    /// with a scheduled shutdown. Then resumes `id`'s enclave from its sealed state.
+    pub fn boot(
+        &self,
+        id: ReplicaId,
+        n: usize,
+        reset_threshold: usize,
+        rules: SlotRules,
+    ) -> Result<Booted, TeeError> {
+        let mut guard = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if guard.is_none() {
+            *guard = Some(self.create_cluster(n, reset_threshold, rules)?);
+        }
+        let cluster = guard.as_mut().expect("created above");
+        let machine = cluster
+            .machines
+            .get(&id)
+            .ok_or(TeeError::Configuration("no machine for this replica"))?;
+        let enclave = SoftwareEnclave::resume(machine.platform.clone(), &machine.sealed)?;
+        Ok(Booted {
+            enclave,
+            enclave_keys: cluster.enclave_keys.clone(),
+        })
+    }
+
+    /// A scheduled shutdown of `id`'s enclave: its sealed state replaces the old one.
+    pub fn shutdown(&self, id: ReplicaId, enclave: SoftwareEnclave) {
+        let sealed = enclave.shutdown();
+        let mut guard = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(machine) = guard.as_mut().and_then(|c| c.machines.get_mut(&id)) {
+            machine.sealed = sealed;
+        }
+    }
+
+    fn create_cluster(
+        &self,
+        n: usize,
+        reset_threshold: usize,
+        rules: SlotRules,
+    ) -> Result<Cluster, TeeError> {
+        let platforms: Vec<Arc<dyn Platform>> = (0..n)
+            .map(|i| {
+                let mut seed = self.seed;
+                seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                Arc::new(SoftwarePlatform::new(seed)) as Arc<dyn Platform>
+            })
+            .collect();
+        let mut enclaves: Vec<SoftwareEnclave> = platforms
+            .iter()
+            .map(|p| SoftwareEnclave::create(p.clone()))
+            .collect();
+        let enclave_keys: Vec<PublicKey> = enclaves.iter().map(|e| e.public_key()).collect();
+        let mut machines = BTreeMap::new();
+        for (i, (mut enclave, platform)) in enclaves.drain(..).zip(platforms).enumerate() {
+            enclave.configure(enclave_keys.clone(), reset_threshold)?;
+            enclave.configure_slots(rules)?;
+            machines.insert(
+                ReplicaId(i as u16),
+                Machine {
+                    platform,
+                    sealed: enclave.shutdown(),
+                },
+            );
+        }
+        Ok(Cluster {
+            machines,
+            enclave_keys,
+        })
+    }
+}
