@@ -9,9 +9,8 @@ use diffuse_core::protocol::{Observation, WriteOp};
 use diffuse_core::quorum::ReplicaSet;
 use diffuse_tee::Scope;
 
-/// How many checkpoints above the low watermark votes are kept for, per sender's
-/// worth: enough for the window, bounded whatever peers send.
-const CHECKPOINTS_KEPT: usize = 64;
+/// Checkpoints above the window whose votes are kept too (a peer slightly ahead).
+const CHECKPOINTS_BEYOND_WINDOW: usize = 4;
 
 impl MinBftReplica {
     pub(super) fn take_checkpoint(&mut self, seq: Seq, out: &mut Out) {
@@ -48,7 +47,10 @@ impl MinBftReplica {
         }
         let votes = self.checkpoint_votes.entry(checkpoint.seq).or_default();
         votes.insert(checkpoint.replica, checkpoint);
-        while self.checkpoint_votes.len() > CHECKPOINTS_KEPT {
+        let base = &self.options.base;
+        let kept =
+            (base.window / base.checkpoint_interval.max(1)) as usize + CHECKPOINTS_BEYOND_WINDOW;
+        while self.checkpoint_votes.len() > kept {
             self.checkpoint_votes.pop_last();
         }
         self.try_stabilize(checkpoint.seq, out);
@@ -97,7 +99,7 @@ impl MinBftReplica {
             .stable
             .seq
             .0
-            .checked_sub(base.window - base.checkpoint_interval)
+            .checked_sub(base.window.saturating_sub(base.checkpoint_interval))
         else {
             return;
         };

@@ -53,6 +53,8 @@ struct Slot {
     /// PREPARE is its vote).
     votes: ReplicaSet,
     committed: bool,
+    /// The first PREPARE for this slot in the primary's stream was invalid.
+    rejected: bool,
 }
 
 /// The key under which an own certified message is persisted.
@@ -104,7 +106,7 @@ impl MinBftReplica {
         let streams = Streams::new(
             quorum.replicas().filter(|r| *r != setup.id),
             1,
-            4 * window + 16,
+            window.saturating_mul(4).saturating_add(16),
         );
         Self {
             id: setup.id,

@@ -124,10 +124,7 @@ impl MinBftReplica {
                 return;
             }
             flush = false;
-            for request in &requests {
-                self.pending
-                    .mark_proposed(request.client, request.timestamp, self.view);
-            }
+            let proposed: Vec<_> = requests.iter().map(|r| (r.client, r.timestamp)).collect();
             let batch = Batch {
                 requests: BoundedVec::truncating(requests),
             };
@@ -148,8 +145,11 @@ impl MinBftReplica {
                 out,
             );
             let Some(Certified::Prepare(prepare)) = certified else {
-                return;
+                return; // the enclave refused: the requests stay unproposed
             };
+            for (client, timestamp) in proposed {
+                self.pending.mark_proposed(client, timestamp, view);
+            }
             self.next_seq = seq.next();
             out.broadcast(Message::Certified(Certified::Prepare(prepare.clone())));
             let slot = self.log.entry(seq).or_default();
@@ -167,19 +167,27 @@ impl MinBftReplica {
         if prepare.view < self.view || prepare.seq <= self.low() {
             return;
         }
+        let seq = prepare.seq;
+        if self
+            .log
+            .get(&seq)
+            .is_some_and(|slot| slot.prepare.is_some() || slot.rejected)
+        {
+            return out.fault(prepare.replica, "second-prepare-for-a-slot");
+        }
         if !prepare
             .batch
             .requests
             .iter()
             .all(|r| self.request_is_valid(r))
         {
+            // The first PREPARE for the slot in the primary's stream was invalid: the
+            // slot takes no later one in this view, so "first in counter order" means
+            // the same thing to every replica and to the view change.
+            self.log.entry(seq).or_default().rejected = true;
             return out.fault(prepare.replica, "prepare-with-bad-request");
         }
-        let seq = prepare.seq;
         let slot = self.log.entry(seq).or_default();
-        if slot.prepare.is_some() {
-            return out.fault(prepare.replica, "second-prepare-for-a-slot");
-        }
         let reference = prepare.reference();
         slot.votes.insert(prepare.replica);
         slot.prepare = Some(prepare);
