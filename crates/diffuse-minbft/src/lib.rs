@@ -41,8 +41,20 @@ impl ProtocolSuite for MinBft {
 
     const NAME: &'static str = "minbft";
 
+    /// MinBFT needs `n = 2f + 1` exactly: with an even `n`, two quorums of `f + 1`
+    /// can be disjoint (`{0, 1}` and `{2, 3}` at `n = 4`), and the view change's
+    /// argument needs them to share a replica.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError> {
-        QuorumSystem::trusted(n)
+        let quorum = QuorumSystem::trusted(n)?;
+        if n != 2 * quorum.f() + 1 {
+            return Err(QuorumError::TooFewReplicas {
+                n,
+                f: quorum.f() + 1,
+                model: "MinBFT (n = 2f + 1 exactly; an even n adds no tolerance)",
+                needed: 2 * quorum.f() + 3,
+            });
+        }
+        Ok(quorum)
     }
 
     fn default_options() -> MinBftOptions {

@@ -34,3 +34,12 @@ fn minbft_orders_requests_without_faults() {
 // sender's garbage-collected log; it needs re-anchoring and state transfer
 // (docs/protocols/minbft.md), the next step. Seed 1 of `FaultMix::Network` at n = 3
 // shows it (liveness violation, no safety one).
+
+#[test]
+fn an_even_number_of_replicas_is_refused() {
+    use diffuse_core::suite::ProtocolSuite;
+    assert!(MinBft::quorum(3).is_ok() && MinBft::quorum(5).is_ok());
+    for n in [2, 4, 6] {
+        assert!(MinBft::quorum(n).is_err(), "n = {n}");
+    }
+}

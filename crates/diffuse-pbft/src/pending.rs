@@ -25,6 +25,29 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// Whether `request` is well-formed and signed by its registered client. A
+    /// request identical to the pending one of its client was checked already.
+    pub fn request_is_valid(
+        &self,
+        request: &Request,
+        keys: &diffuse_core::config::ClusterKeys,
+        max_operation_bytes: usize,
+    ) -> bool {
+        if request.operation.len() > max_operation_bytes {
+            return false;
+        }
+        let Some(key) = keys.client(request.client) else {
+            return false;
+        };
+        if self
+            .get(request.client)
+            .is_some_and(|p| p.request == *request)
+        {
+            return true;
+        }
+        request.verify(key)
+    }
+
     /// The pending request of `client`.
     pub fn get(&self, client: ClientId) -> Option<&PendingRequest> {
         self.by_client.get(&client)

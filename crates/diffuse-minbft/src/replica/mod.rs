@@ -93,6 +93,9 @@ pub struct MinBftReplica {
     /// Own certified messages not yet garbage-collected, in counter order, for
     /// retransmission (and, with view changes, for VIEW-CHANGE logs).
     sent: VecDeque<Certified>,
+    /// Peers whose STREAM-FETCH was answered this status interval: one answer per
+    /// peer per interval, so fetches cannot make the replica send without bound.
+    fetches_answered: ReplicaSet,
 }
 
 impl MinBftReplica {
@@ -132,6 +135,7 @@ impl MinBftReplica {
             pending: Pending::default(),
             batch_timer_running: false,
             sent: VecDeque::new(),
+            fetches_answered: ReplicaSet::new(),
             options: setup.options,
         }
     }
@@ -353,6 +357,7 @@ impl MinBftReplica {
 
     /// Every status interval: ask each sender whose stream has a gap to resend.
     fn on_status_tick(&mut self, out: &mut Out) {
+        self.fetches_answered = ReplicaSet::new();
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
         for (sender, from) in gaps {
             out.send(sender, Message::StreamFetch(StreamFetch { from }));
@@ -360,9 +365,12 @@ impl MinBftReplica {
         out.set_timer(Timer::Status, self.options.base.status_interval);
     }
 
-    /// Resends own certified messages from `fetch.from` on (at most one hold-back
-    /// queue's worth, so one request cannot make the replica send without bound).
+    /// Resends own certified messages from `fetch.from` on: at most one hold-back
+    /// queue's worth, and one answer per peer per status interval.
     fn on_stream_fetch(&mut self, from: ReplicaId, fetch: StreamFetch, out: &mut Out) {
+        if !self.fetches_answered.insert(from) {
+            return;
+        }
         let capacity = self.streams.capacity();
         for message in self
             .sent

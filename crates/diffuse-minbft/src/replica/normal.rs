@@ -11,18 +11,8 @@ use diffuse_tee::Scope;
 
 impl MinBftReplica {
     fn request_is_valid(&self, request: &Request) -> bool {
-        if request.operation.len() > self.options.base.max_operation_bytes {
-            return false;
-        }
-        let Some(key) = self.keys.client(request.client) else {
-            return false;
-        };
-        if let Some(pending) = self.pending.get(request.client) {
-            if pending.request == *request {
-                return true;
-            }
-        }
-        request.verify(key)
+        self.pending
+            .request_is_valid(request, &self.keys, self.options.base.max_operation_bytes)
     }
 
     pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {

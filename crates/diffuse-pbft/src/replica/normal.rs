@@ -17,19 +17,8 @@ use std::sync::Arc;
 impl PbftReplica {
     /// Whether a request is well-formed and signed by its (registered) client.
     pub(super) fn request_is_valid(&self, request: &Request) -> bool {
-        if request.operation.len() > self.options.max_operation_bytes {
-            return false;
-        }
-        let Some(key) = self.keys.client(request.client) else {
-            return false;
-        };
-        // A request identical to one already checked needs no second verification.
-        if let Some(pending) = self.pending.get(request.client) {
-            if pending.request == *request {
-                return true;
-            }
-        }
-        request.verify(key)
+        self.pending
+            .request_is_valid(request, &self.keys, self.options.max_operation_bytes)
     }
 
     pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
