@@ -7,9 +7,11 @@
 
 use diffuse_core::codec::{BoundedVec, WireMessage};
 use diffuse_core::crypto::Digest;
+use diffuse_core::crypto::PublicKey;
 use diffuse_core::ids::{MAX_REPLICAS, ReplicaId, Seq, View};
-use diffuse_pbft::message::{Batch, Reply, Request};
-use diffuse_tee::{Scope, Ui};
+use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
+use diffuse_pbft::message::{Batch, FetchState, Reply, Request, StateChunk};
+use diffuse_tee::{Scope, Ui, verify_scoped_ui};
 use serde::{Deserialize, Serialize};
 
 /// PREPARE: the primary assigns `batch` to `seq` in `view`; also its commit vote.
@@ -116,6 +118,38 @@ pub struct CheckpointCert {
     pub votes: BoundedVec<Checkpoint, MAX_REPLICAS>,
 }
 
+impl CheckpointCert {
+    /// The genesis checkpoint (sequence number 0), which needs no votes.
+    pub fn genesis(state: Digest) -> Self {
+        CheckpointCert {
+            seq: Seq(0),
+            state,
+            votes: BoundedVec::default(),
+        }
+    }
+
+    /// Whether `f + 1` distinct replicas' enclaves certified this checkpoint
+    /// (`enclave_keys` by replica index). The genesis is checked by the caller.
+    pub fn is_valid(&self, quorum: &QuorumSystem, enclave_keys: &[PublicKey]) -> bool {
+        let mut voters = ReplicaSet::new();
+        for vote in self.votes.iter() {
+            let Some(key) = enclave_keys.get(vote.replica.index()) else {
+                return false;
+            };
+            let digest = Checkpoint::certified_digest(vote.replica, vote.seq, &vote.state);
+            if vote.seq != self.seq
+                || vote.state != self.state
+                || !quorum.is_member(vote.replica)
+                || !voters.insert(vote.replica)
+                || !verify_scoped_ui(key, Scope::Checkpoint(self.seq.0), &digest, &vote.ui)
+            {
+                return false;
+            }
+        }
+        quorum.is_quorum(&voters)
+    }
+}
+
 /// A message certified by its sender's enclave, processed in counter order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Certified {
@@ -178,6 +212,14 @@ pub struct StreamFetch {
     pub from: u64,
 }
 
+/// The sender's latest counter value, sent every status interval so that a receiver
+/// that lost the sender's last messages (no later one shows the gap) fetches them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamHead {
+    /// The counter value of the sender's latest certified message.
+    pub last: u64,
+}
+
 /// Every MinBFT message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -189,6 +231,16 @@ pub enum Message {
     Certified(Certified),
     /// Retransmission request for a sender's certified messages.
     StreamFetch(StreamFetch),
+    /// The sender's latest counter value.
+    StreamHead(StreamHead),
+    /// The sender's stable checkpoint: sent before a retransmission that starts
+    /// above what the receiver asked for (the sender collected those messages), so
+    /// that the receiver can catch up by state transfer and re-anchor the stream.
+    Stable(CheckpointCert),
+    /// State transfer: a request for a checkpoint's state.
+    FetchState(FetchState),
+    /// State transfer: a piece of a checkpoint's state.
+    StateChunk(StateChunk),
 }
 
 impl WireMessage for Message {
@@ -200,6 +252,10 @@ impl WireMessage for Message {
             Message::Certified(Certified::Commit(_)) => "commit",
             Message::Certified(Certified::Checkpoint(_)) => "checkpoint",
             Message::StreamFetch(_) => "stream-fetch",
+            Message::StreamHead(_) => "stream-head",
+            Message::Stable(_) => "stable-checkpoint",
+            Message::FetchState(_) => "fetch-state",
+            Message::StateChunk(_) => "state-chunk",
         }
     }
 }

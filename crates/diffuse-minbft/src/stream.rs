@@ -96,6 +96,27 @@ impl Streams {
         self.streams.get(&sender).map(|s| s.next)
     }
 
+    /// If `sender`'s next message is missing, continues the stream at the first held
+    /// message that `is_anchor` accepts (dropping what is held below it).
+    pub fn skip_to(&mut self, sender: ReplicaId, is_anchor: impl Fn(&Certified) -> bool) {
+        let Some(stream) = self.streams.get_mut(&sender) else {
+            return;
+        };
+        if stream.held.contains_key(&stream.next) {
+            return;
+        }
+        let Some(anchor) = stream
+            .held
+            .iter()
+            .find(|(_, m)| is_anchor(m))
+            .map(|(c, _)| *c)
+        else {
+            return;
+        };
+        stream.held = stream.held.split_off(&anchor);
+        stream.next = anchor;
+    }
+
     /// Senders whose next message is missing while later ones wait: the counter to
     /// fetch from, per sender.
     pub fn gaps(&self) -> impl Iterator<Item = (ReplicaId, u64)> + '_ {

@@ -2,12 +2,11 @@
 //! `f + 1` matching ones are stable and truncate the log below them.
 
 use super::{MinBftReplica, Out};
-use crate::message::{Certified, Checkpoint, CheckpointCert, Message};
+use crate::message::{Certified, Checkpoint, CheckpointCert};
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::ids::Seq;
 use diffuse_core::protocol::{Observation, WriteOp};
 use diffuse_core::quorum::ReplicaSet;
-use diffuse_tee::Scope;
 
 /// Checkpoints above the window whose votes are kept too (a peer slightly ahead).
 const CHECKPOINTS_BEYOND_WINDOW: usize = 4;
@@ -20,25 +19,9 @@ impl MinBftReplica {
             state: snapshot.digest,
             app: snapshot.app_digest,
         });
-        let (me, state) = (self.id, snapshot.digest);
+        let state = snapshot.digest;
         self.own_checkpoints.insert(seq, snapshot);
-        let certified = self.certify(
-            Scope::Checkpoint(seq.0),
-            &Checkpoint::certified_digest(me, seq, &state),
-            |ui| {
-                Certified::Checkpoint(Checkpoint {
-                    replica: me,
-                    seq,
-                    state,
-                    ui,
-                })
-            },
-            out,
-        );
-        if let Some(Certified::Checkpoint(checkpoint)) = certified {
-            out.broadcast(Message::Certified(Certified::Checkpoint(checkpoint)));
-            self.on_checkpoint(checkpoint, out);
-        }
+        self.certify_checkpoint(seq, state, out);
     }
 
     pub(super) fn on_checkpoint(&mut self, checkpoint: Checkpoint, out: &mut Out) {
@@ -93,7 +76,7 @@ impl MinBftReplica {
     /// everything before this replica's own CHECKPOINT for the checkpoint
     /// `W - I` below the stable one (see the anchor rule in
     /// `docs/protocols/minbft.md`), in memory and on disk.
-    fn collect_sent(&mut self, out: &mut Out) {
+    pub(super) fn collect_sent(&mut self, out: &mut Out) {
         let base = &self.options.base;
         let Some(anchor_seq) = self
             .stable

@@ -6,8 +6,9 @@
 
 mod checkpoint;
 mod normal;
+mod transfer;
 
-use crate::message::{Certified, CheckpointCert, Message, Prepare, StreamFetch};
+use crate::message::{Certified, CheckpointCert, Message, Prepare, StreamFetch, StreamHead};
 use crate::options::{MinBftOptions, Mutant};
 use crate::stream::{Offered, Streams};
 use diffuse_core::app::Application;
@@ -31,6 +32,8 @@ pub enum Timer {
     Batch,
     /// Periodic check for stream gaps, answered by fetching the missing messages.
     Status,
+    /// No state chunk arrived in time: ask another source.
+    StateTransfer,
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -96,6 +99,10 @@ pub struct MinBftReplica {
     /// Peers whose STREAM-FETCH was answered this status interval: one answer per
     /// peer per interval, so fetches cannot make the replica send without bound.
     fetches_answered: ReplicaSet,
+    /// State chunks served per peer this status interval.
+    chunks_served: BTreeMap<ReplicaId, u32>,
+    /// The state transfer under way, if any.
+    transfer: Option<transfer::Transfer>,
 }
 
 impl MinBftReplica {
@@ -122,11 +129,7 @@ impl MinBftReplica {
             view: View(0),
             streams,
             log: BTreeMap::new(),
-            stable: CheckpointCert {
-                seq: Seq(0),
-                state: genesis.digest,
-                votes: Default::default(),
-            },
+            stable: CheckpointCert::genesis(genesis.digest),
             stable_snapshot: Some(genesis),
             last_executed: Seq(0),
             own_checkpoints: BTreeMap::new(),
@@ -136,6 +139,8 @@ impl MinBftReplica {
             batch_timer_running: false,
             sent: VecDeque::new(),
             fetches_answered: ReplicaSet::new(),
+            chunks_served: BTreeMap::new(),
+            transfer: None,
             options: setup.options,
         }
     }
@@ -244,6 +249,7 @@ impl MinBftReplica {
                 self.propose_batches(true, out);
             }
             Input::Timer(Timer::Status) => self.on_status_tick(out),
+            Input::Timer(Timer::StateTransfer) => self.on_transfer_timeout(out),
         }
     }
 
@@ -261,6 +267,10 @@ impl MinBftReplica {
             (NodeId::Replica(r), Message::StreamFetch(fetch)) => {
                 self.on_stream_fetch(r, fetch, out)
             }
+            (NodeId::Replica(r), Message::StreamHead(head)) => self.on_stream_head(r, head, out),
+            (NodeId::Replica(r), Message::Stable(cert)) => self.on_stable_cert(r, cert, out),
+            (NodeId::Replica(r), Message::FetchState(fetch)) => self.on_fetch_state(r, fetch, out),
+            (NodeId::Replica(r), Message::StateChunk(chunk)) => self.on_state_chunk(r, chunk, out),
         }
     }
 
@@ -303,6 +313,12 @@ impl MinBftReplica {
             let mut progressed = false;
             let senders: Vec<ReplicaId> = self.streams.senders().collect();
             for sender in senders {
+                let low = self.low();
+                let base = &self.options.base;
+                let reach = base.window.saturating_sub(base.checkpoint_interval);
+                self.streams.skip_to(sender, |m| {
+                    matches!(m, Certified::Checkpoint(c) if c.seq.0.saturating_add(reach) <= low.0)
+                });
                 while let Some(next) = self.streams.peek(sender) {
                     if self.admit(next) == Next::Stall {
                         break;
@@ -355,21 +371,44 @@ impl MinBftReplica {
         }
     }
 
-    /// Every status interval: ask each sender whose stream has a gap to resend.
+    /// Every status interval: ask each sender whose stream has a gap to resend,
+    /// and tell every peer this replica's latest counter value.
     fn on_status_tick(&mut self, out: &mut Out) {
         self.fetches_answered = ReplicaSet::new();
+        self.chunks_served.clear();
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
         for (sender, from) in gaps {
             out.send(sender, Message::StreamFetch(StreamFetch { from }));
         }
+        if let Some(last) = self.sent.back() {
+            out.broadcast(Message::StreamHead(StreamHead {
+                last: last.counter(),
+            }));
+        }
         out.set_timer(Timer::Status, self.options.base.status_interval);
     }
 
+    /// A peer's latest counter value: fetch what is missing if nothing held shows
+    /// the gap already (that case is fetched on the status tick).
+    fn on_stream_head(&mut self, from: ReplicaId, head: StreamHead, out: &mut Out) {
+        let Some(next) = self.streams.next_expected(from) else {
+            return;
+        };
+        if next <= head.last && self.streams.held(from) == 0 {
+            out.send(from, Message::StreamFetch(StreamFetch { from: next }));
+        }
+    }
+
     /// Resends own certified messages from `fetch.from` on: at most one hold-back
-    /// queue's worth, and one answer per peer per status interval.
+    /// queue's worth, and one answer per peer per status interval. If some of them
+    /// were collected, the stable checkpoint certificate goes first: the receiver
+    /// needs it to re-anchor the stream (see `transfer`).
     fn on_stream_fetch(&mut self, from: ReplicaId, fetch: StreamFetch, out: &mut Out) {
         if !self.fetches_answered.insert(from) {
             return;
+        }
+        if self.sent.front().is_some_and(|m| m.counter() > fetch.from) && self.low() > Seq(0) {
+            out.send(from, Message::Stable(self.stable.clone()));
         }
         let capacity = self.streams.capacity();
         for message in self
@@ -384,7 +423,7 @@ impl MinBftReplica {
 
     /// Internal consistency, checked by the simulator after every input.
     fn assert_invariants(&self) {
-        assert!(self.last_executed >= self.low());
+        assert!(self.transfer.is_some() || self.last_executed >= self.low());
         if let Some((first, _)) = self.log.first_key_value() {
             assert!(
                 *first > self.low(),

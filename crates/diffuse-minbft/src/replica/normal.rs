@@ -233,7 +233,7 @@ impl MinBftReplica {
         }
     }
 
-    fn execute_ready(&mut self, out: &mut Out) {
+    pub(super) fn execute_ready(&mut self, out: &mut Out) {
         let mut progressed = false;
         loop {
             let seq = self.last_executed.next();

@@ -1,0 +1,268 @@
+//! Catching up: adopting a newer stable checkpoint certificate, state transfer to
+//! it, and re-anchoring a sender's stream past messages the sender collected.
+//!
+//! A receiver that fell behind a sender's collected log gets the sender's stable
+//! checkpoint certificate first (see `on_stream_fetch`). It adopts it, certifies its
+//! own CHECKPOINT for it (so its enclave's slot rule lets it vote above it), fetches
+//! the state in chunks from the certificate's signers, and continues each stream
+//! from the sender's anchor CHECKPOINT (the anchor rule in
+//! `docs/protocols/minbft.md`: nothing certified before it concerns a sequence
+//! number above the receiver's stable checkpoint).
+
+use super::{MinBftReplica, Out, Timer};
+use crate::message::{Certified, Checkpoint, CheckpointCert, Message};
+use diffuse_core::codec::Blob;
+use diffuse_core::crypto::Digest;
+use diffuse_core::ids::{ReplicaId, Seq};
+use diffuse_core::protocol::Observation;
+use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL, StateSnapshot};
+use diffuse_pbft::message::{FetchState, StateChunk};
+use diffuse_tee::Scope;
+use std::sync::Arc;
+
+/// State chunks a replica serves one peer per status interval: transfer keeps
+/// going, a flood of FETCH-STATEs cannot make the replica send without bound.
+const CHUNKS_PER_PEER_PER_INTERVAL: u32 = 64;
+
+/// An ongoing state transfer.
+#[derive(Debug)]
+pub(crate) struct Transfer {
+    target: CheckpointCert,
+    sources: Vec<ReplicaId>,
+    source: usize,
+    received: Vec<u8>,
+    total: Option<u64>,
+}
+
+impl MinBftReplica {
+    /// A peer's stable checkpoint certificate: adopted if newer and valid.
+    pub(super) fn on_stable_cert(&mut self, from: ReplicaId, cert: CheckpointCert, out: &mut Out) {
+        if cert.seq <= self.low() {
+            return;
+        }
+        let interval = self.options.base.checkpoint_interval.max(1);
+        if cert.seq.0 % interval != 0 || !cert.is_valid(&self.quorum, &self.enclave_keys) {
+            return out.fault(from, "bad-checkpoint-certificate");
+        }
+        self.adopt_stable(cert, out);
+        self.drain_streams(out);
+        self.propose_batches(false, out);
+    }
+
+    /// Makes `cert` the stable checkpoint: truncates below it, certifies this
+    /// replica's own CHECKPOINT for it if its enclave has none that high, and starts
+    /// a state transfer if the replica has not executed that far.
+    pub(super) fn adopt_stable(&mut self, cert: CheckpointCert, out: &mut Out) {
+        let seq = cert.seq;
+        let own = self
+            .own_checkpoints
+            .get(&seq)
+            .filter(|s| s.digest == cert.state)
+            .cloned();
+        self.stable = cert;
+        self.stable_snapshot = own;
+        self.log = self.log.split_off(&seq.next());
+        self.own_checkpoints = self.own_checkpoints.split_off(&seq.next());
+        self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
+        if self.next_seq <= seq {
+            self.next_seq = seq.next();
+        }
+        out.observe(Observation::StableCheckpoint { seq });
+        if self
+            .enclave
+            .as_ref()
+            .is_some_and(|e| e.last_checkpoint() < seq.0)
+        {
+            self.certify_checkpoint(seq, self.stable.state, out);
+        }
+        self.collect_sent(out);
+        if self.last_executed < seq {
+            self.start_transfer(out);
+        }
+    }
+
+    /// Certifies and broadcasts this replica's CHECKPOINT for `(seq, state)`.
+    pub(super) fn certify_checkpoint(&mut self, seq: Seq, state: Digest, out: &mut Out) {
+        let me = self.id;
+        let certified = self.certify(
+            Scope::Checkpoint(seq.0),
+            &Checkpoint::certified_digest(me, seq, &state),
+            |ui| {
+                Certified::Checkpoint(Checkpoint {
+                    replica: me,
+                    seq,
+                    state,
+                    ui,
+                })
+            },
+            out,
+        );
+        if let Some(Certified::Checkpoint(checkpoint)) = certified {
+            out.broadcast(Message::Certified(Certified::Checkpoint(checkpoint)));
+            self.on_checkpoint(checkpoint, out);
+        }
+    }
+
+    fn start_transfer(&mut self, out: &mut Out) {
+        let target = self.stable.clone();
+        if self
+            .transfer
+            .as_ref()
+            .is_some_and(|t| t.target.seq >= target.seq)
+        {
+            return;
+        }
+        let mut sources: Vec<ReplicaId> = target
+            .votes
+            .iter()
+            .map(|v| v.replica)
+            .filter(|r| *r != self.id)
+            .collect();
+        if sources.is_empty() {
+            sources = self.quorum.replicas().filter(|r| *r != self.id).collect();
+        }
+        let start = (self.id.index() + target.seq.0 as usize) % sources.len().max(1);
+        self.transfer = Some(Transfer {
+            target,
+            sources,
+            source: start,
+            received: Vec::new(),
+            total: None,
+        });
+        self.request_chunk(out);
+    }
+
+    fn request_chunk(&mut self, out: &mut Out) {
+        let Some(transfer) = &self.transfer else {
+            return;
+        };
+        let Some(&source) = transfer.sources.get(transfer.source) else {
+            return;
+        };
+        out.send(
+            source,
+            Message::FetchState(FetchState {
+                seq: transfer.target.seq,
+                offset: transfer.received.len() as u64,
+            }),
+        );
+        out.set_timer(Timer::StateTransfer, self.options.base.fetch_timeout);
+    }
+
+    /// No chunk in time: ask the next source, from the same offset (every correct
+    /// replica holds the same bytes for a certified checkpoint).
+    pub(super) fn on_transfer_timeout(&mut self, out: &mut Out) {
+        if let Some(transfer) = &mut self.transfer {
+            transfer.source = (transfer.source + 1) % transfer.sources.len().max(1);
+            self.request_chunk(out);
+        }
+    }
+
+    /// Serves a chunk of the stable checkpoint's state; a peer asking for an older
+    /// one gets the newer certificate instead.
+    pub(super) fn on_fetch_state(&mut self, from: ReplicaId, fetch: FetchState, out: &mut Out) {
+        let served = self.chunks_served.entry(from).or_default();
+        if *served >= CHUNKS_PER_PEER_PER_INTERVAL {
+            return;
+        }
+        *served += 1;
+        if fetch.seq < self.low() {
+            return out.send(from, Message::Stable(self.stable.clone()));
+        }
+        let Some(bytes) = self
+            .stable_snapshot
+            .as_ref()
+            .filter(|_| fetch.seq == self.low())
+            .map(|s| s.bytes.clone())
+        else {
+            return;
+        };
+        let start = usize::try_from(fetch.offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
+        let end = start
+            .saturating_add(self.options.base.chunk_bytes.max(1))
+            .min(bytes.len());
+        out.send(
+            from,
+            Message::StateChunk(StateChunk {
+                seq: fetch.seq,
+                total_len: bytes.len() as u64,
+                offset: start as u64,
+                data: Blob::try_from_vec(bytes[start..end].to_vec()).unwrap_or_default(),
+            }),
+        );
+    }
+
+    pub(super) fn on_state_chunk(&mut self, from: ReplicaId, chunk: StateChunk, out: &mut Out) {
+        let Some(transfer) = &mut self.transfer else {
+            return;
+        };
+        if chunk.seq != transfer.target.seq
+            || transfer.sources.get(transfer.source) != Some(&from)
+            || chunk.offset != transfer.received.len() as u64
+        {
+            return;
+        }
+        let total = *transfer.total.get_or_insert(chunk.total_len);
+        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
+        if total != chunk.total_len
+            || total > MAX_SNAPSHOT_BYTES as u64
+            || end > total
+            || (chunk.data.is_empty() && end < total)
+        {
+            out.fault(from, "bad-state-chunk");
+            return self.restart_transfer_elsewhere(out);
+        }
+        transfer.received.extend_from_slice(&chunk.data);
+        if end < total {
+            return self.request_chunk(out);
+        }
+        self.finish_transfer(out);
+    }
+
+    fn restart_transfer_elsewhere(&mut self, out: &mut Out) {
+        if let Some(transfer) = &mut self.transfer {
+            transfer.received.clear();
+            transfer.total = None;
+            transfer.source = (transfer.source + 1) % transfer.sources.len().max(1);
+        }
+        self.request_chunk(out);
+    }
+
+    /// Checks the assembled state against the certified digest and installs it.
+    fn finish_transfer(&mut self, out: &mut Out) {
+        let Some(transfer) = self.transfer.take() else {
+            return;
+        };
+        let digest = Digest::of(STATE_LABEL, &transfer.received);
+        if digest != transfer.target.state || self.service.restore(&transfer.received).is_err() {
+            // Not blamed on the last source: several may have contributed.
+            self.transfer = Some(transfer);
+            return self.restart_transfer_elsewhere(out);
+        }
+        out.cancel_timer(Timer::StateTransfer);
+        let seq = transfer.target.seq;
+        let snapshot = StateSnapshot {
+            digest,
+            app_digest: self.service.app_digest(),
+            bytes: Arc::new(transfer.received),
+        };
+        out.observe(Observation::StateTransferred {
+            seq,
+            state: digest,
+            app: snapshot.app_digest,
+        });
+        self.last_executed = seq;
+        if seq == self.low() {
+            self.stable_snapshot = Some(snapshot);
+        } else if self.last_executed < self.low() {
+            // A newer checkpoint became stable meanwhile: fetch that one too.
+            self.start_transfer(out);
+            return;
+        }
+        self.execute_ready(out);
+        self.drain_streams(out);
+        self.propose_batches(false, out);
+    }
+}
