@@ -10,6 +10,7 @@
 //! yet: a replica that restarts stays out. It is therefore not offered on the
 //! command line yet.
 
+pub mod evidence;
 pub mod message;
 pub mod options;
 pub mod replica;

@@ -150,6 +150,317 @@ impl CheckpointCert {
     }
 }
 
+/// Entries of a VIEW-CHANGE's log.
+pub const MAX_VIEW_CHANGE_LOG: usize = 16_384;
+/// Batch bodies in a VIEW-CHANGE.
+pub const MAX_VIEW_CHANGE_BATCHES: usize = 4_096;
+/// NEW-VIEW proofs in a VIEW-CHANGE (views with evidence above its checkpoint).
+pub const MAX_VIEW_CHANGE_PROOFS: usize = 256;
+/// Decisions in a NEW-VIEW (at most the window).
+pub const MAX_DECISIONS: usize = 4_096;
+
+/// One message of a VIEW-CHANGE's log: what the sender certified, without batch
+/// bodies, and messages of the `Free` scope reduced to their digest (enough to
+/// check the UI and the counter's continuity; their content is not evidence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LogEntry {
+    /// The sender's PREPARE, without its batch.
+    Prepare(PrepareRef),
+    /// The sender's COMMIT.
+    Commit(Commit),
+    /// The sender's CHECKPOINT.
+    Checkpoint(Checkpoint),
+    /// A VIEW-CHANGE, NEW-VIEW or NEW-VIEW-ACK of the sender.
+    Free {
+        /// The certified digest.
+        digest: Digest,
+        /// Its UI.
+        ui: Ui,
+    },
+}
+
+impl LogEntry {
+    /// The entry for a certified message.
+    pub fn of(message: &Certified) -> LogEntry {
+        match message {
+            Certified::Prepare(p) => LogEntry::Prepare(p.reference()),
+            Certified::Commit(c) => LogEntry::Commit(*c),
+            Certified::Checkpoint(c) => LogEntry::Checkpoint(*c),
+            Certified::ViewChange(_) | Certified::NewView(_) | Certified::NewViewAck(_) => {
+                LogEntry::Free {
+                    digest: message.certified_digest(),
+                    ui: *message.ui(),
+                }
+            }
+        }
+    }
+
+    /// Its UI.
+    pub fn ui(&self) -> &Ui {
+        match self {
+            LogEntry::Prepare(p) => &p.ui,
+            LogEntry::Commit(c) => &c.ui,
+            LogEntry::Checkpoint(c) => &c.ui,
+            LogEntry::Free { ui, .. } => ui,
+        }
+    }
+
+    /// Whether `sender`'s enclave (key `key`) certified it.
+    pub fn is_certified_by(&self, sender: ReplicaId, key: &PublicKey) -> bool {
+        let (replica, scope, digest) = match self {
+            LogEntry::Prepare(p) => (p.replica, Scope::Slot(p.seq.0), p.certified_digest()),
+            LogEntry::Commit(c) => (
+                c.replica,
+                Scope::Slot(c.prepare.seq.0),
+                Commit::certified_digest(c.replica, &c.prepare),
+            ),
+            LogEntry::Checkpoint(c) => (
+                c.replica,
+                Scope::Checkpoint(c.seq.0),
+                Checkpoint::certified_digest(c.replica, c.seq, &c.state),
+            ),
+            LogEntry::Free { digest, .. } => (sender, Scope::Free, *digest),
+        };
+        replica == sender && verify_scoped_ui(key, scope, &digest, self.ui())
+    }
+
+    /// The PREPARE this entry is a vote for, if it is a vote.
+    pub fn vote(&self) -> Option<&PrepareRef> {
+        match self {
+            LogEntry::Prepare(p) => Some(p),
+            LogEntry::Commit(c) => Some(&c.prepare),
+            _ => None,
+        }
+    }
+}
+
+/// VIEW-CHANGE: the sender leaves its view for `view` and shows everything it
+/// certified since its anchor, so that its votes cannot be hidden.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChange {
+    /// The sender.
+    pub replica: ReplicaId,
+    /// The view the sender moves to.
+    pub view: View,
+    /// The sender's stable checkpoint.
+    pub stable: CheckpointCert,
+    /// The sender's own CHECKPOINT the log starts after (`None`: from counter 1).
+    pub anchor: Option<Checkpoint>,
+    /// Every message the sender certified after the anchor and before this one.
+    pub log: BoundedVec<LogEntry, MAX_VIEW_CHANGE_LOG>,
+    /// The bodies of the batches its votes above `stable` are for.
+    pub batches: BoundedVec<Batch, MAX_VIEW_CHANGE_BATCHES>,
+    /// The certified NEW-VIEW of every view `> 0` its votes above `stable` are in.
+    pub proofs: BoundedVec<NewViewProof, MAX_VIEW_CHANGE_PROOFS>,
+    /// The sender's UI, scope `Free`.
+    pub ui: Ui,
+}
+
+/// A VIEW-CHANGE before its sender's enclave certified it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChangeDraft {
+    /// See [`ViewChange::replica`].
+    pub replica: ReplicaId,
+    /// See [`ViewChange::view`].
+    pub view: View,
+    /// See [`ViewChange::stable`].
+    pub stable: CheckpointCert,
+    /// See [`ViewChange::anchor`].
+    pub anchor: Option<Checkpoint>,
+    /// See [`ViewChange::log`].
+    pub log: BoundedVec<LogEntry, MAX_VIEW_CHANGE_LOG>,
+    /// See [`ViewChange::batches`].
+    pub batches: BoundedVec<Batch, MAX_VIEW_CHANGE_BATCHES>,
+    /// See [`ViewChange::proofs`].
+    pub proofs: BoundedVec<NewViewProof, MAX_VIEW_CHANGE_PROOFS>,
+}
+
+impl ViewChangeDraft {
+    /// The digest the sender's UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        Digest::of_value("diffuse/minbft/view-change", self)
+    }
+
+    /// The VIEW-CHANGE with its UI.
+    pub fn certified(self, ui: Ui) -> ViewChange {
+        ViewChange {
+            replica: self.replica,
+            view: self.view,
+            stable: self.stable,
+            anchor: self.anchor,
+            log: self.log,
+            batches: self.batches,
+            proofs: self.proofs,
+            ui,
+        }
+    }
+}
+
+impl ViewChange {
+    /// The digest the sender's UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        #[derive(Serialize)]
+        struct Draft<'a> {
+            replica: ReplicaId,
+            view: View,
+            stable: &'a CheckpointCert,
+            anchor: &'a Option<Checkpoint>,
+            log: &'a BoundedVec<LogEntry, MAX_VIEW_CHANGE_LOG>,
+            batches: &'a BoundedVec<Batch, MAX_VIEW_CHANGE_BATCHES>,
+            proofs: &'a BoundedVec<NewViewProof, MAX_VIEW_CHANGE_PROOFS>,
+        }
+        Digest::of_value(
+            "diffuse/minbft/view-change",
+            &Draft {
+                replica: self.replica,
+                view: self.view,
+                stable: &self.stable,
+                anchor: &self.anchor,
+                log: &self.log,
+                batches: &self.batches,
+                proofs: &self.proofs,
+            },
+        )
+    }
+}
+
+/// Which VIEW-CHANGE a NEW-VIEW is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewChangeRef {
+    /// Its sender.
+    pub replica: ReplicaId,
+    /// Its UI's counter value.
+    pub counter: u64,
+    /// Its certified digest.
+    pub digest: Digest,
+}
+
+/// NEW-VIEW: the new primary's decision, which every replica recomputes from the
+/// `f + 1` VIEW-CHANGEs it names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewView {
+    /// The new primary.
+    pub replica: ReplicaId,
+    /// The new view.
+    pub view: View,
+    /// The highest stable checkpoint among the VIEW-CHANGEs.
+    pub base: Seq,
+    /// The batch digest re-proposed at `base + 1`, `base + 2`, ...
+    pub decisions: BoundedVec<Digest, MAX_DECISIONS>,
+    /// The VIEW-CHANGEs decided from.
+    pub view_changes: BoundedVec<ViewChangeRef, MAX_REPLICAS>,
+    /// The new primary's UI, scope `Free`.
+    pub ui: Ui,
+}
+
+impl NewView {
+    /// The digest the primary's UI certifies.
+    pub fn certified_digest(&self) -> Digest {
+        Self::digest_of(
+            self.replica,
+            self.view,
+            self.base,
+            &self.decisions,
+            &self.view_changes,
+        )
+    }
+
+    /// [`NewView::certified_digest`] of a NEW-VIEW not certified yet.
+    pub fn digest_of(
+        replica: ReplicaId,
+        view: View,
+        base: Seq,
+        decisions: &BoundedVec<Digest, MAX_DECISIONS>,
+        view_changes: &BoundedVec<ViewChangeRef, MAX_REPLICAS>,
+    ) -> Digest {
+        Digest::of_value(
+            "diffuse/minbft/new-view",
+            &(replica, view, base, decisions, view_changes),
+        )
+    }
+
+    /// The decision at `seq`, if `seq` is re-proposed.
+    pub fn decision(&self, seq: Seq) -> Option<Digest> {
+        let index = seq.0.checked_sub(self.base.0 + 1)?;
+        self.decisions.get(usize::try_from(index).ok()?).copied()
+    }
+
+    /// The highest re-proposed sequence number (`base` if none).
+    pub fn last_decided(&self) -> Seq {
+        Seq(self.base.0 + self.decisions.len() as u64)
+    }
+}
+
+/// NEW-VIEW-ACK: the sender checked the NEW-VIEW (recomputed its decision) and
+/// entered the view. `f + 1` of them make the NEW-VIEW a proof others can check
+/// without its VIEW-CHANGEs: one of the signers is correct.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewViewAck {
+    /// The sender.
+    pub replica: ReplicaId,
+    /// The view.
+    pub view: View,
+    /// The NEW-VIEW's certified digest.
+    pub new_view: Digest,
+    /// The sender's UI, scope `Free`.
+    pub ui: Ui,
+}
+
+impl NewViewAck {
+    /// The digest the sender's UI certifies.
+    pub fn certified_digest(replica: ReplicaId, view: View, new_view: &Digest) -> Digest {
+        Digest::of_value("diffuse/minbft/new-view-ack", &(replica, view, new_view))
+    }
+}
+
+/// A NEW-VIEW with `f + 1` acknowledgements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewViewProof {
+    /// The NEW-VIEW.
+    pub new_view: NewView,
+    /// The acknowledgements.
+    pub acks: BoundedVec<NewViewAck, MAX_REPLICAS>,
+}
+
+impl NewViewProof {
+    /// Whether the primary of the view certified the NEW-VIEW and `f + 1` distinct
+    /// replicas acknowledged it.
+    pub fn is_valid(&self, quorum: &QuorumSystem, enclave_keys: &[PublicKey]) -> bool {
+        let nv = &self.new_view;
+        let digest = nv.certified_digest();
+        let primary_ok = nv.replica == nv.view.primary(quorum.n())
+            && enclave_keys
+                .get(nv.replica.index())
+                .is_some_and(|key| verify_scoped_ui(key, Scope::Free, &digest, &nv.ui));
+        if !primary_ok {
+            return false;
+        }
+        let mut ackers = ReplicaSet::new();
+        for ack in self.acks.iter() {
+            let Some(key) = enclave_keys.get(ack.replica.index()) else {
+                return false;
+            };
+            let ack_digest = NewViewAck::certified_digest(ack.replica, ack.view, &ack.new_view);
+            if ack.view != nv.view
+                || ack.new_view != digest
+                || !quorum.is_member(ack.replica)
+                || !ackers.insert(ack.replica)
+                || !verify_scoped_ui(key, Scope::Free, &ack_digest, &ack.ui)
+            {
+                return false;
+            }
+        }
+        quorum.is_quorum(&ackers)
+    }
+}
+
+/// REQ-VIEW-CHANGE: the sender suspects the primary and asks to move to `view`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReqViewChange {
+    /// The view asked for.
+    pub view: View,
+}
+
 /// A message certified by its sender's enclave, processed in counter order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Certified {
@@ -159,6 +470,12 @@ pub enum Certified {
     Commit(Commit),
     /// CHECKPOINT.
     Checkpoint(Checkpoint),
+    /// VIEW-CHANGE.
+    ViewChange(Box<ViewChange>),
+    /// NEW-VIEW.
+    NewView(NewView),
+    /// NEW-VIEW-ACK.
+    NewViewAck(NewViewAck),
 }
 
 impl Certified {
@@ -168,6 +485,9 @@ impl Certified {
             Certified::Prepare(p) => p.replica,
             Certified::Commit(c) => c.replica,
             Certified::Checkpoint(c) => c.replica,
+            Certified::ViewChange(v) => v.replica,
+            Certified::NewView(v) => v.replica,
+            Certified::NewViewAck(a) => a.replica,
         }
     }
 
@@ -177,6 +497,9 @@ impl Certified {
             Certified::Prepare(p) => &p.ui,
             Certified::Commit(c) => &c.ui,
             Certified::Checkpoint(c) => &c.ui,
+            Certified::ViewChange(v) => &v.ui,
+            Certified::NewView(v) => &v.ui,
+            Certified::NewViewAck(a) => &a.ui,
         }
     }
 
@@ -186,6 +509,9 @@ impl Certified {
             Certified::Prepare(p) => Scope::Slot(p.seq.0),
             Certified::Commit(c) => Scope::Slot(c.prepare.seq.0),
             Certified::Checkpoint(c) => Scope::Checkpoint(c.seq.0),
+            Certified::ViewChange(_) | Certified::NewView(_) | Certified::NewViewAck(_) => {
+                Scope::Free
+            }
         }
     }
 
@@ -195,6 +521,11 @@ impl Certified {
             Certified::Prepare(p) => p.reference().certified_digest(),
             Certified::Commit(c) => Commit::certified_digest(c.replica, &c.prepare),
             Certified::Checkpoint(c) => Checkpoint::certified_digest(c.replica, c.seq, &c.state),
+            Certified::ViewChange(v) => v.certified_digest(),
+            Certified::NewView(v) => v.certified_digest(),
+            Certified::NewViewAck(a) => {
+                NewViewAck::certified_digest(a.replica, a.view, &a.new_view)
+            }
         }
     }
 
@@ -212,12 +543,15 @@ pub struct StreamFetch {
     pub from: u64,
 }
 
-/// The sender's latest counter value, sent every status interval so that a receiver
-/// that lost the sender's last messages (no later one shows the gap) fetches them.
+/// The sender's latest counter value and view, sent every status interval so that
+/// a receiver that lost the sender's last messages (no later one shows the gap)
+/// fetches them, and one that missed a view asks for its proof.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StreamHead {
     /// The counter value of the sender's latest certified message.
     pub last: u64,
+    /// The sender's current view (active).
+    pub view: View,
 }
 
 /// Every MinBFT message.
@@ -241,6 +575,12 @@ pub enum Message {
     FetchState(FetchState),
     /// State transfer: a piece of a checkpoint's state.
     StateChunk(StateChunk),
+    /// The sender suspects the primary.
+    ReqViewChange(ReqViewChange),
+    /// Asks for the proof of a view the receiver announced (it fell behind it).
+    FetchNewView(View),
+    /// A view's certified NEW-VIEW, for a replica that missed it.
+    NewViewProof(Box<NewViewProof>),
 }
 
 impl WireMessage for Message {
@@ -251,6 +591,12 @@ impl WireMessage for Message {
             Message::Certified(Certified::Prepare(_)) => "prepare",
             Message::Certified(Certified::Commit(_)) => "commit",
             Message::Certified(Certified::Checkpoint(_)) => "checkpoint",
+            Message::Certified(Certified::ViewChange(_)) => "view-change",
+            Message::Certified(Certified::NewView(_)) => "new-view",
+            Message::Certified(Certified::NewViewAck(_)) => "new-view-ack",
+            Message::ReqViewChange(_) => "req-view-change",
+            Message::FetchNewView(_) => "fetch-new-view",
+            Message::NewViewProof(_) => "new-view-proof",
             Message::StreamFetch(_) => "stream-fetch",
             Message::StreamHead(_) => "stream-head",
             Message::Stable(_) => "stable-checkpoint",

@@ -68,6 +68,7 @@ impl MinBftReplica {
         self.own_checkpoints = self.own_checkpoints.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
         self.collect_sent(out);
+        self.collect_proofs();
         out.observe(Observation::StableCheckpoint { seq });
         self.propose_batches(false, out);
     }

@@ -7,6 +7,7 @@
 mod checkpoint;
 mod normal;
 mod transfer;
+mod view_change;
 
 use crate::message::{Certified, CheckpointCert, Message, Prepare, StreamFetch, StreamHead};
 use crate::options::{MinBftOptions, Mutant};
@@ -34,6 +35,10 @@ pub enum Timer {
     Status,
     /// No state chunk arrived in time: ask another source.
     StateTransfer,
+    /// A pending request waited too long: suspect the primary.
+    Request,
+    /// A view change (or the wait for its acknowledgements) took too long.
+    ViewChange,
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -103,6 +108,16 @@ pub struct MinBftReplica {
     chunks_served: BTreeMap<ReplicaId, u32>,
     /// The state transfer under way, if any.
     transfer: Option<transfer::Transfer>,
+    /// The genesis state digest (checkpoint 0).
+    genesis: Digest,
+    /// Whether the current view's NEW-VIEW was acknowledged by `f + 1` (always for
+    /// view 0): only then does the replica vote in it.
+    view_active: bool,
+    request_timer_running: bool,
+    vc: view_change::ViewChangeState,
+    /// The bodies of the batches this replica voted for above its stable
+    /// checkpoint, for its VIEW-CHANGEs.
+    voted_bodies: BTreeMap<(Seq, Digest), diffuse_pbft::message::Batch>,
 }
 
 impl MinBftReplica {
@@ -112,6 +127,7 @@ impl MinBftReplica {
             .expect("ClusterKeys guarantees 1..=MAX_REPLICAS replicas");
         let service = ReplicatedService::new(app);
         let genesis = service.snapshot();
+        let genesis_digest = genesis.digest;
         let window = setup.options.base.window as usize;
         let streams = Streams::new(
             quorum.replicas().filter(|r| *r != setup.id),
@@ -141,6 +157,11 @@ impl MinBftReplica {
             fetches_answered: ReplicaSet::new(),
             chunks_served: BTreeMap::new(),
             transfer: None,
+            genesis: genesis_digest,
+            view_active: true,
+            request_timer_running: false,
+            vc: Default::default(),
+            voted_bodies: BTreeMap::new(),
             options: setup.options,
         }
     }
@@ -250,6 +271,17 @@ impl MinBftReplica {
             }
             Input::Timer(Timer::Status) => self.on_status_tick(out),
             Input::Timer(Timer::StateTransfer) => self.on_transfer_timeout(out),
+            Input::Timer(Timer::Request) => {
+                self.request_timer_running = false;
+                if self.view_active && !self.pending.is_empty() {
+                    self.suspect_primary(out);
+                }
+            }
+            Input::Timer(Timer::ViewChange) => {
+                if !self.view_active {
+                    self.suspect_primary(out);
+                }
+            }
         }
     }
 
@@ -271,6 +303,15 @@ impl MinBftReplica {
             (NodeId::Replica(r), Message::Stable(cert)) => self.on_stable_cert(r, cert, out),
             (NodeId::Replica(r), Message::FetchState(fetch)) => self.on_fetch_state(r, fetch, out),
             (NodeId::Replica(r), Message::StateChunk(chunk)) => self.on_state_chunk(r, chunk, out),
+            (NodeId::Replica(r), Message::ReqViewChange(req)) => {
+                self.on_req_view_change(r, req, out)
+            }
+            (NodeId::Replica(r), Message::FetchNewView(view)) => {
+                self.on_fetch_new_view(r, view, out)
+            }
+            (NodeId::Replica(r), Message::NewViewProof(proof)) => {
+                self.on_new_view_proof(r, *proof, out)
+            }
         }
     }
 
@@ -337,7 +378,10 @@ impl MinBftReplica {
     /// Whether the replica can use a stream's next message now.
     fn admit(&self, message: &Certified) -> Next {
         let slot_admission = |view: View, seq: Seq| {
-            if view > self.view || seq > self.high() {
+            // Entered but not acknowledged yet: wait. Leaving the view (a VIEW-CHANGE
+            // sent): consume, so the streams reach the VIEW-CHANGEs behind.
+            let entering = view == self.view && !self.view_active && self.vc.target.is_none();
+            if view > self.view || entering || seq > self.high() {
                 Next::Stall
             } else {
                 Next::Consume
@@ -359,7 +403,11 @@ impl MinBftReplica {
                 }
                 slot_admission(prepare.view, prepare.seq)
             }
-            Certified::Checkpoint(_) => Next::Consume,
+            Certified::Checkpoint(_) | Certified::ViewChange(_) => Next::Consume,
+            Certified::NewView(nv) if nv.view > self.view && self.new_view_waits(nv) => Next::Stall,
+            Certified::NewView(_) => Next::Consume,
+            Certified::NewViewAck(ack) if ack.view > self.view => Next::Stall,
+            Certified::NewViewAck(_) => Next::Consume,
         }
     }
 
@@ -368,6 +416,9 @@ impl MinBftReplica {
             Certified::Prepare(prepare) => self.on_prepare(prepare, out),
             Certified::Commit(commit) => self.on_commit(commit, out),
             Certified::Checkpoint(checkpoint) => self.on_checkpoint(checkpoint, out),
+            Certified::ViewChange(vc) => self.on_view_change(*vc, out),
+            Certified::NewView(nv) => self.on_new_view(nv, out),
+            Certified::NewViewAck(ack) => self.on_new_view_ack(ack, out),
         }
     }
 
@@ -376,6 +427,7 @@ impl MinBftReplica {
     fn on_status_tick(&mut self, out: &mut Out) {
         self.fetches_answered = ReplicaSet::new();
         self.chunks_served.clear();
+        self.vc.proofs_served.clear();
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
         for (sender, from) in gaps {
             out.send(sender, Message::StreamFetch(StreamFetch { from }));
@@ -383,6 +435,7 @@ impl MinBftReplica {
         if let Some(last) = self.sent.back() {
             out.broadcast(Message::StreamHead(StreamHead {
                 last: last.counter(),
+                view: self.view,
             }));
         }
         out.set_timer(Timer::Status, self.options.base.status_interval);
@@ -391,6 +444,7 @@ impl MinBftReplica {
     /// A peer's latest counter value: fetch what is missing if nothing held shows
     /// the gap already (that case is fetched on the status tick).
     fn on_stream_head(&mut self, from: ReplicaId, head: StreamHead, out: &mut Out) {
+        self.maybe_fetch_view(from, head.view, out);
         let Some(next) = self.streams.next_expected(from) else {
             return;
         };

@@ -36,6 +36,7 @@ impl MinBftReplica {
             return;
         }
         let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None);
+        self.ensure_request_timer(out);
         if self.is_primary() {
             if fresh {
                 self.propose_batches(false, out);
@@ -68,7 +69,7 @@ impl MinBftReplica {
     /// pipeline and the enclave's slot rule allow. A partial batch goes out only when
     /// `flush` is set (the batch timer fired) or when no delay is configured.
     pub(super) fn propose_batches(&mut self, mut flush: bool, out: &mut Out) {
-        if !self.is_primary() {
+        if !self.is_primary() || !self.view_active {
             return;
         }
         let base = &self.options.base;
@@ -118,35 +119,47 @@ impl MinBftReplica {
             let batch = Batch {
                 requests: BoundedVec::truncating(requests),
             };
-            let (view, seq, replica) = (self.view, self.next_seq, self.id);
-            let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
-            let certified = self.certify(
-                Scope::Slot(seq.0),
-                &digest,
-                |ui| {
-                    Certified::Prepare(Prepare {
-                        replica,
-                        view,
-                        seq,
-                        batch,
-                        ui,
-                    })
-                },
-                out,
-            );
-            let Some(Certified::Prepare(prepare)) = certified else {
+            let seq = self.next_seq;
+            if !self.send_prepare(seq, batch, out) {
                 return; // the enclave refused: the requests stay unproposed
-            };
+            }
             for (client, timestamp) in proposed {
-                self.pending.mark_proposed(client, timestamp, view);
+                self.pending.mark_proposed(client, timestamp, self.view);
             }
             self.next_seq = seq.next();
-            out.broadcast(Message::Certified(Certified::Prepare(prepare.clone())));
-            let slot = self.log.entry(seq).or_default();
-            slot.prepare = Some(prepare);
-            slot.votes.insert(replica);
-            self.try_commit(seq, out);
         }
+    }
+
+    /// As primary: certifies and sends PREPARE for `batch` at `seq`, which is also
+    /// this replica's vote. `false` if the enclave refused.
+    pub(super) fn send_prepare(&mut self, seq: Seq, batch: Batch, out: &mut Out) -> bool {
+        let (view, replica) = (self.view, self.id);
+        let digest = batch.digest();
+        let certified = self.certify(
+            Scope::Slot(seq.0),
+            &Prepare::certified_digest(replica, view, seq, &digest),
+            |ui| {
+                Certified::Prepare(Prepare {
+                    replica,
+                    view,
+                    seq,
+                    batch,
+                    ui,
+                })
+            },
+            out,
+        );
+        let Some(Certified::Prepare(prepare)) = certified else {
+            return false;
+        };
+        out.broadcast(Message::Certified(Certified::Prepare(prepare.clone())));
+        self.voted_bodies
+            .insert((seq, digest), prepare.batch.clone());
+        let slot = self.log.entry(seq).or_default();
+        slot.prepare = Some(prepare);
+        slot.votes.insert(replica);
+        self.try_commit(seq, out);
+        true
     }
 
     /// The first PREPARE for a slot in the primary's stream is the one accepted.
@@ -154,10 +167,20 @@ impl MinBftReplica {
         if prepare.replica != prepare.view.primary(self.n()) {
             return out.fault(prepare.replica, "prepare-from-a-backup");
         }
-        if prepare.view < self.view || prepare.seq <= self.low() {
+        if prepare.view < self.view
+            || prepare.seq <= self.low()
+            || self.sender_left(prepare.replica, prepare.view)
+        {
             return;
         }
         let seq = prepare.seq;
+        let decided = match self.new_view_constraint(&prepare) {
+            Ok(decided) => decided,
+            Err(()) => return out.fault(prepare.replica, "prepare-outside-its-new-view"),
+        };
+        if decided.is_some_and(|d| d != prepare.batch.digest()) {
+            return out.fault(prepare.replica, "prepare-against-new-view-decision");
+        }
         if self
             .log
             .get(&seq)
@@ -177,10 +200,17 @@ impl MinBftReplica {
             self.log.entry(seq).or_default().rejected = true;
             return out.fault(prepare.replica, "prepare-with-bad-request");
         }
-        let slot = self.log.entry(seq).or_default();
         let reference = prepare.reference();
+        self.voted_bodies
+            .insert((seq, reference.digest), prepare.batch.clone());
+        let slot = self.log.entry(seq).or_default();
         slot.votes.insert(prepare.replica);
         slot.prepare = Some(prepare);
+        if self.vc.target.is_some() {
+            // Leaving this view: the PREPARE can still gather others' votes and
+            // commit, but this replica no longer votes in the view.
+            return self.try_commit(seq, out);
+        }
         let me = self.id;
         let certified = self.certify(
             Scope::Slot(seq.0),
@@ -206,7 +236,10 @@ impl MinBftReplica {
     /// A COMMIT counts only for the PREPARE this replica accepted for the slot.
     pub(super) fn on_commit(&mut self, commit: Commit, out: &mut Out) {
         let seq = commit.prepare.seq;
-        if commit.prepare.view < self.view || seq <= self.low() {
+        if commit.prepare.view < self.view
+            || seq <= self.low()
+            || self.sender_left(commit.replica, commit.prepare.view)
+        {
             return;
         }
         let accepted = self
@@ -254,7 +287,20 @@ impl MinBftReplica {
             }
         }
         if progressed {
+            // Progress: the request timer starts over for what is still pending.
+            out.cancel_timer(Timer::Request);
+            self.request_timer_running = false;
+            self.ensure_request_timer(out);
             self.propose_batches(false, out);
+        }
+    }
+
+    /// In an active view, every replica (the primary too) runs the request timer
+    /// while a request is pending.
+    pub(super) fn ensure_request_timer(&mut self, out: &mut Out) {
+        if self.view_active && !self.request_timer_running && !self.pending.is_empty() {
+            self.request_timer_running = true;
+            out.set_timer(Timer::Request, self.view_change_timeout());
         }
     }
 

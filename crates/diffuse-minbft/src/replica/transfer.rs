@@ -76,6 +76,7 @@ impl MinBftReplica {
             self.certify_checkpoint(seq, self.stable.state, out);
         }
         self.collect_sent(out);
+        self.collect_proofs();
         if self.last_executed < seq {
             self.start_transfer(out);
         }
