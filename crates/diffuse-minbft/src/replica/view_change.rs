@@ -318,8 +318,10 @@ impl MinBftReplica {
             match found {
                 Some(vc) if senders.insert(r.replica) => vcs.push(vc),
                 _ => {
+                    // Not blamed: this replica may have re-anchored the sender's
+                    // stream past it. It catches up by the view's proof instead.
                     self.vc.dead.insert(nv.view);
-                    return out.fault(primary, "new-view-names-unknown-view-change");
+                    return;
                 }
             }
         }
@@ -443,9 +445,12 @@ impl MinBftReplica {
             return out.fault(from, "bad-new-view-proof");
         }
         self.view = view;
+        self.view_active = false;
         self.vc.target = None;
         self.vc.received.retain(|(v, _), _| *v > view);
         self.vc.requested.retain(|_, v| *v > view);
+        // Whatever this replica prepared to re-propose in a view it skipped is moot.
+        self.vc.reproposals.clear();
         self.log.clear();
         self.next_seq = proof.new_view.last_decided().max(self.low()).next();
         self.vc.new_view = Some(proof.new_view.clone());
@@ -478,14 +483,23 @@ impl MinBftReplica {
     /// The decision a PREPARE of the current view must match, if its slot was
     /// re-proposed; `Err` if the PREPARE cannot be valid in this view at all.
     pub(super) fn new_view_constraint(&self, prepare: &Prepare) -> Result<Option<Digest>, ()> {
-        let Some(proof) = self.vc.proofs.get(&prepare.view) else {
+        let entered = self
+            .vc
+            .proofs
+            .get(&prepare.view)
+            .map(|proof| &proof.new_view)
+            .or(self
+                .vc
+                .new_view
+                .as_ref()
+                .filter(|nv| nv.view == prepare.view));
+        let Some(nv) = entered else {
             return if prepare.view == View(0) {
                 Ok(None)
             } else {
                 Err(())
             };
         };
-        let nv = &proof.new_view;
         if prepare.ui.counter <= nv.ui.counter || prepare.seq <= nv.base {
             return Err(());
         }
