@@ -4,12 +4,15 @@
 //! counter value.
 //!
 //! **Status:** the normal case (batching, PREPARE / COMMIT with UIs, per-sender
-//! continuity with bounded hold-back and retransmission, execution, replies) and
-//! checkpoints with log truncation. View change, state transfer, recovery after a
-//! restart and REJOIN are designed in `docs/protocols/minbft.md` and not written
-//! yet: a replica that restarts stays out. It is therefore not offered on the
-//! command line yet.
+//! continuity with bounded hold-back and retransmission, execution, replies),
+//! checkpoints with log truncation, state transfer with stream re-anchoring, and
+//! the view change (VIEW-CHANGE with the sender's whole certified log since its
+//! anchor, NEW-VIEW recomputed by every replica, NEW-VIEW-ACK proofs). Recovery
+//! after a restart and REJOIN are designed in `docs/protocols/minbft.md` and not
+//! written yet: a replica that restarts stays out. It is therefore not offered on
+//! the command line yet.
 
+pub mod byzantine;
 pub mod evidence;
 pub mod message;
 pub mod options;
@@ -121,14 +124,14 @@ impl ProtocolSuite for MinBft {
     }
 
     fn behaviours() -> &'static [Named] {
-        &[]
+        byzantine::BEHAVIOURS
     }
 
     fn behaviour(
-        _name: &str,
-        _setup: &ReplicaSetup<MinBftOptions>,
-        _coalition: &Coalition,
+        name: &str,
+        setup: &ReplicaSetup<MinBftOptions>,
+        coalition: &Coalition,
     ) -> Option<Box<dyn Behaviour<Message>>> {
-        None
+        byzantine::build(name, setup, coalition)
     }
 }

@@ -61,6 +61,9 @@ struct Slot {
     /// PREPARE is its vote).
     votes: ReplicaSet,
     committed: bool,
+    /// COMMITs consumed before this replica consumed the slot's PREPARE, by sender:
+    /// they count once the PREPARE they name is the accepted one.
+    early_votes: BTreeMap<ReplicaId, crate::message::PrepareRef>,
     /// The first PREPARE for this slot in the primary's stream was invalid.
     rejected: bool,
 }
@@ -375,13 +378,21 @@ impl MinBftReplica {
         }
     }
 
+    /// Whether `view` lies between the current view and the one this replica has
+    /// sent a VIEW-CHANGE for: it will never enter it, so its messages are stale.
+    pub(super) fn skipped_view(&self, view: View) -> bool {
+        view > self.view && self.vc.target.is_some_and(|target| view < target)
+    }
+
     /// Whether the replica can use a stream's next message now.
     fn admit(&self, message: &Certified) -> Next {
         let slot_admission = |view: View, seq: Seq| {
             // Entered but not acknowledged yet: wait. Leaving the view (a VIEW-CHANGE
             // sent): consume, so the streams reach the VIEW-CHANGEs behind.
             let entering = view == self.view && !self.view_active && self.vc.target.is_none();
-            if view > self.view || entering || seq > self.high() {
+            if self.skipped_view(view) {
+                Next::Consume
+            } else if view > self.view || entering || seq > self.high() {
                 Next::Stall
             } else {
                 Next::Consume
@@ -389,24 +400,23 @@ impl MinBftReplica {
         };
         match message {
             Certified::Prepare(p) => slot_admission(p.view, p.seq),
-            Certified::Commit(c) => {
-                let prepare = &c.prepare;
-                // The PREPARE a COMMIT points at must be consumed first, so that the
-                // replica judges it against the primary's stream order.
-                let prepare_pending = prepare.replica != self.id
-                    && self
-                        .streams
-                        .next_expected(prepare.replica)
-                        .is_some_and(|next| next <= prepare.ui.counter);
-                if prepare_pending && prepare.seq > self.low() && prepare.view >= self.view {
-                    return Next::Stall;
-                }
-                slot_admission(prepare.view, prepare.seq)
-            }
+            // A COMMIT whose PREPARE has not been consumed yet is kept in its slot
+            // until it is (`Slot::early_votes`): stalling here would let a primary
+            // that sends its PREPARE to some replicas only block the others'
+            // streams, and with them their VIEW-CHANGEs.
+            Certified::Commit(c) => slot_admission(c.prepare.view, c.prepare.seq),
             Certified::Checkpoint(_) | Certified::ViewChange(_) => Next::Consume,
-            Certified::NewView(nv) if nv.view > self.view && self.new_view_waits(nv) => Next::Stall,
+            Certified::NewView(nv)
+                if nv.view > self.view
+                    && !self.skipped_view(nv.view)
+                    && self.new_view_waits(nv) =>
+            {
+                Next::Stall
+            }
             Certified::NewView(_) => Next::Consume,
-            Certified::NewViewAck(ack) if ack.view > self.view => Next::Stall,
+            Certified::NewViewAck(ack) if ack.view > self.view && !self.skipped_view(ack.view) => {
+                Next::Stall
+            }
             Certified::NewViewAck(_) => Next::Consume,
         }
     }

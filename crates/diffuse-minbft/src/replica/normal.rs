@@ -168,6 +168,7 @@ impl MinBftReplica {
             return out.fault(prepare.replica, "prepare-from-a-backup");
         }
         if prepare.view < self.view
+            || self.skipped_view(prepare.view)
             || prepare.seq <= self.low()
             || self.sender_left(prepare.replica, prepare.view)
         {
@@ -205,6 +206,10 @@ impl MinBftReplica {
             .insert((seq, reference.digest), prepare.batch.clone());
         let slot = self.log.entry(seq).or_default();
         slot.votes.insert(prepare.replica);
+        let early = std::mem::take(&mut slot.early_votes);
+        for (voter, _) in early.into_iter().filter(|(_, r)| *r == reference) {
+            slot.votes.insert(voter);
+        }
         slot.prepare = Some(prepare);
         if self.vc.target.is_some() {
             // Leaving this view: the PREPARE can still gather others' votes and
@@ -237,17 +242,20 @@ impl MinBftReplica {
     pub(super) fn on_commit(&mut self, commit: Commit, out: &mut Out) {
         let seq = commit.prepare.seq;
         if commit.prepare.view < self.view
+            || self.skipped_view(commit.prepare.view)
             || seq <= self.low()
             || self.sender_left(commit.replica, commit.prepare.view)
         {
             return;
         }
-        let accepted = self
-            .log
-            .get(&seq)
-            .and_then(|slot| slot.prepare.as_ref())
-            .map(Prepare::reference);
-        if accepted != Some(commit.prepare) {
+        let slot = self.log.entry(seq).or_default();
+        let accepted = slot.prepare.as_ref().map(Prepare::reference);
+        let Some(accepted) = accepted else {
+            // Its PREPARE is still on its way in the primary's stream.
+            slot.early_votes.insert(commit.replica, commit.prepare);
+            return;
+        };
+        if accepted != commit.prepare {
             return out.fault(commit.replica, "commit-for-another-prepare");
         }
         if let Some(slot) = self.log.get_mut(&seq) {
