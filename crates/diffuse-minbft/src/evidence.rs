@@ -80,7 +80,7 @@ impl Rules<'_> {
                 {
                     return Err("view-change-bad-anchor");
                 }
-                anchor.ui.counter + 1
+                anchor.ui.counter.saturating_add(1)
             }
         };
         if first.saturating_add(vc.log.len() as u64) != vc.ui.counter {
@@ -98,7 +98,7 @@ impl Rules<'_> {
             }
         }
         for (offset, entry) in vc.log.iter().enumerate() {
-            if entry.ui().counter != first + offset as u64 {
+            if entry.ui().counter != first.saturating_add(offset as u64) {
                 return Err("view-change-log-not-contiguous");
             }
             if !entry.is_certified_by(sender, key) {
@@ -203,7 +203,7 @@ pub fn decide(view_changes: &[&ViewChange], batch_is_valid: impl Fn(&Batch) -> b
         }
     }
     let last = best.keys().next_back().copied().unwrap_or(base.seq);
-    let decisions = (base.seq.0 + 1..=last.0)
+    let decisions = (base.seq.next().0..=last.0)
         .map(|s| best.get(&Seq(s)).map_or(null.digest(), |(_, _, d)| *d))
         .collect();
     Decision {

@@ -381,13 +381,13 @@ impl NewView {
 
     /// The decision at `seq`, if `seq` is re-proposed.
     pub fn decision(&self, seq: Seq) -> Option<Digest> {
-        let index = seq.0.checked_sub(self.base.0 + 1)?;
+        let index = seq.0.checked_sub(self.base.0.checked_add(1)?)?;
         self.decisions.get(usize::try_from(index).ok()?).copied()
     }
 
     /// The highest re-proposed sequence number (`base` if none).
     pub fn last_decided(&self) -> Seq {
-        Seq(self.base.0 + self.decisions.len() as u64)
+        self.base.plus(self.decisions.len() as u64)
     }
 }
 

@@ -76,9 +76,7 @@ impl MinBftReplica {
     }
 
     pub(super) fn view_change_timeout(&self) -> std::time::Duration {
-        let base = &self.options.base;
-        base.view_change_timeout
-            .saturating_mul(1 << self.vc.backoff.min(base.view_change_backoff_max))
+        self.options.base.view_change_timeout_after(self.vc.backoff)
     }
 
     pub(super) fn on_req_view_change(
@@ -341,16 +339,10 @@ impl MinBftReplica {
     /// slots, and acknowledges.
     fn install(&mut self, nv: NewView, decision: Decision, out: &mut Out) {
         let view = nv.view;
-        self.view = view;
-        self.view_active = false;
-        self.vc.target = None;
-        self.vc.received.retain(|(v, _), _| *v > view);
-        self.vc.requested.retain(|_, v| *v > view);
         if decision.base.seq > self.low() {
             self.adopt_stable(decision.base, out);
         }
-        self.log.clear();
-        self.vc.reproposals.clear();
+        self.enter_view(&nv);
         if self.is_primary() {
             for (offset, digest) in nv.decisions.iter().enumerate() {
                 let seq = Seq(nv.base.0 + 1 + offset as u64);
@@ -359,7 +351,6 @@ impl MinBftReplica {
                 }
             }
         }
-        self.next_seq = nv.last_decided().max(self.low()).next();
         let nv_digest = nv.certified_digest();
         self.vc.acks.clear();
         self.vc.new_view = Some(nv);
@@ -382,6 +373,21 @@ impl MinBftReplica {
             self.on_new_view_ack(ack, out);
         }
         out.set_timer(Timer::ViewChange, self.view_change_timeout());
+    }
+
+    /// The bookkeeping of entering `nv`'s view (not active yet): older views'
+    /// view-change state, slots and re-proposals are dropped.
+    fn enter_view(&mut self, nv: &NewView) {
+        let view = nv.view;
+        self.view = view;
+        self.view_active = false;
+        self.vc.target = None;
+        self.vc.received.retain(|(v, _), _| *v > view);
+        self.vc.requested.retain(|_, v| *v > view);
+        self.vc.dead.retain(|v| *v > view);
+        self.vc.reproposals.clear();
+        self.log.clear();
+        self.next_seq = nv.last_decided().max(self.low()).next();
     }
 
     /// A NEW-VIEW-ACK, consumed in its sender's stream order.
@@ -444,15 +450,7 @@ impl MinBftReplica {
         if !proof.is_valid(&self.quorum, &self.enclave_keys) {
             return out.fault(from, "bad-new-view-proof");
         }
-        self.view = view;
-        self.view_active = false;
-        self.vc.target = None;
-        self.vc.received.retain(|(v, _), _| *v > view);
-        self.vc.requested.retain(|_, v| *v > view);
-        // Whatever this replica prepared to re-propose in a view it skipped is moot.
-        self.vc.reproposals.clear();
-        self.log.clear();
-        self.next_seq = proof.new_view.last_decided().max(self.low()).next();
+        self.enter_view(&proof.new_view);
         self.vc.new_view = Some(proof.new_view.clone());
         self.vc.acks = proof.acks.iter().map(|a| (a.replica, *a)).collect();
         self.activate(out);
