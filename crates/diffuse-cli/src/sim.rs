@@ -15,11 +15,12 @@ use std::process::ExitCode;
 )]
 pub struct SimArgs {
     /// The protocol to simulate.
-    #[arg(long, default_value = "pbft", value_parser = ["pbft"])]
+    #[arg(long, default_value = "pbft", value_parser = ["pbft", "minbft"])]
     protocol: String,
-    /// Number of replicas.
-    #[arg(long, default_value_t = 4)]
-    n: usize,
+    /// Number of replicas (default: the smallest cluster that tolerates one fault,
+    /// 4 for PBFT and 3 for MinBFT).
+    #[arg(long)]
+    n: Option<usize>,
     /// Number of seeds to run (seed i runs fault mix i modulo the number of mixes).
     #[arg(long, default_value_t = 200)]
     seeds: u64,
@@ -52,6 +53,7 @@ pub struct SimArgs {
 pub fn run(args: SimArgs) -> ExitCode {
     match args.protocol.as_str() {
         "pbft" => run_protocol::<diffuse_pbft::Pbft>(args),
+        "minbft" => run_protocol::<diffuse_minbft::MinBft>(args),
         other => {
             eprintln!("error: unknown protocol {other}");
             ExitCode::from(2)
@@ -59,7 +61,8 @@ pub fn run(args: SimArgs) -> ExitCode {
     }
 }
 
-fn run_protocol<P: ProtocolSuite>(args: SimArgs) -> ExitCode {
+fn run_protocol<P: ProtocolSuite>(mut args: SimArgs) -> ExitCode {
+    args.n = args.n.or_else(smallest_cluster::<P>);
     let behaviours = behaviour_names::<P>();
     if args.list {
         print_list::<P>(&behaviours);
@@ -76,7 +79,7 @@ fn run_protocol<P: ProtocolSuite>(args: SimArgs) -> ExitCode {
         return run_single::<P>(&args, seed, &mixes);
     }
     let config = SweepConfig {
-        n: args.n,
+        n: args.n.unwrap_or_default(),
         first_seed: args.first_seed,
         seeds: args.seeds,
         mixes,
@@ -132,7 +135,7 @@ fn run_protocol<P: ProtocolSuite>(args: SimArgs) -> ExitCode {
 
 fn run_single<P: ProtocolSuite>(args: &SimArgs, seed: u64, mixes: &[FaultMix]) -> ExitCode {
     let config = RunConfig {
-        n: args.n,
+        n: args.n.unwrap_or_default(),
         seed,
         mix: mixes[(seed % mixes.len() as u64) as usize].clone(),
         mutant: args.mutant.clone(),
@@ -198,8 +201,15 @@ fn replay_command(args: &SimArgs, seed: u64) -> String {
         .unwrap_or_default();
     format!(
         "diffuse sim --protocol {} --n {} --faults {}{mutant} --seed {seed} --trace",
-        args.protocol, args.n, args.faults
+        args.protocol,
+        args.n.unwrap_or_default(),
+        args.faults
     )
+}
+
+/// The smallest number of replicas with which `P` tolerates one fault.
+fn smallest_cluster<P: ProtocolSuite>() -> Option<usize> {
+    (1..=16).find(|&n| P::quorum(n).is_ok_and(|quorum| quorum.f() >= 1))
 }
 
 fn parse_mixes(text: &str, behaviours: &[&str]) -> Result<Vec<FaultMix>, String> {
