@@ -554,6 +554,15 @@ pub struct StreamHead {
     pub view: View,
 }
 
+/// A request for the VIEW-CHANGEs of `view`'s NEW-VIEW that these senders certified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchViewChanges {
+    /// The view whose NEW-VIEW names them.
+    pub view: View,
+    /// The senders whose VIEW-CHANGEs are missing.
+    pub missing: BoundedVec<ReplicaId, MAX_REPLICAS>,
+}
+
 /// Every MinBFT message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -571,6 +580,10 @@ pub enum Message {
     /// above what the receiver asked for (the sender collected those messages), so
     /// that the receiver can catch up by state transfer and re-anchor the stream.
     Stable(CheckpointCert),
+    /// The sender's stable checkpoint; asks for the receiver's if it is higher
+    /// (answered with [`Message::Stable`]). Sent by a replica whose stream of the
+    /// receiver stalls beyond its window: it missed the checkpoints in between.
+    FetchStable(Seq),
     /// State transfer: a request for a checkpoint's state.
     FetchState(FetchState),
     /// State transfer: a piece of a checkpoint's state.
@@ -581,6 +594,13 @@ pub enum Message {
     FetchNewView(View),
     /// A view's certified NEW-VIEW, for a replica that missed it.
     NewViewProof(Box<NewViewProof>),
+    /// Asks the new primary for VIEW-CHANGEs its NEW-VIEW names that never came
+    /// through their senders' streams (a Byzantine sender can send its VIEW-CHANGE
+    /// to the primary only).
+    FetchViewChanges(FetchViewChanges),
+    /// A VIEW-CHANGE a NEW-VIEW names, sent outside its sender's stream (it is
+    /// self-certifying: enclave UI, stable certificate, and the log since it).
+    ViewChangeCopy(Box<ViewChange>),
 }
 
 impl WireMessage for Message {
@@ -597,9 +617,12 @@ impl WireMessage for Message {
             Message::ReqViewChange(_) => "req-view-change",
             Message::FetchNewView(_) => "fetch-new-view",
             Message::NewViewProof(_) => "new-view-proof",
+            Message::FetchViewChanges(_) => "fetch-view-changes",
+            Message::ViewChangeCopy(_) => "view-change-copy",
             Message::StreamFetch(_) => "stream-fetch",
             Message::StreamHead(_) => "stream-head",
             Message::Stable(_) => "stable-checkpoint",
+            Message::FetchStable(_) => "fetch-stable",
             Message::FetchState(_) => "fetch-state",
             Message::StateChunk(_) => "state-chunk",
         }

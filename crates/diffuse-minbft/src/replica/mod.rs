@@ -107,6 +107,8 @@ pub struct MinBftReplica {
     /// Peers whose STREAM-FETCH was answered this status interval: one answer per
     /// peer per interval, so fetches cannot make the replica send without bound.
     fetches_answered: ReplicaSet,
+    /// Peers sent this replica's stable certificate this status interval.
+    stables_served: ReplicaSet,
     /// State chunks served per peer this status interval.
     chunks_served: BTreeMap<ReplicaId, u32>,
     /// The state transfer under way, if any.
@@ -158,6 +160,7 @@ impl MinBftReplica {
             batch_timer_running: false,
             sent: VecDeque::new(),
             fetches_answered: ReplicaSet::new(),
+            stables_served: ReplicaSet::new(),
             chunks_served: BTreeMap::new(),
             transfer: None,
             genesis: genesis_digest,
@@ -304,6 +307,7 @@ impl MinBftReplica {
             }
             (NodeId::Replica(r), Message::StreamHead(head)) => self.on_stream_head(r, head, out),
             (NodeId::Replica(r), Message::Stable(cert)) => self.on_stable_cert(r, cert, out),
+            (NodeId::Replica(r), Message::FetchStable(low)) => self.on_fetch_stable(r, low, out),
             (NodeId::Replica(r), Message::FetchState(fetch)) => self.on_fetch_state(r, fetch, out),
             (NodeId::Replica(r), Message::StateChunk(chunk)) => self.on_state_chunk(r, chunk, out),
             (NodeId::Replica(r), Message::ReqViewChange(req)) => {
@@ -314,6 +318,12 @@ impl MinBftReplica {
             }
             (NodeId::Replica(r), Message::NewViewProof(proof)) => {
                 self.on_new_view_proof(r, *proof, out)
+            }
+            (NodeId::Replica(r), Message::FetchViewChanges(fetch)) => {
+                self.on_fetch_view_changes(r, fetch, out)
+            }
+            (NodeId::Replica(r), Message::ViewChangeCopy(vc)) => {
+                self.on_view_change_copy(r, *vc, out)
             }
         }
     }
@@ -436,8 +446,12 @@ impl MinBftReplica {
     /// and tell every peer this replica's latest counter value.
     fn on_status_tick(&mut self, out: &mut Out) {
         self.fetches_answered = ReplicaSet::new();
+        self.stables_served = ReplicaSet::new();
         self.chunks_served.clear();
         self.vc.proofs_served.clear();
+        self.vc.copies_served.clear();
+        self.fetch_missing_view_changes(out);
+        self.fetch_stable_beyond_window(out);
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
         for (sender, from) in gaps {
             out.send(sender, Message::StreamFetch(StreamFetch { from }));

@@ -49,6 +49,33 @@ impl MinBftReplica {
         self.propose_batches(false, out);
     }
 
+    /// Every status interval: a sender whose stream stalls at a vote beyond this
+    /// replica's window has a stable checkpoint above this replica's (it voted
+    /// there); this replica missed the CHECKPOINTs in between, so it asks for the
+    /// certificate instead of waiting for them.
+    pub(super) fn fetch_stable_beyond_window(&self, out: &mut Out) {
+        let high = self.high();
+        let senders: Vec<ReplicaId> = self.streams.senders().collect();
+        for sender in senders {
+            let seq = match self.streams.peek(sender) {
+                Some(Certified::Prepare(p)) if p.view <= self.view => p.seq,
+                Some(Certified::Commit(c)) if c.prepare.view <= self.view => c.prepare.seq,
+                _ => continue,
+            };
+            if seq > high {
+                out.send(sender, Message::FetchStable(self.low()));
+            }
+        }
+    }
+
+    /// A peer with a lower stable checkpoint asked for this replica's: one answer
+    /// per peer per status interval.
+    pub(super) fn on_fetch_stable(&mut self, from: ReplicaId, low: Seq, out: &mut Out) {
+        if self.low() > low && self.stables_served.insert(from) {
+            out.send(from, Message::Stable(self.stable.clone()));
+        }
+    }
+
     /// Makes `cert` the stable checkpoint: truncates below it, certifies this
     /// replica's own CHECKPOINT for it if its enclave has none that high, and starts
     /// a state transfer if the replica has not executed that far.

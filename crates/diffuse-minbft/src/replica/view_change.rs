@@ -11,7 +11,7 @@
 use super::{MinBftReplica, Out, Timer};
 use crate::evidence::{Decision, Rules, decide};
 use crate::message::{
-    Certified, LogEntry, Message, NewView, NewViewAck, NewViewProof, Prepare, ReqViewChange,
+    Certified, FetchViewChanges, LogEntry, Message, NewView, NewViewAck, NewViewProof, Prepare, ReqViewChange,
     ViewChange, ViewChangeDraft, ViewChangeRef,
 };
 use diffuse_core::codec::BoundedVec;
@@ -19,7 +19,7 @@ use diffuse_core::crypto::Digest;
 use diffuse_core::ids::{ReplicaId, Seq, View};
 use diffuse_core::protocol::Observation;
 use diffuse_pbft::message::Batch;
-use diffuse_tee::Scope;
+use diffuse_tee::{Scope, verify_scoped_ui};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// VIEW-CHANGEs kept per sender (for different views): a NEW-VIEW may name one
@@ -52,6 +52,11 @@ pub(crate) struct ViewChangeState {
     pub reproposals: BTreeMap<Seq, Batch>,
     /// Peers that asked for a view proof this status interval.
     pub proofs_served: BTreeSet<ReplicaId>,
+    /// The VIEW-CHANGEs the current view's NEW-VIEW names (if this replica entered
+    /// it by the NEW-VIEW): copies for replicas that did not get them.
+    pub named: Vec<ViewChange>,
+    /// Peers that asked for VIEW-CHANGE copies this status interval.
+    pub copies_served: BTreeSet<ReplicaId>,
 }
 
 impl MinBftReplica {
@@ -342,7 +347,13 @@ impl MinBftReplica {
         if decision.base.seq > self.low() {
             self.adopt_stable(decision.base, out);
         }
+        let named: Vec<ViewChange> = nv
+            .view_changes
+            .iter()
+            .filter_map(|r| self.vc.received.get(&(view, r.replica)).cloned())
+            .collect();
         self.enter_view(&nv);
+        self.vc.named = named;
         if self.is_primary() {
             for (offset, digest) in nv.decisions.iter().enumerate() {
                 let seq = Seq(nv.base.0 + 1 + offset as u64);
@@ -386,6 +397,7 @@ impl MinBftReplica {
         self.vc.requested.retain(|_, v| *v > view);
         self.vc.dead.retain(|v| *v > view);
         self.vc.reproposals.clear();
+        self.vc.named.clear();
         self.log.clear();
         self.next_seq = nv.last_decided().max(self.low()).next();
     }
@@ -471,6 +483,82 @@ impl MinBftReplica {
         if let Some(proof) = self.vc.proofs.get(&view) {
             out.send(from, Message::NewViewProof(Box::new(proof.clone())));
         }
+    }
+
+    /// Every status interval: for each NEW-VIEW held in its primary's stream because
+    /// VIEW-CHANGEs it names have not come through their senders' streams, ask the
+    /// primary for copies (a Byzantine sender may have certified its VIEW-CHANGE
+    /// for the primary only; the primary named it, so the primary has it).
+    pub(super) fn fetch_missing_view_changes(&self, out: &mut Out) {
+        let senders: Vec<ReplicaId> = self.streams.senders().collect();
+        for sender in senders {
+            let Some(Certified::NewView(nv)) = self.streams.peek(sender) else {
+                continue;
+            };
+            if nv.view <= self.view || self.skipped_view(nv.view) || !self.new_view_waits(nv) {
+                continue;
+            }
+            let missing: Vec<ReplicaId> = nv
+                .view_changes
+                .iter()
+                .map(|r| r.replica)
+                .filter(|r| *r != self.id && !self.vc.received.contains_key(&(nv.view, *r)))
+                .collect();
+            out.send(
+                nv.replica,
+                Message::FetchViewChanges(FetchViewChanges {
+                    view: nv.view,
+                    missing: BoundedVec::truncating(missing),
+                }),
+            );
+        }
+    }
+
+    /// Copies of the current view's named VIEW-CHANGEs: one answer per peer per
+    /// status interval.
+    pub(super) fn on_fetch_view_changes(
+        &mut self,
+        from: ReplicaId,
+        fetch: FetchViewChanges,
+        out: &mut Out,
+    ) {
+        if fetch.view != self.view || !self.vc.copies_served.insert(from) {
+            return;
+        }
+        for vc in self
+            .vc
+            .named
+            .iter()
+            .filter(|vc| fetch.missing.contains(&vc.replica))
+        {
+            out.send(from, Message::ViewChangeCopy(Box::new(vc.clone())));
+        }
+    }
+
+    /// A VIEW-CHANGE copy: used if the NEW-VIEW waiting at the head of its
+    /// primary's stream names it, and checked like one from the sender's stream.
+    pub(super) fn on_view_change_copy(&mut self, from: ReplicaId, vc: ViewChange, out: &mut Out) {
+        let primary = vc.view.primary(self.n());
+        let named = match self.streams.peek(primary) {
+            Some(Certified::NewView(nv)) if nv.view == vc.view => nv.view_changes.iter().any(|r| {
+                r.replica == vc.replica
+                    && r.counter == vc.ui.counter
+                    && r.digest == vc.certified_digest()
+            }),
+            _ => false,
+        };
+        if !named || vc.view <= self.view || self.vc.received.contains_key(&(vc.view, vc.replica))
+        {
+            return;
+        }
+        let Some(key) = self.enclave_keys.get(vc.replica.index()) else {
+            return;
+        };
+        if !verify_scoped_ui(key, Scope::Free, &vc.certified_digest(), &vc.ui) {
+            return out.fault(from, "bad-view-change-copy");
+        }
+        self.on_view_change(vc, out);
+        self.drain_streams(out);
     }
 
     /// Whether a vote of `sender` in `view` comes from a view it has left.
