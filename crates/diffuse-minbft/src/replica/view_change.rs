@@ -11,8 +11,8 @@
 use super::{MinBftReplica, Out, Timer};
 use crate::evidence::{Decision, Rules, decide};
 use crate::message::{
-    Certified, FetchViewChanges, LogEntry, Message, NewView, NewViewAck, NewViewProof, Prepare, ReqViewChange,
-    ViewChange, ViewChangeDraft, ViewChangeRef,
+    Certified, FetchViewChanges, LogEntry, Message, NewView, NewViewAck, NewViewProof, Prepare,
+    ReqViewChange, ViewChange, ViewChangeDraft, ViewChangeRef,
 };
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::Digest;
@@ -365,6 +365,14 @@ impl MinBftReplica {
         let nv_digest = nv.certified_digest();
         self.vc.acks.clear();
         self.vc.new_view = Some(nv);
+        if let Some(ack) = self.acknowledge(view, nv_digest, out) {
+            self.on_new_view_ack(ack, out);
+        }
+        out.set_timer(Timer::ViewChange, self.view_change_timeout());
+    }
+
+    /// Certifies and broadcasts this replica's NEW-VIEW-ACK for `view`'s NEW-VIEW.
+    fn acknowledge(&mut self, view: View, nv_digest: Digest, out: &mut Out) -> Option<NewViewAck> {
         let me = self.id;
         let certified = self.certify(
             Scope::Free,
@@ -379,11 +387,11 @@ impl MinBftReplica {
             },
             out,
         );
-        if let Some(Certified::NewViewAck(ack)) = certified {
-            out.broadcast(Message::Certified(Certified::NewViewAck(ack)));
-            self.on_new_view_ack(ack, out);
-        }
-        out.set_timer(Timer::ViewChange, self.view_change_timeout());
+        let Some(Certified::NewViewAck(ack)) = certified else {
+            return None;
+        };
+        out.broadcast(Message::Certified(Certified::NewViewAck(ack)));
+        Some(ack)
     }
 
     /// The bookkeeping of entering `nv`'s view (not active yet): older views'
@@ -448,7 +456,9 @@ impl MinBftReplica {
     }
 
     /// A certified NEW-VIEW of a view this replica missed (it was behind): entered
-    /// directly, because one of its `f + 1` acknowledgers checked it.
+    /// directly, because one of its `f + 1` acknowledgers checked it. This replica
+    /// acknowledges it too: replicas still collecting acknowledgements may be
+    /// missing those of Byzantine acknowledgers that sent theirs to some only.
     pub(super) fn on_new_view_proof(
         &mut self,
         from: ReplicaId,
@@ -463,6 +473,8 @@ impl MinBftReplica {
             return out.fault(from, "bad-new-view-proof");
         }
         self.enter_view(&proof.new_view);
+        let nv_digest = proof.new_view.certified_digest();
+        self.acknowledge(view, nv_digest, out);
         self.vc.new_view = Some(proof.new_view.clone());
         self.vc.acks = proof.acks.iter().map(|a| (a.replica, *a)).collect();
         self.activate(out);
@@ -547,8 +559,7 @@ impl MinBftReplica {
             }),
             _ => false,
         };
-        if !named || vc.view <= self.view || self.vc.received.contains_key(&(vc.view, vc.replica))
-        {
+        if !named || vc.view <= self.view || self.vc.received.contains_key(&(vc.view, vc.replica)) {
             return;
         }
         let Some(key) = self.enclave_keys.get(vc.replica.index()) else {
