@@ -49,6 +49,36 @@ pub struct StateSnapshot {
 /// The digest label of replicated-state snapshots.
 pub const STATE_LABEL: &str = "diffuse/state";
 
+/// A snapshot as a replica persists it.
+#[derive(Serialize, Deserialize)]
+struct SnapshotRecord {
+    state: Digest,
+    app: Digest,
+    bytes: Blob<MAX_SNAPSHOT_BYTES>,
+}
+
+impl StateSnapshot {
+    /// The snapshot's durable encoding (for a replica's checkpoint records).
+    pub fn to_record(&self) -> Vec<u8> {
+        codec::encode_payload(&SnapshotRecord {
+            state: self.digest,
+            app: self.app_digest,
+            bytes: Blob::try_from_vec(self.bytes.to_vec()).unwrap_or_default(),
+        })
+    }
+
+    /// Reads back [`StateSnapshot::to_record`]; `None` if the bytes do not parse or
+    /// do not match their digest (untrusted disk).
+    pub fn from_record(record: &[u8]) -> Option<StateSnapshot> {
+        let record: SnapshotRecord = codec::decode_payload(record).ok()?;
+        (Digest::of(STATE_LABEL, &record.bytes) == record.state).then(|| StateSnapshot {
+            digest: record.state,
+            app_digest: record.app,
+            bytes: std::sync::Arc::new(record.bytes.into_inner()),
+        })
+    }
+}
+
 /// An application behind a per-client reply cache.
 pub struct ReplicatedService {
     app: Box<dyn Application>,

@@ -196,6 +196,12 @@ pub trait ProtocolSuite: 'static {
     /// The protocol's command-line name, e.g. `"pbft"`.
     const NAME: &'static str;
 
+    /// Whether a crashed replica counts against `f` until it is back in: with a
+    /// trusted counter, an unscheduled reboot locks the enclave until `f + 1` peers
+    /// vouch for its counter (FastBFT §6.1 treats it as a crash failure). The
+    /// simulator then crashes at most `f` minus the Byzantine count distinct replicas.
+    const REBOOT_IS_A_FAULT: bool = false;
+
     /// The quorum system for `n` replicas.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError>;
 

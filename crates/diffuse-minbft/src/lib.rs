@@ -45,6 +45,8 @@ impl ProtocolSuite for MinBft {
 
     const NAME: &'static str = "minbft";
 
+    const REBOOT_IS_A_FAULT: bool = true;
+
     /// MinBFT needs `n = 2f + 1` exactly: with an even `n`, two quorums of `f + 1`
     /// can be disjoint (`{0, 1}` and `{2, 3}` at `n = 4`), and the view change's
     /// argument needs them to share a replica.

@@ -6,12 +6,11 @@
 //! every receiver in the sender's counter order (see `docs/protocols/minbft.md`).
 
 use diffuse_core::codec::{BoundedVec, WireMessage};
-use diffuse_core::crypto::Digest;
-use diffuse_core::crypto::PublicKey;
+use diffuse_core::crypto::{Digest, PublicKey, Signed};
 use diffuse_core::ids::{MAX_REPLICAS, ReplicaId, Seq, View};
 use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
 use diffuse_pbft::message::{Batch, FetchState, Reply, Request, StateChunk};
-use diffuse_tee::{Scope, Ui, verify_scoped_ui};
+use diffuse_tee::{CounterReport, Scope, Ui, verify_scoped_ui};
 use serde::{Deserialize, Serialize};
 
 /// PREPARE: the primary assigns `batch` to `seq` in `view`; also its commit vote.
@@ -601,6 +600,11 @@ pub enum Message {
     /// A VIEW-CHANGE a NEW-VIEW names, sent outside its sender's stream (it is
     /// self-certifying: enclave UI, stable certificate, and the log since it).
     ViewChangeCopy(Box<ViewChange>),
+    /// REJOIN: the sender's enclave is locked after an unscheduled reboot; asks for
+    /// a report of its counter bound to this challenge.
+    Rejoin(Digest),
+    /// The receiver's enclave's report on the sender's counter, for its REJOIN.
+    RejoinReport(Box<Signed<CounterReport>>),
 }
 
 impl WireMessage for Message {
@@ -619,6 +623,8 @@ impl WireMessage for Message {
             Message::NewViewProof(_) => "new-view-proof",
             Message::FetchViewChanges(_) => "fetch-view-changes",
             Message::ViewChangeCopy(_) => "view-change-copy",
+            Message::Rejoin(_) => "rejoin",
+            Message::RejoinReport(_) => "rejoin-report",
             Message::StreamFetch(_) => "stream-fetch",
             Message::StreamHead(_) => "stream-head",
             Message::Stable(_) => "stable-checkpoint",

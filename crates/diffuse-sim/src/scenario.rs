@@ -149,6 +149,7 @@ impl Scenario {
         n: usize,
         f: usize,
         behaviours: &[&str],
+        reboot_is_a_fault: bool,
         rng: &mut SimRng,
     ) -> Scenario {
         let gst_ns = rng.between(500, 3000) * MS;
@@ -183,20 +184,31 @@ impl Scenario {
             Vec::new()
         };
         let crashes = if matches!(mix, FaultMix::Crash | FaultMix::Mixed) {
-            let correct: Vec<ReplicaId> = (0..n as u16)
+            let mut correct: Vec<ReplicaId> = (0..n as u16)
                 .map(ReplicaId)
                 .filter(|r| !byzantine.contains_key(r))
                 .collect();
-            (0..rng.between(1, 3))
-                .map(|_| {
-                    let crash_ns = rng.between(0, gst_ns * 3 / 4);
-                    CrashRestart {
-                        replica: *rng.pick(&correct),
-                        crash_ns,
-                        restart_ns: rng.between(crash_ns + 10 * MS, gst_ns),
-                    }
-                })
-                .collect()
+            if reboot_is_a_fault {
+                // Crashed replicas are faults until they rejoin: keep the total at f.
+                let budget = f.saturating_sub(byzantine.len());
+                let start = rng.between(0, correct.len().saturating_sub(1) as u64) as usize;
+                correct.rotate_left(start);
+                correct.truncate(budget);
+            }
+            if correct.is_empty() {
+                Vec::new()
+            } else {
+                (0..rng.between(1, 3))
+                    .map(|_| {
+                        let crash_ns = rng.between(0, gst_ns * 3 / 4);
+                        CrashRestart {
+                            replica: *rng.pick(&correct),
+                            crash_ns,
+                            restart_ns: rng.between(crash_ns + 10 * MS, gst_ns),
+                        }
+                    })
+                    .collect()
+            }
         } else {
             Vec::new()
         };

@@ -189,6 +189,7 @@ impl<P: ProtocolSuite> Simulation<P> {
             config.n,
             quorum.f(),
             &behaviour_names,
+            P::REBOOT_IS_A_FAULT,
             &mut rng,
         );
         let replica_secrets: Vec<SecretKey> = (0..config.n)

@@ -20,6 +20,7 @@ impl MinBftReplica {
             app: snapshot.app_digest,
         });
         let state = snapshot.digest;
+        out.persist(vec![Self::checkpoint_write(seq, &snapshot)]);
         self.own_checkpoints.insert(seq, snapshot);
         self.certify_checkpoint(seq, state, out);
     }
@@ -67,8 +68,9 @@ impl MinBftReplica {
         self.log = self.log.split_off(&seq.next());
         self.own_checkpoints = self.own_checkpoints.split_off(&seq.next());
         self.checkpoint_votes = self.checkpoint_votes.split_off(&seq.next());
+        out.persist(self.stable_writes());
         self.collect_sent(out);
-        self.collect_proofs();
+        self.collect_proofs(out);
         out.observe(Observation::StableCheckpoint { seq });
         self.propose_batches(false, out);
     }
@@ -103,8 +105,8 @@ impl MinBftReplica {
         let first = self.sent[0].counter();
         self.sent.drain(..last_anchor);
         out.persist(vec![WriteOp::DeleteRange {
-            start: super::sent_key(first),
-            end: super::sent_key(first_kept),
+            start: super::storage::sent_key(first),
+            end: super::storage::sent_key(first_kept),
         }]);
     }
 }

@@ -6,6 +6,8 @@
 
 mod checkpoint;
 mod normal;
+mod rejoin;
+mod storage;
 mod transfer;
 mod view_change;
 
@@ -68,13 +70,6 @@ struct Slot {
     rejected: bool,
 }
 
-/// The key under which an own certified message is persisted.
-fn sent_key(counter: u64) -> Vec<u8> {
-    let mut key = b"sent/".to_vec();
-    key.extend_from_slice(&counter.to_be_bytes());
-    key
-}
-
 /// A MinBFT replica. Drive it through [`diffuse_core::protocol::Replica::handle`].
 pub struct MinBftReplica {
     id: ReplicaId,
@@ -123,6 +118,7 @@ pub struct MinBftReplica {
     /// The bodies of the batches this replica voted for above its stable
     /// checkpoint, for its VIEW-CHANGEs.
     voted_bodies: BTreeMap<(Seq, Digest), diffuse_pbft::message::Batch>,
+    rejoin: rejoin::RejoinState,
 }
 
 impl MinBftReplica {
@@ -168,6 +164,7 @@ impl MinBftReplica {
             request_timer_running: false,
             vc: Default::default(),
             voted_bodies: BTreeMap::new(),
+            rejoin: Default::default(),
             options: setup.options,
         }
     }
@@ -230,15 +227,31 @@ impl MinBftReplica {
             Err(_) => return self.halt("enclave-unavailable", out),
         };
         self.enclave_keys = booted.enclave_keys;
-        let locked = booted.enclave.is_locked();
         self.enclave = Some(booted.enclave);
-        if !recovered.is_empty() || locked {
-            // Recovery from persisted state and REJOIN of a locked enclave are the
-            // next step of issue 5 (docs/protocols/minbft.md); until then a restarted
-            // replica stays out rather than vote without its history.
-            return self.halt("recovery-not-implemented", out);
-        }
         out.set_timer(Timer::Status, self.options.base.status_interval);
+        if !recovered.is_empty() {
+            if let Err(storage::CorruptStorage(what)) = self.load(&recovered) {
+                // Starting without its persisted votes could make this replica's
+                // VIEW-CHANGE drop a committed batch: it stays out instead.
+                let _ = what;
+                return self.halt("corrupt-storage", out);
+            }
+            if self.last_executed < self.low() {
+                self.start_transfer(out);
+            }
+            if !self.view_active {
+                out.set_timer(Timer::ViewChange, self.view_change_timeout());
+            }
+        }
+        if self.is_locked() {
+            self.ask_to_rejoin(out);
+        }
+    }
+
+    /// Whether the enclave refuses to certify (after an unscheduled reboot, until
+    /// REJOIN): the replica then consumes nothing, so it loses no vote.
+    fn is_locked(&self) -> bool {
+        self.enclave.as_ref().is_none_or(|e| e.is_locked())
     }
 
     /// Certifies `message` (built from its UI) with this replica's enclave, persists
@@ -257,7 +270,7 @@ impl MinBftReplica {
             .ok()?;
         let message = build(ui);
         out.persist(vec![WriteOp::Put {
-            key: sent_key(ui.counter),
+            key: storage::sent_key(ui.counter),
             value: codec::encode_payload(&message),
         }]);
         self.sent.push_back(message.clone());
@@ -325,6 +338,10 @@ impl MinBftReplica {
             (NodeId::Replica(r), Message::ViewChangeCopy(vc)) => {
                 self.on_view_change_copy(r, *vc, out)
             }
+            (NodeId::Replica(r), Message::Rejoin(challenge)) => self.on_rejoin(r, challenge, out),
+            (NodeId::Replica(r), Message::RejoinReport(report)) => {
+                self.on_rejoin_report(r, *report, out)
+            }
         }
     }
 
@@ -363,6 +380,9 @@ impl MinBftReplica {
 
     /// Consumes every stream's messages that are in line and usable, until none is.
     fn drain_streams(&mut self, out: &mut Out) {
+        if self.is_locked() {
+            return;
+        }
         loop {
             let mut progressed = false;
             let senders: Vec<ReplicaId> = self.streams.senders().collect();
@@ -450,6 +470,10 @@ impl MinBftReplica {
         self.chunks_served.clear();
         self.vc.proofs_served.clear();
         self.vc.copies_served.clear();
+        self.rejoin.reports_served = ReplicaSet::new();
+        if self.is_locked() {
+            self.ask_to_rejoin(out);
+        }
         self.fetch_missing_view_changes(out);
         self.fetch_stable_beyond_window(out);
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();

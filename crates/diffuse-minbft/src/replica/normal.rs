@@ -174,6 +174,11 @@ impl MinBftReplica {
         {
             return;
         }
+        if !self.knows_new_view(prepare.view) {
+            // Restarted without this view's NEW-VIEW: it cannot judge the PREPARE
+            // (nor vote for it) until it has the view's proof.
+            return;
+        }
         let seq = prepare.seq;
         let decided = match self.new_view_constraint(&prepare) {
             Ok(decided) => decided,
@@ -217,6 +222,9 @@ impl MinBftReplica {
             return self.try_commit(seq, out);
         }
         let me = self.id;
+        if let Some(batch) = self.voted_bodies.get(&(seq, reference.digest)) {
+            out.persist(vec![Self::body_write(seq, batch)]);
+        }
         let certified = self.certify(
             Scope::Slot(seq.0),
             &Commit::certified_digest(me, &reference),

@@ -102,8 +102,9 @@ impl MinBftReplica {
         {
             self.certify_checkpoint(seq, self.stable.state, out);
         }
+        out.persist(self.stable_writes());
         self.collect_sent(out);
-        self.collect_proofs();
+        self.collect_proofs(out);
         if self.last_executed < seq {
             self.start_transfer(out);
         }
@@ -131,7 +132,7 @@ impl MinBftReplica {
         }
     }
 
-    fn start_transfer(&mut self, out: &mut Out) {
+    pub(super) fn start_transfer(&mut self, out: &mut Out) {
         let target = self.stable.clone();
         if self
             .transfer
@@ -282,6 +283,7 @@ impl MinBftReplica {
             app: snapshot.app_digest,
         });
         self.last_executed = seq;
+        out.persist(vec![Self::checkpoint_write(seq, &snapshot)]);
         if seq == self.low() {
             self.stable_snapshot = Some(snapshot);
         } else if self.last_executed < self.low() {

@@ -434,13 +434,12 @@ impl MinBftReplica {
             return;
         };
         let acks = std::mem::take(&mut self.vc.acks).into_values().collect();
-        self.vc.proofs.insert(
-            self.view,
-            NewViewProof {
-                new_view: nv,
-                acks: BoundedVec::truncating(acks),
-            },
-        );
+        let proof = NewViewProof {
+            new_view: nv,
+            acks: BoundedVec::truncating(acks),
+        };
+        out.persist(vec![Self::proof_write(&proof)]);
+        self.vc.proofs.insert(self.view, proof);
         self.view_active = true;
         self.vc.backoff = 0;
         out.cancel_timer(Timer::ViewChange);
@@ -466,7 +465,8 @@ impl MinBftReplica {
         out: &mut Out,
     ) {
         let view = proof.new_view.view;
-        if view <= self.view || self.vc.target.is_some_and(|t| t > view) {
+        if !(view > self.view || self.lacks_new_view()) || self.vc.target.is_some_and(|t| t > view)
+        {
             return;
         }
         if !proof.is_valid(&self.quorum, &self.enclave_keys) {
@@ -483,7 +483,8 @@ impl MinBftReplica {
 
     /// A peer announced a view above this replica's: ask it for the proof.
     pub(super) fn maybe_fetch_view(&mut self, from: ReplicaId, view: View, out: &mut Out) {
-        if view > self.view && self.vc.target.is_none_or(|t| t <= view) {
+        let behind = view > self.view || (view == self.view && self.lacks_new_view());
+        if behind && self.vc.target.is_none_or(|t| t <= view) {
             out.send(from, Message::FetchNewView(view));
         }
     }
@@ -577,6 +578,23 @@ impl MinBftReplica {
         self.vc.left.get(&sender).is_some_and(|left| view < *left)
     }
 
+    /// Whether this replica is in a view whose NEW-VIEW it does not have: it
+    /// restarted after acknowledging it, before the view was active. It fetches the
+    /// view's proof, and cannot judge the view's PREPAREs until then.
+    pub(super) fn lacks_new_view(&self) -> bool {
+        self.view > View(0)
+            && !self.view_active
+            && self.vc.target.is_none()
+            && self.vc.new_view.is_none()
+    }
+
+    /// Whether the NEW-VIEW of `view` is known here (view 0 has none).
+    pub(super) fn knows_new_view(&self, view: View) -> bool {
+        view == View(0)
+            || self.vc.proofs.contains_key(&view)
+            || self.vc.new_view.as_ref().is_some_and(|nv| nv.view == view)
+    }
+
     /// The decision a PREPARE of the current view must match, if its slot was
     /// re-proposed; `Err` if the PREPARE cannot be valid in this view at all.
     pub(super) fn new_view_constraint(&self, prepare: &Prepare) -> Result<Option<Digest>, ()> {
@@ -605,7 +623,7 @@ impl MinBftReplica {
 
     /// Forgets proofs of views no retained vote is in (they are all below the
     /// stable checkpoint).
-    pub(super) fn collect_proofs(&mut self) {
+    pub(super) fn collect_proofs(&mut self, out: &mut Out) {
         let low = self.low();
         let needed: BTreeSet<View> = self
             .sent
@@ -617,9 +635,17 @@ impl MinBftReplica {
             })
             .collect();
         let current = self.view;
-        self.vc
+        let obsolete: Vec<View> = self
+            .vc
             .proofs
-            .retain(|view, _| *view == current || needed.contains(view));
+            .keys()
+            .filter(|view| **view != current && !needed.contains(view))
+            .copied()
+            .collect();
+        for view in obsolete {
+            self.vc.proofs.remove(&view);
+            out.persist(vec![Self::proof_delete(view)]);
+        }
         self.voted_bodies = self
             .voted_bodies
             .split_off(&(low.next(), Digest::default()));

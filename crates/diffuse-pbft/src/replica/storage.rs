@@ -14,11 +14,11 @@
 
 use super::{Out, PbftReplica};
 use crate::message::{Batch, NewView, PrepareVote, PreparedCert, Proposal};
-use diffuse_core::codec::{self, Blob, BoundedVec};
-use diffuse_core::crypto::{Digest, Signed};
+use diffuse_core::codec::{self, BoundedVec};
+use diffuse_core::crypto::Signed;
 use diffuse_core::ids::{Seq, View};
 use diffuse_core::protocol::{Recovered, WriteOp};
-use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL, StateSnapshot};
+use diffuse_core::service::StateSnapshot;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -32,13 +32,6 @@ const CHECKPOINT_PREFIX: &[u8] = b"pbft/checkpoint/";
 struct ViewRecord {
     view: View,
     active: bool,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CheckpointRecord {
-    state: Digest,
-    app: Digest,
-    bytes: Blob<MAX_SNAPSHOT_BYTES>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -115,14 +108,9 @@ impl PbftReplica {
 
     /// This replica's checkpoint at `seq`.
     pub(super) fn checkpoint_writes(&self, seq: Seq, snapshot: &StateSnapshot) -> Vec<WriteOp> {
-        let record = CheckpointRecord {
-            state: snapshot.digest,
-            app: snapshot.app_digest,
-            bytes: Blob::try_from_vec(snapshot.bytes.to_vec()).unwrap_or_default(),
-        };
         vec![WriteOp::Put {
             key: checkpoint_key(seq),
-            value: codec::encode_payload(&record),
+            value: snapshot.to_record(),
         }]
     }
 
@@ -219,16 +207,7 @@ impl PbftReplica {
             if seq < low {
                 continue;
             }
-            let record: CheckpointRecord =
-                codec::decode_payload(value).map_err(|_| CorruptStorage("checkpoint"))?;
-            if Digest::of(STATE_LABEL, &record.bytes) != record.state {
-                return Err(CorruptStorage("checkpoint digest"));
-            }
-            let snapshot = StateSnapshot {
-                digest: record.state,
-                app_digest: record.app,
-                bytes: Arc::new(record.bytes.into_inner()),
-            };
+            let snapshot = StateSnapshot::from_record(value).ok_or(CorruptStorage("checkpoint"))?;
             checkpoints.insert(seq, snapshot);
         }
         if low > Seq(0) {
