@@ -1,15 +1,21 @@
 //! MinBFT-specific Byzantine behaviours for the simulator.
 //!
 //! Each runs on top of an honest replica and rewrites its traffic. The faulty host
-//! cannot make its enclave certify two messages with one counter value, so its lies
-//! are either certified messages it hides from some replicas (`withhold`) or
+//! cannot make a protected enclave certify two messages with one counter value, so
+//! its lies are certified messages it hides from some replicas (`withhold`),
 //! messages whose certificates do not match (`forge-ui`), which every receiver must
-//! reject without being misled.
+//! reject without being misled, or an attempt to roll its enclave back to an old
+//! sealed state (`rollback`), which only an unprotected enclave lets through.
 
 use crate::message::{Certified, CheckpointCert, Message, Prepare};
+use crate::options::MinBftOptions;
+use crate::tee_host::TeeHost;
 use diffuse_core::codec::BoundedVec;
+use diffuse_core::crypto::Digest;
 use diffuse_core::ids::{NodeId, ReplicaId, Seq};
 use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
+use diffuse_pbft::message::Batch;
+use diffuse_tee::{Scope, TrustedComponent};
 use std::collections::VecDeque;
 
 /// The MinBFT-specific behaviours.
@@ -19,15 +25,19 @@ pub const BEHAVIOURS: &[Named] = &[
         description: "sends its certified messages to one correct replica only (never answering the others' fetches), then falls silent: the view change must keep what that replica committed",
     },
     Named {
+        name: "rollback",
+        description: "as primary, has its host restore an old sealed enclave state to certify a second PREPARE under a counter value already used, and sends it to half of the replicas (a protected enclave comes up locked)",
+    },
+    Named {
         name: "forge-ui",
         description: "alters certified messages under their UI, replays old ones, claims other senders, and sends forged checkpoint certificates",
     },
 ];
 
 /// Builds the behaviour `name` for the replica of `setup`, one of `coalition`.
-pub fn build<O>(
+pub fn build(
     name: &str,
-    setup: &ReplicaSetup<O>,
+    setup: &ReplicaSetup<MinBftOptions>,
     coalition: &Coalition,
 ) -> Option<Box<dyn Behaviour<Message>>> {
     let n = setup.keys.n();
@@ -38,6 +48,13 @@ pub fn build<O>(
         "withhold" => Some(Box::new(Withhold {
             favoured,
             certified_sent: 0,
+        })),
+        "rollback" => Some(Box::new(Rollback {
+            me: setup.id,
+            n,
+            tee: setup.options.tee.clone(),
+            tried: false,
+            forged: None,
         })),
         "forge-ui" => Some(Box::new(ForgeUi {
             me: setup.id,
@@ -86,6 +103,73 @@ impl Behaviour<Message> for Withhold {
     ) -> bool {
         // Fetches from the replicas it withholds from go unanswered.
         !matches!(message, Message::StreamFetch(_)) || from == NodeId::Replica(self.favoured)
+    }
+}
+
+/// The rollback attack (FastBFT §6.1): the host starts a second copy of the
+/// enclave from an old sealed state, advances it to a counter value the honest
+/// enclave already used for a PREPARE, and certifies a different PREPARE for the
+/// same slot under it. The replicas in the upper half of the ids get the second
+/// one. Tried once, on the first own PREPARE.
+struct Rollback {
+    me: ReplicaId,
+    n: usize,
+    tee: TeeHost,
+    tried: bool,
+    /// The attacked counter value and the second PREPARE certified under it.
+    forged: Option<(u64, Prepare)>,
+}
+
+impl Rollback {
+    fn forge(&self, original: &Prepare) -> Option<(u64, Prepare)> {
+        let mut copy = self.tee.roll_back(self.me).ok()?;
+        let counter = original.ui.counter;
+        while copy.counter().saturating_add(1) < counter {
+            copy.create_ui(&Digest::default()).ok()?;
+        }
+        let mut requests = original.batch.requests.clone().into_inner();
+        requests.pop();
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let (replica, view, seq) = (original.replica, original.view, original.seq);
+        let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
+        let ui = copy.create_scoped_ui(Scope::Slot(seq.0), &digest).ok()?;
+        (ui.counter == counter).then_some((
+            counter,
+            Prepare {
+                replica,
+                view,
+                seq,
+                batch,
+                ui,
+            },
+        ))
+    }
+}
+
+impl Behaviour<Message> for Rollback {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if let Message::Certified(Certified::Prepare(prepare)) = &message {
+            if !self.tried && prepare.replica == self.me {
+                self.tried = true;
+                self.forged = self.forge(prepare);
+            }
+            let upper_half = matches!(to, NodeId::Replica(r) if r.index() * 2 >= self.n);
+            if let Some((counter, forged)) = &self.forged {
+                if *counter == prepare.ui.counter && upper_half {
+                    let forged = Message::Certified(Certified::Prepare(forged.clone()));
+                    return out.push(Outgoing::now(to, forged));
+                }
+            }
+        }
+        out.push(Outgoing::now(to, message));
     }
 }
 

@@ -92,7 +92,7 @@ impl ProtocolSuite for MinBft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 1] = [Mutant::ALL[0].1];
+        const NAMES: [Named; 2] = [Mutant::ALL[0].1, Mutant::ALL[1].1];
         &NAMES
     }
 
@@ -100,6 +100,9 @@ impl ProtocolSuite for MinBft {
         match Mutant::from_name(name) {
             Some(mutant) => {
                 options.mutant = Some(mutant);
+                if mutant == Mutant::EnclaveWithoutRollbackProtection {
+                    options.tee = options.tee.clone().without_rollback_protection();
+                }
                 true
             }
             None => false,

@@ -11,17 +11,29 @@ pub enum Mutant {
     /// Consumes certified messages as they arrive, without holding back those above
     /// a gap: an equivocating primary then splits the replicas.
     NoContinuityCheck,
+    /// Enclaves accept a stale sealed state: the `rollback` behaviour then
+    /// certifies a second PREPARE under a counter value already used.
+    EnclaveWithoutRollbackProtection,
 }
 
 impl Mutant {
     /// Every mutant with its name.
-    pub const ALL: [(Mutant, Named); 1] = [(
-        Mutant::NoContinuityCheck,
-        Named {
-            name: "no-continuity-check",
-            description: "replicas accept certified messages out of counter order",
-        },
-    )];
+    pub const ALL: [(Mutant, Named); 2] = [
+        (
+            Mutant::NoContinuityCheck,
+            Named {
+                name: "no-continuity-check",
+                description: "replicas accept certified messages out of counter order",
+            },
+        ),
+        (
+            Mutant::EnclaveWithoutRollbackProtection,
+            Named {
+                name: "enclave-without-rollback-protection",
+                description: "enclaves accept a stale sealed state (run with --faults rollback)",
+            },
+        ),
+    ];
 
     /// The mutant called `name`.
     pub fn from_name(name: &str) -> Option<Mutant> {

@@ -19,6 +19,8 @@ struct Machine {
     platform: Arc<dyn Platform>,
     /// The state sealed at the last scheduled shutdown.
     sealed: SealedState,
+    /// The first state ever sealed, which a Byzantine host keeps to roll back to.
+    first_sealed: SealedState,
 }
 
 struct Cluster {
@@ -33,6 +35,8 @@ struct Cluster {
 pub struct TeeHost {
     seed: [u8; 32],
     cluster: Arc<Mutex<Option<Cluster>>>,
+    /// Off only for the `enclave-without-rollback-protection` mutant.
+    rollback_protection: bool,
 }
 
 impl std::fmt::Debug for TeeHost {
@@ -56,7 +60,43 @@ impl TeeHost {
         TeeHost {
             seed,
             cluster: Arc::new(Mutex::new(None)),
+            rollback_protection: true,
         }
+    }
+
+    /// The same machines with enclaves that accept a stale sealed state (the
+    /// `enclave-without-rollback-protection` mutant): a rollback then lets a host
+    /// certify two messages under one counter value, which the checkers must catch.
+    pub fn without_rollback_protection(mut self) -> TeeHost {
+        self.rollback_protection = false;
+        self
+    }
+
+    fn resume(
+        &self,
+        platform: Arc<dyn Platform>,
+        sealed: &SealedState,
+    ) -> Result<SoftwareEnclave, TeeError> {
+        if self.rollback_protection {
+            SoftwareEnclave::resume(platform, sealed)
+        } else {
+            SoftwareEnclave::resume_without_rollback_protection(platform, sealed)
+        }
+    }
+
+    /// The rollback attack, as a Byzantine host runs it: a second copy of `id`'s
+    /// enclave started from the oldest sealed state the host kept. A protected
+    /// enclave comes up locked (the platform counter moved on) and certifies nothing.
+    pub fn roll_back(&self, id: ReplicaId) -> Result<SoftwareEnclave, TeeError> {
+        let guard = self
+            .cluster
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let machine = guard
+            .as_ref()
+            .and_then(|c| c.machines.get(&id))
+            .ok_or(TeeError::Configuration("no machine for this replica"))?;
+        self.resume(machine.platform.clone(), &machine.first_sealed)
     }
 
     /// Boots replica `id` of `n`: on the first boot of the cluster, creates every
@@ -82,7 +122,7 @@ impl TeeHost {
             .machines
             .get(&id)
             .ok_or(TeeError::Configuration("no machine for this replica"))?;
-        let enclave = SoftwareEnclave::resume(machine.platform.clone(), &machine.sealed)?;
+        let enclave = self.resume(machine.platform.clone(), &machine.sealed)?;
         Ok(Booted {
             enclave,
             enclave_keys: cluster.enclave_keys.clone(),
@@ -123,11 +163,13 @@ impl TeeHost {
         for (i, (mut enclave, platform)) in enclaves.drain(..).zip(platforms).enumerate() {
             enclave.configure(enclave_keys.clone(), reset_threshold)?;
             enclave.configure_slots(rules)?;
+            let sealed = enclave.shutdown();
             machines.insert(
                 ReplicaId(i as u16),
                 Machine {
                     platform,
-                    sealed: enclave.shutdown(),
+                    first_sealed: sealed.clone(),
+                    sealed,
                 },
             );
         }

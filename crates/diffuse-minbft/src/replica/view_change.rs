@@ -240,7 +240,10 @@ impl MinBftReplica {
         let Some(target) = self.vc.target else {
             return;
         };
-        if target.primary(self.n()) != self.id || self.vc.new_view.is_some() {
+        // `vc.new_view` may still hold the NEW-VIEW of the view being left (entered,
+        // never activated): that one must not stop this replica's NEW-VIEW.
+        let sent = matches!(&self.vc.new_view, Some(nv) if nv.view >= target);
+        if target.primary(self.n()) != self.id || sent {
             return;
         }
         let vcs: Vec<&ViewChange> = self
@@ -457,7 +460,8 @@ impl MinBftReplica {
     /// A certified NEW-VIEW of a view this replica missed (it was behind): entered
     /// directly, because one of its `f + 1` acknowledgers checked it. This replica
     /// acknowledges it too: replicas still collecting acknowledgements may be
-    /// missing those of Byzantine acknowledgers that sent theirs to some only.
+    /// missing those of Byzantine acknowledgers that sent theirs to some only. A
+    /// proof of the view this replica entered and waits in only activates it.
     pub(super) fn on_new_view_proof(
         &mut self,
         from: ReplicaId,
@@ -465,25 +469,39 @@ impl MinBftReplica {
         out: &mut Out,
     ) {
         let view = proof.new_view.view;
-        if !(view > self.view || self.lacks_new_view()) || self.vc.target.is_some_and(|t| t > view)
-        {
+        let nv_digest = proof.new_view.certified_digest();
+        let entered = self.waiting_for_acks()
+            && self.vc.new_view.as_ref().map(NewView::certified_digest) == Some(nv_digest);
+        let restored = view == self.view && self.lacks_new_view();
+        if !(view > self.view || entered || restored) || self.vc.target.is_some_and(|t| t > view) {
             return;
         }
         if !proof.is_valid(&self.quorum, &self.enclave_keys) {
             return out.fault(from, "bad-new-view-proof");
         }
-        self.enter_view(&proof.new_view);
-        let nv_digest = proof.new_view.certified_digest();
-        self.acknowledge(view, nv_digest, out);
+        if !entered {
+            self.enter_view(&proof.new_view);
+            self.acknowledge(view, nv_digest, out);
+        }
         self.vc.new_view = Some(proof.new_view.clone());
         self.vc.acks = proof.acks.iter().map(|a| (a.replica, *a)).collect();
         self.activate(out);
         self.drain_streams(out);
     }
 
-    /// A peer announced a view above this replica's: ask it for the proof.
+    /// Whether this replica entered its view by the NEW-VIEW and is still collecting
+    /// acknowledgements.
+    fn waiting_for_acks(&self) -> bool {
+        !self.view_active && self.vc.target.is_none() && self.vc.new_view.is_some()
+    }
+
+    /// A peer announced a view above this replica's, or the view this replica is
+    /// in but not active in: ask it for the proof. Acks that Byzantine replicas sent
+    /// to some only, or that their sender collected before this replica's stream
+    /// reached them, may never arrive; the proof stands for them.
     pub(super) fn maybe_fetch_view(&mut self, from: ReplicaId, view: View, out: &mut Out) {
-        let behind = view > self.view || (view == self.view && self.lacks_new_view());
+        let stuck = self.waiting_for_acks() || self.lacks_new_view();
+        let behind = view > self.view || (view == self.view && stuck);
         if behind && self.vc.target.is_none_or(|t| t <= view) {
             out.send(from, Message::FetchNewView(view));
         }
