@@ -108,3 +108,30 @@ fn keygen_writes_a_valid_key_file() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sim_runs_minbft_with_its_own_default_cluster_size() {
+    let (code, stdout, stderr) = diffuse(&[
+        "sim",
+        "--protocol",
+        "minbft",
+        "--seeds",
+        "11",
+        "--threads",
+        "2",
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(report["violations"], 0, "{stdout}");
+    assert_eq!(report["n"], 3, "MinBFT defaults to n = 3");
+    let (code, stdout, _) = diffuse(&["sim", "--protocol", "minbft", "--list"]);
+    assert_eq!(code, 0);
+    for name in [
+        "rollback",
+        "withhold",
+        "enclave-without-rollback-protection",
+    ] {
+        assert!(stdout.contains(name), "--list lacks {name}");
+    }
+}
