@@ -64,11 +64,11 @@ impl MinBftReplica {
         let Some(challenge) = enclave.rejoin_challenge() else {
             return; // not locked (any more)
         };
+        if report.value.challenge != challenge {
+            return; // late: for the challenge of an earlier reboot
+        }
         let reporter = self.enclave_keys.get(from.index());
-        if reporter != Some(&report.value.reporter)
-            || report.value.challenge != challenge
-            || !report.verify(&report.value.reporter)
-        {
+        if reporter != Some(&report.value.reporter) || !report.verify(&report.value.reporter) {
             return out.fault(from, "bad-rejoin-report");
         }
         self.rejoin.reports.insert(from, report);
