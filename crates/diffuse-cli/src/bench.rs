@@ -16,11 +16,11 @@ use std::time::Duration;
 #[derive(Args)]
 pub struct BenchArgs {
     /// The protocol the cluster runs.
-    #[arg(long, default_value = "pbft", value_parser = ["pbft"])]
+    #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas.
-    #[arg(long, default_value_t = 4)]
-    n: usize,
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    #[arg(long)]
+    n: Option<usize>,
     /// Concurrent closed-loop clients.
     #[arg(long, default_value_t = 16)]
     clients: usize,
@@ -104,10 +104,8 @@ pub fn run(args: BenchArgs) -> ExitCode {
     })
 }
 
-async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
-    if args.n < 4 {
-        return Err("PBFT needs --n 4 or more (n = 3f + 1)".into());
-    }
+async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
+    args.n = Some(crate::runtime::cluster_size(&args.protocol, args.n)?);
     let clients = args.clients.max(1);
     let identities = args
         .sweep
@@ -123,21 +121,24 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let options = options_table(&args.options)?;
     // Check the options here, for a clear error instead of replicas that exit.
-    if args.protocol == "pbft" {
+    {
         use diffuse_core::suite::ProtocolSuite as _;
-        diffuse_pbft::Pbft::configured_options(&options)?;
+        match args.protocol.as_str() {
+            "minbft" => drop(diffuse_minbft::MinBft::configured_options(&options)?),
+            _ => drop(diffuse_pbft::Pbft::configured_options(&options)?),
+        }
     }
     let mut cluster = LocalCluster::start_with_options(
         &exe,
         dir.path(),
         &args.protocol,
-        args.n,
+        args.n(),
         identities,
         options,
     )
     .map_err(|e| format!("cannot start the cluster: {e}"))?;
     for _ in 0..50 {
-        if (0..args.n).all(|i| cluster.metrics(i).is_some()) {
+        if (0..args.n()).all(|i| cluster.metrics(i).is_some()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -154,7 +155,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
         println!(
             "{} clients against {} {} replicas (real processes on loopback) for {}s, {}-byte values",
             clients,
-            args.n,
+            args.n(),
             args.protocol,
             duration.as_secs(),
             args.payload
@@ -209,7 +210,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     }
     let json = serde_json::json!({
         "protocol": args.protocol,
-        "n": args.n,
+        "n": args.n(),
         "clients": clients,
         "payload_bytes": args.payload,
         "options": args.options,
@@ -230,7 +231,7 @@ async fn bench(args: BenchArgs) -> Result<ExitCode, String> {
     let text = serde_json::to_string_pretty(&json).expect("JSON values encode");
     std::fs::write(args.out.join("summary.json"), format!("{text}\n"))
         .map_err(|e| e.to_string())?;
-    for i in 0..args.n {
+    for i in 0..args.n() {
         cluster.stop(i);
     }
     if args.json {
@@ -331,4 +332,11 @@ fn write_sweep(out: &Path, points: &[(usize, Summary)]) -> Result<(), String> {
         }],
     );
     std::fs::write(out.join("sweep.svg"), chart).map_err(|e| e.to_string())
+}
+
+impl BenchArgs {
+    /// The cluster size, resolved by `run` (see `runtime::cluster_size`).
+    fn n(&self) -> usize {
+        self.n.unwrap_or_default()
+    }
 }

@@ -15,11 +15,11 @@ use std::time::Duration;
 #[derive(Args)]
 pub struct DemoArgs {
     /// The protocol the cluster runs.
-    #[arg(long, default_value = "pbft", value_parser = ["pbft"])]
+    #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas.
-    #[arg(long, default_value_t = 4)]
-    n: usize,
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    #[arg(long)]
+    n: Option<usize>,
     /// Concurrent clients (each with one operation outstanding).
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -142,10 +142,13 @@ impl Chaos {
     }
 }
 
-pub fn run(args: DemoArgs) -> ExitCode {
-    if args.n < 4 {
-        eprintln!("error: PBFT needs --n 4 or more (n = 3f + 1)");
-        return ExitCode::from(2);
+pub fn run(mut args: DemoArgs) -> ExitCode {
+    match crate::runtime::cluster_size(&args.protocol, args.n) {
+        Ok(n) => args.n = Some(n),
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
     }
     block_on(demo(args))
 }
@@ -167,7 +170,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
     };
     // One more client identity than workers: it reads everything back at the end.
     let mut cluster =
-        match LocalCluster::start(&exe, dir.path(), &args.protocol, args.n, args.clients + 1) {
+        match LocalCluster::start(&exe, dir.path(), &args.protocol, args.n(), args.clients + 1) {
             Ok(cluster) => cluster,
             Err(error) => {
                 eprintln!("error: cannot start the cluster: {error}");
@@ -176,12 +179,12 @@ async fn demo(args: DemoArgs) -> ExitCode {
         };
     println!(
         "Started {} {} replicas as child processes on loopback (Noise-authenticated TCP, redb storage) in {}",
-        args.n,
+        args.n(),
         args.protocol,
         dir.path().display()
     );
     for _ in 0..50 {
-        if (0..args.n).all(|i| cluster.metrics(i).is_some()) {
+        if (0..args.n()).all(|i| cluster.metrics(i).is_some()) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -200,7 +203,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
     };
     let bar = load::progress(duration);
     let mut chaos = args.chaos.then(|| Chaos {
-        backup: args.n - 1,
+        backup: args.n() - 1,
         primary: None,
         view_before: 0,
         step: 0,
@@ -280,7 +283,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
             ok = false;
         }
     }
-    for i in 0..args.n {
+    for i in 0..args.n() {
         let view = cluster.metric(i, "diffuse_view").unwrap_or(-1.0);
         let checkpoint = cluster
             .metric(i, "diffuse_stable_checkpoint")
@@ -292,7 +295,7 @@ async fn demo(args: DemoArgs) -> ExitCode {
             "replica {i}      view {view}, stable checkpoint {checkpoint}, state transfers {transfers}"
         );
     }
-    for i in 0..args.n {
+    for i in 0..args.n() {
         cluster.stop(i);
     }
     if args.keep {
@@ -303,5 +306,12 @@ async fn demo(args: DemoArgs) -> ExitCode {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
+    }
+}
+
+impl DemoArgs {
+    /// The cluster size, resolved by `run` (see `runtime::cluster_size`).
+    fn n(&self) -> usize {
+        self.n.unwrap_or_default()
     }
 }

@@ -69,3 +69,23 @@ pub async fn shutdown_signal() {
         }
     }
 }
+
+/// The protocols the runtime commands can run.
+pub const PROTOCOLS: [&str; 2] = ["pbft", "minbft"];
+
+/// The cluster size for `protocol`: `n` if given (checked against the protocol's
+/// fault model), else the smallest that tolerates one fault (4 for PBFT, 3 for
+/// MinBFT).
+pub fn cluster_size(protocol: &str, n: Option<usize>) -> Result<usize, String> {
+    use diffuse_core::suite::ProtocolSuite;
+    let quorum = |n: usize| match protocol {
+        "minbft" => diffuse_minbft::MinBft::quorum(n),
+        _ => diffuse_pbft::Pbft::quorum(n),
+    };
+    let n = n.unwrap_or(if protocol == "minbft" { 3 } else { 4 });
+    match quorum(n) {
+        Ok(q) if q.f() >= 1 => Ok(n),
+        Ok(_) => Err(format!("{protocol} with n = {n} tolerates no fault")),
+        Err(error) => Err(format!("{protocol} with n = {n}: {error}")),
+    }
+}

@@ -10,11 +10,11 @@ use std::process::ExitCode;
 #[derive(Args)]
 pub struct TestnetArgs {
     /// The protocol the cluster runs.
-    #[arg(long, default_value = "pbft", value_parser = ["pbft"])]
+    #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas.
-    #[arg(long, default_value_t = 4)]
-    n: usize,
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    #[arg(long)]
+    n: Option<usize>,
     /// Number of client identities to register.
     #[arg(long, default_value_t = 16)]
     clients: usize,
@@ -37,25 +37,28 @@ pub struct TestnetArgs {
     addresses: Vec<SocketAddr>,
 }
 
-pub fn run(args: TestnetArgs) -> ExitCode {
-    if args.n == 0 || args.n > diffuse_core::ids::MAX_REPLICAS {
-        eprintln!("error: --n must be 1..={}", diffuse_core::ids::MAX_REPLICAS);
-        return ExitCode::from(2);
+pub fn run(mut args: TestnetArgs) -> ExitCode {
+    match crate::runtime::cluster_size(&args.protocol, args.n) {
+        Ok(n) => args.n = Some(n),
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
     }
     let mut spec = TestnetSpec::on_host(
         &args.protocol,
-        args.n,
+        args.n(),
         args.clients,
         args.host,
         args.port,
         Some(args.metrics_port),
     );
     if !args.addresses.is_empty() {
-        if args.addresses.len() != args.n {
+        if args.addresses.len() != args.n() {
             eprintln!(
                 "error: --addresses lists {} addresses for {} replicas",
                 args.addresses.len(),
-                args.n
+                args.n()
             );
             return ExitCode::from(2);
         }
@@ -75,7 +78,9 @@ pub fn run(args: TestnetArgs) -> ExitCode {
             let dir = written.dir.display();
             println!(
                 "wrote a {}-replica {} cluster and {} client identities to {dir}",
-                args.n, args.protocol, args.clients
+                args.n(),
+                args.protocol,
+                args.clients
             );
             println!("start each replica:   diffuse node --config {dir}/replica-<i>.toml");
             println!(
@@ -87,5 +92,12 @@ pub fn run(args: TestnetArgs) -> ExitCode {
             eprintln!("error: {error}");
             ExitCode::from(1)
         }
+    }
+}
+
+impl TestnetArgs {
+    /// The cluster size, resolved by `run` (see `runtime::cluster_size`).
+    fn n(&self) -> usize {
+        self.n.unwrap_or_default()
     }
 }

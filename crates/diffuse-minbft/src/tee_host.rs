@@ -37,6 +37,17 @@ pub struct TeeHost {
     cluster: Arc<Mutex<Option<Cluster>>>,
     /// Off only for the `enclave-without-rollback-protection` mutant.
     rollback_protection: bool,
+    /// A real machine's enclave (the runtime's), used instead of simulated ones.
+    provider: Option<Arc<dyn EnclaveProvider>>,
+}
+
+/// Where a replica's enclave comes from on a real machine: the runtime implements
+/// it over its counter store and sealed-state file (`diffuse-node`'s `tee`), so
+/// that this crate stays free of I/O.
+pub trait EnclaveProvider: Send + Sync {
+    /// Resumes the replica's enclave from its sealed state (locked if that state
+    /// is stale), with every replica's attested enclave key.
+    fn boot(&self) -> Result<Booted, TeeError>;
 }
 
 impl std::fmt::Debug for TeeHost {
@@ -61,6 +72,15 @@ impl TeeHost {
             seed,
             cluster: Arc::new(Mutex::new(None)),
             rollback_protection: true,
+            provider: None,
+        }
+    }
+
+    /// A real machine: the replica's enclave comes from `provider`.
+    pub fn provided(provider: Arc<dyn EnclaveProvider>) -> TeeHost {
+        TeeHost {
+            provider: Some(provider),
+            ..TeeHost::simulated([0; 32])
         }
     }
 
@@ -110,6 +130,9 @@ impl TeeHost {
         reset_threshold: usize,
         rules: SlotRules,
     ) -> Result<Booted, TeeError> {
+        if let Some(provider) = &self.provider {
+            return provider.boot();
+        }
         let mut guard = self
             .cluster
             .lock()

@@ -41,7 +41,7 @@ pub enum ClientError {
     #[error("{0}")]
     Invalid(String),
     /// The configuration names a protocol this build does not have.
-    #[error("unknown protocol `{0}` (available: pbft)")]
+    #[error("unknown protocol `{0}` (available: pbft, minbft)")]
     UnknownProtocol(String),
     /// The replicas agreed on a result this client cannot decode.
     #[error("undecodable result: {0}")]
@@ -197,6 +197,8 @@ impl<S: ProtocolSuite> Client<S> {
 pub enum AnyClient {
     /// PBFT.
     Pbft(Client<diffuse_pbft::Pbft>),
+    /// MinBFT.
+    MinBft(Client<diffuse_minbft::MinBft>),
 }
 
 impl AnyClient {
@@ -209,6 +211,11 @@ impl AnyClient {
                     .map_err(ClientError::Invalid)?;
                 Ok(AnyClient::Pbft(Client::connect(settings, options).await))
             }
+            "minbft" => {
+                let options = diffuse_minbft::MinBft::configured_options(&settings.options)
+                    .map_err(ClientError::Invalid)?;
+                Ok(AnyClient::MinBft(Client::connect(settings, options).await))
+            }
             other => Err(ClientError::UnknownProtocol(other.to_string())),
         }
     }
@@ -217,6 +224,7 @@ impl AnyClient {
     pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
         match self {
             AnyClient::Pbft(client) => client.invoke(operation).await,
+            AnyClient::MinBft(client) => client.invoke(operation).await,
         }
     }
 }

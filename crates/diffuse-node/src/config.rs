@@ -48,6 +48,24 @@ fn read_capped(path: &Path) -> Result<String, SettingsError> {
     std::fs::read_to_string(path).map_err(read)
 }
 
+/// Reads at most `max` bytes of `path`; a longer file is an error (untrusted disk).
+pub(crate) fn read_capped_bytes(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(std::io::Error::other(format!("larger than {max} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// [`read_capped_bytes`] as UTF-8 text.
+pub(crate) fn read_capped_to(path: &Path, max: u64) -> std::io::Result<String> {
+    String::from_utf8(read_capped_bytes(path, max)?).map_err(std::io::Error::other)
+}
+
 fn invalid(path: &Path, error: impl ToString) -> SettingsError {
     SettingsError::Invalid {
         path: path.to_path_buf(),
@@ -147,7 +165,7 @@ fn load_key(path: &Path, role: Role, id: u32) -> Result<SecretKey, SettingsError
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// The protocol the cluster runs (`pbft`).
+    /// The protocol the cluster runs (`pbft` or `minbft`).
     pub protocol: String,
     /// This replica's id.
     pub id: u32,
@@ -162,6 +180,14 @@ pub struct NodeConfig {
     pub key_file: PathBuf,
     /// The cluster file.
     pub cluster_file: PathBuf,
+    /// Hybrid protocols (MinBFT): the attested enclave list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enclaves_file: Option<PathBuf>,
+    /// Hybrid protocols (MinBFT): this replica's counter store and sealed enclave
+    /// state, kept apart from `data_dir` (restoring a database backup must not roll
+    /// the counter back with it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tee_dir: Option<PathBuf>,
     /// Protocol options overriding the defaults (for PBFT: batch sizes, timeouts in
     /// milliseconds, ...; see `docs/runtime.md`). `checkpoint_interval` and `window`
     /// must be the same on every replica.
@@ -186,6 +212,10 @@ pub struct NodeSettings {
     pub secret: SecretKey,
     /// The cluster.
     pub cluster: Cluster,
+    /// The attested enclave list (hybrid protocols).
+    pub enclaves_file: Option<PathBuf>,
+    /// This replica's counter store (hybrid protocols).
+    pub tee_dir: Option<PathBuf>,
     /// Protocol option overrides (checked when the protocol is built).
     pub options: toml::Table,
 }
@@ -226,6 +256,8 @@ impl NodeConfig {
             data_dir: relative_to(path, &config.data_dir),
             secret,
             cluster,
+            enclaves_file: config.enclaves_file.map(|f| relative_to(path, &f)),
+            tee_dir: config.tee_dir.map(|d| relative_to(path, &d)),
             options: config.options,
         })
     }

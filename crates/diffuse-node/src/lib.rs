@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod config;
+pub mod enclaves;
 pub mod local;
 pub mod metrics;
 pub mod noise;

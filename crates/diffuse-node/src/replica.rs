@@ -44,7 +44,7 @@ pub enum NodeError {
     #[error("invalid options: {0}")]
     Options(String),
     /// The protocol named in the configuration is not built in.
-    #[error("unknown protocol `{0}` (available: pbft)")]
+    #[error("unknown protocol `{0}` (available: pbft, minbft)")]
     UnknownProtocol(String),
 }
 
@@ -61,6 +61,25 @@ pub async fn run_node(
                 Pbft::configured_options(&settings.options).map_err(NodeError::Options)?;
             let app = Box::new(diffuse_apps::KvStore::default());
             run_replica::<Pbft>(settings, options, app, shutdown).await
+        }
+        "minbft" => {
+            use diffuse_minbft::{MinBft, TeeHost};
+            let mut options =
+                MinBft::configured_options(&settings.options).map_err(NodeError::Options)?;
+            let (Some(enclaves_file), Some(tee_dir)) = (&settings.enclaves_file, &settings.tee_dir)
+            else {
+                return Err(NodeError::Options(
+                    "MinBFT needs `enclaves_file` and `tee_dir` (see `diffuse testnet --protocol minbft`)"
+                        .into(),
+                ));
+            };
+            let keys =
+                crate::enclaves::EnclavesFile::load_keys(enclaves_file, settings.cluster.n())
+                    .map_err(|e| NodeError::Options(e.to_string()))?;
+            let enclave = crate::enclaves::DiskEnclave::new(settings.id, tee_dir.clone(), keys);
+            options.tee = TeeHost::provided(std::sync::Arc::new(enclave));
+            let app = Box::new(diffuse_apps::KvStore::default());
+            run_replica::<MinBft>(settings, options, app, shutdown).await
         }
         other => Err(NodeError::UnknownProtocol(other.to_string())),
     }

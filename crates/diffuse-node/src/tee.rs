@@ -50,7 +50,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CounterStoreError + '_ {
     }
 }
 
-fn write_durably(path: &Path, bytes: &[u8], private: bool) -> Result<(), CounterStoreError> {
+pub(crate) fn write_durably(
+    path: &Path,
+    bytes: &[u8],
+    private: bool,
+) -> Result<(), CounterStoreError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let fresh = path.with_extension("writing");
     {

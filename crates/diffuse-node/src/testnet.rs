@@ -7,6 +7,8 @@
 //! DIR/client-<j>.toml       `diffuse client --config DIR/client-<j>.toml ...`
 //! DIR/keys/*.key            secret keys (mode 0600 on Unix)
 //! DIR/data/replica-<i>/     each replica's database, created on first start
+//! DIR/enclaves.toml         MinBFT: every replica's attested enclave
+//! DIR/tee/replica-<i>/      MinBFT: replica i's counter store and sealed enclave
 //! ```
 
 use crate::config::{ClientConfig, NodeConfig};
@@ -131,6 +133,10 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             .collect(),
     };
     write_new(&dir.join("cluster.toml"), &cluster.to_toml(), false)?;
+    let hybrid = spec.protocol == "minbft";
+    if hybrid {
+        provision_enclaves(dir, spec)?;
+    }
     let mut testnet = Testnet {
         dir: dir.to_path_buf(),
         replicas: Vec::new(),
@@ -151,6 +157,8 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             data_dir: PathBuf::from(format!("data/replica-{i}")),
             key_file,
             cluster_file: PathBuf::from("cluster.toml"),
+            enclaves_file: hybrid.then(|| PathBuf::from("enclaves.toml")),
+            tee_dir: hybrid.then(|| PathBuf::from(format!("tee/replica-{i}"))),
             options: spec.options.clone(),
         };
         let path = replica_config(dir, i);
@@ -177,6 +185,31 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
         testnet.clients.push(path);
     }
     Ok(testnet)
+}
+
+/// MinBFT: one enclave per replica in `DIR/tee/replica-<i>/`, attested in
+/// `DIR/enclaves.toml`, configured with the slot rules of the cluster's options.
+fn provision_enclaves(dir: &Path, spec: &TestnetSpec) -> std::io::Result<()> {
+    use diffuse_core::suite::ProtocolSuite;
+    use diffuse_minbft::MinBft;
+    let quorum = MinBft::quorum(spec.n).map_err(std::io::Error::other)?;
+    let options = MinBft::configured_options(&spec.options).map_err(std::io::Error::other)?;
+    let rules = diffuse_tee::SlotRules {
+        checkpoint_interval: options.base.checkpoint_interval,
+        window: options.base.window,
+    };
+    let stores: Vec<PathBuf> = (0..spec.n)
+        .map(|i| crate::enclaves::store_dir(dir, i))
+        .collect();
+    if stores.iter().any(|s| s.exists()) {
+        return Err(std::io::Error::other(format!(
+            "{} exists: enclaves are never provisioned twice",
+            dir.join("tee").display()
+        )));
+    }
+    let file = crate::enclaves::provision(&stores, quorum.f() + 1, rules)
+        .map_err(std::io::Error::other)?;
+    write_new(&dir.join("enclaves.toml"), &file.to_toml(), false)
 }
 
 /// Free TCP ports on `host`, found by binding port 0 (the ports are released
@@ -213,6 +246,34 @@ mod tests {
         assert!(
             write(dir.path(), &spec).is_err(),
             "existing files are never overwritten"
+        );
+    }
+
+    #[test]
+    fn a_minbft_testnet_provisions_attested_enclaves() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TestnetSpec::on_host("minbft", 3, 1, [127, 0, 0, 1].into(), 7100, None);
+        let testnet = write(dir.path(), &spec).unwrap();
+        for (i, path) in testnet.replicas.iter().enumerate() {
+            let settings = NodeConfig::load(path).unwrap();
+            let keys = crate::enclaves::EnclavesFile::load_keys(
+                settings.enclaves_file.as_ref().unwrap(),
+                3,
+            )
+            .unwrap();
+            assert_eq!(keys.len(), 3);
+            assert!(
+                settings
+                    .tee_dir
+                    .unwrap()
+                    .ends_with(format!("tee/replica-{i}"))
+            );
+        }
+        let even = TestnetSpec::on_host("minbft", 4, 1, [127, 0, 0, 1].into(), 7100, None);
+        let other = tempfile::tempdir().unwrap();
+        assert!(
+            write(other.path(), &even).is_err(),
+            "MinBFT needs n = 2f + 1"
         );
     }
 
