@@ -124,8 +124,8 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
     {
         use diffuse_core::suite::ProtocolSuite as _;
         match args.protocol.as_str() {
-            "minbft" => drop(diffuse_minbft::MinBft::configured_options(&options)?),
-            _ => drop(diffuse_pbft::Pbft::configured_options(&options)?),
+            "minbft" => diffuse_minbft::MinBft::configured_options(&options).map(|_| ())?,
+            _ => diffuse_pbft::Pbft::configured_options(&options).map(|_| ())?,
         }
     }
     let mut cluster = LocalCluster::start_with_options(
