@@ -14,7 +14,8 @@ d = json.load(sys.stdin)
 assert d["violations"] == 0, "a violation in a fault-free run"
 kinds = d["messages_by_kind"]
 votes = sum(kinds.get(k, {}).get("msgs_per_op", 0) for k in ("prepare", "commit"))
-print(f"{d[\"msgs_per_op\"]:.1f} {d[\"bytes_per_op\"]:.0f} {votes:.1f}")
+msgs, size = d["msgs_per_op"], d["bytes_per_op"]
+print(f"{msgs:.1f} {size:.0f} {votes:.1f}")
 '
 }
 echo "| f | PBFT n | PBFT msgs/op | PBFT bytes/op | PBFT msgs/op ÷ n² | MinBFT n | MinBFT msgs/op | MinBFT bytes/op | MinBFT msgs/op ÷ n² | MinBFT ÷ PBFT msgs |"
