@@ -238,3 +238,21 @@ fn every_mutant_is_caught() {
         assert!(caught, "mutant {mutant} survived 20 seeds");
     }
 }
+
+/// Seeds the big sweeps found: a REJOIN report for an earlier reboot's challenge
+/// arriving late was blamed on its (correct) sender.
+#[test]
+fn late_rejoin_reports_are_not_faults() {
+    for (n, seed, mix) in [
+        (3, 9847, FaultMix::Crash),
+        (5, 1861, FaultMix::Crash),
+        (7, 406, FaultMix::Mixed),
+    ] {
+        let report = run(n, seed, mix);
+        assert!(
+            report.violations.is_empty(),
+            "n = {n} seed {seed}: {:?}",
+            report.violations
+        );
+    }
+}
