@@ -84,6 +84,7 @@ impl MinBftReplica {
             return;
         }
         self.rejoin.reports.clear();
+        self.certify_stable_if_enclave_behind(out);
         self.drain_streams(out);
         self.ensure_request_timer(out);
         self.propose_batches(false, out);

@@ -17,7 +17,7 @@ use diffuse_core::ids::{ReplicaId, Seq};
 use diffuse_core::protocol::Observation;
 use diffuse_core::service::{MAX_SNAPSHOT_BYTES, STATE_LABEL, StateSnapshot};
 use diffuse_pbft::message::{FetchState, StateChunk};
-use diffuse_tee::Scope;
+use diffuse_tee::{Scope, TrustedComponent};
 use std::sync::Arc;
 
 /// State chunks a replica serves one peer per status interval: transfer keeps
@@ -95,18 +95,34 @@ impl MinBftReplica {
             self.next_seq = seq.next();
         }
         out.observe(Observation::StableCheckpoint { seq });
-        if self
-            .enclave
-            .as_ref()
-            .is_some_and(|e| e.last_checkpoint() < seq.0)
-        {
-            self.certify_checkpoint(seq, self.stable.state, out);
-        }
+        self.certify_stable_if_enclave_behind(out);
         out.persist(self.stable_writes());
         self.collect_sent(out);
         self.collect_proofs(out);
         if self.last_executed < seq {
             self.start_transfer(out);
+        }
+    }
+
+    /// Certifies this replica's CHECKPOINT for its stable checkpoint if its enclave's
+    /// last one is lower: the enclave's slot rule (`s <= last checkpoint + W`) would
+    /// otherwise refuse every vote in this replica's window above `last + W`. It is
+    /// called when a checkpoint is adopted and again when a REJOIN unlocks the
+    /// enclave: a replica that adopted its stable checkpoint while locked (read back
+    /// from disk, or a peer's certificate) could not certify it then, and its enclave
+    /// resumes at the highest checkpoint its peers saw. Without this, such a replica
+    /// votes for nothing until it executes to its next checkpoint with the votes of
+    /// others, and with exactly `f + 1` replicas reachable nothing commits in any view.
+    /// Safe as in `adopt_stable`: the certificate shows `f + 1` replicas' state at
+    /// `low`, and the enclave still certifies no lower checkpoint after it.
+    pub(super) fn certify_stable_if_enclave_behind(&mut self, out: &mut Out) {
+        let seq = self.low();
+        let behind = self
+            .enclave
+            .as_ref()
+            .is_some_and(|e| !e.is_locked() && e.last_checkpoint() < seq.0);
+        if seq > Seq(0) && behind {
+            self.certify_checkpoint(seq, self.stable.state, out);
         }
     }
 
