@@ -605,6 +605,13 @@ pub enum Message {
     Rejoin(Digest),
     /// The receiver's enclave's report on the sender's counter, for its REJOIN.
     RejoinReport(Box<Signed<CounterReport>>),
+    /// Asks a replica that voted in a slot this one cannot execute up to for the
+    /// PREPAREs it accepted from this slot on (its stable certificate first if it
+    /// collected the slot): the primary may have sent them to some only.
+    FetchPrepares(Seq),
+    /// A PREPARE sent outside the primary's stream, in answer to
+    /// [`Message::FetchPrepares`].
+    PrepareCopy(Box<Prepare>),
 }
 
 impl WireMessage for Message {
@@ -625,6 +632,8 @@ impl WireMessage for Message {
             Message::ViewChangeCopy(_) => "view-change-copy",
             Message::Rejoin(_) => "rejoin",
             Message::RejoinReport(_) => "rejoin-report",
+            Message::FetchPrepares(_) => "fetch-prepares",
+            Message::PrepareCopy(_) => "prepare-copy",
             Message::StreamFetch(_) => "stream-fetch",
             Message::StreamHead(_) => "stream-head",
             Message::Stable(_) => "stable-checkpoint",

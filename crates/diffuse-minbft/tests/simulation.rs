@@ -109,6 +109,25 @@ fn minbft_stays_live_when_replicas_withhold() {
     assert!(views > 0, "no view change: the withholding went untested");
 }
 
+/// Sweep seeds where the withholding primary fell silent just after its last
+/// batches committed at the favoured replica only: that replica had nothing
+/// pending and never asked for a view change, so the others must take the
+/// PREPAREs from it (FETCH-PREPARES). In seed 419 a new primary skipped
+/// re-proposals its stable checkpoint covered (the others fetch that certificate
+/// the same way); in seed 911 (n = 5) the others need the vote of a replica that
+/// took a copy, which it casts when the PREPARE comes through the stream.
+#[test]
+fn minbft_copies_withheld_prepares_from_a_voter() {
+    for (n, seed) in [(3, 5815), (3, 7344), (3, 419), (5, 911)] {
+        let report = run(n, seed, FaultMix::Byzantine("withhold".into()));
+        assert!(
+            report.violations.is_empty(),
+            "n = {n} seed {seed}: {:?}",
+            report.violations
+        );
+    }
+}
+
 fn run_traced(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
     run_one::<MinBft>(&RunConfig {
         n,

@@ -68,6 +68,9 @@ struct Slot {
     early_votes: BTreeMap<ReplicaId, crate::message::PrepareRef>,
     /// The first PREPARE for this slot in the primary's stream was invalid.
     rejected: bool,
+    /// `prepare` was taken from a copy, not from the primary's stream: this
+    /// replica votes for it when the stream brings it.
+    copied: bool,
 }
 
 /// A MinBFT replica. Drive it through [`diffuse_core::protocol::Replica::handle`].
@@ -104,6 +107,12 @@ pub struct MinBftReplica {
     fetches_answered: ReplicaSet,
     /// Peers sent this replica's stable certificate this status interval.
     stables_served: ReplicaSet,
+    /// Peers sent PREPARE copies this status interval.
+    prepares_served: ReplicaSet,
+    /// The next slot to execute when the last status tick found it without a
+    /// PREPARE while a later slot had votes: PREPAREs are fetched only if it is
+    /// still stuck a tick later (in the normal case the PREPARE is just in flight).
+    stuck_at: Option<Seq>,
     /// State chunks served per peer this status interval.
     chunks_served: BTreeMap<ReplicaId, u32>,
     /// The state transfer under way, if any.
@@ -157,6 +166,8 @@ impl MinBftReplica {
             sent: VecDeque::new(),
             fetches_answered: ReplicaSet::new(),
             stables_served: ReplicaSet::new(),
+            prepares_served: ReplicaSet::new(),
+            stuck_at: None,
             chunks_served: BTreeMap::new(),
             transfer: None,
             genesis: genesis_digest,
@@ -342,6 +353,12 @@ impl MinBftReplica {
             (NodeId::Replica(r), Message::RejoinReport(report)) => {
                 self.on_rejoin_report(r, *report, out)
             }
+            (NodeId::Replica(r), Message::FetchPrepares(seq)) => {
+                self.on_fetch_prepares(r, seq, out)
+            }
+            (NodeId::Replica(r), Message::PrepareCopy(prepare)) => {
+                self.on_prepare_copy(r, *prepare, out)
+            }
         }
     }
 
@@ -467,6 +484,7 @@ impl MinBftReplica {
     fn on_status_tick(&mut self, out: &mut Out) {
         self.fetches_answered = ReplicaSet::new();
         self.stables_served = ReplicaSet::new();
+        self.prepares_served = ReplicaSet::new();
         self.chunks_served.clear();
         self.vc.proofs_served.clear();
         self.vc.copies_served.clear();
@@ -476,6 +494,7 @@ impl MinBftReplica {
         }
         self.fetch_missing_view_changes(out);
         self.fetch_stable_beyond_window(out);
+        self.fetch_withheld_prepares(out);
         let gaps: Vec<(ReplicaId, u64)> = self.streams.gaps().collect();
         for (sender, from) in gaps {
             out.send(sender, Message::StreamFetch(StreamFetch { from }));

@@ -3,11 +3,12 @@
 use super::{MinBftReplica, Out, Slot, Timer};
 use crate::message::{Certified, Commit, Message, Prepare};
 use diffuse_core::codec::{Blob, BoundedVec};
-use diffuse_core::ids::{ClientId, NodeId, Seq};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
 use diffuse_core::protocol::Observation;
+use diffuse_core::quorum::ReplicaSet;
 use diffuse_core::service::Execution;
 use diffuse_pbft::message::{Batch, Reply, Request};
-use diffuse_tee::Scope;
+use diffuse_tee::{Scope, TrustedComponent};
 
 impl MinBftReplica {
     fn request_is_valid(&self, request: &Request) -> bool {
@@ -187,10 +188,18 @@ impl MinBftReplica {
         if decided.is_some_and(|d| d != prepare.batch.digest()) {
             return out.fault(prepare.replica, "prepare-against-new-view-decision");
         }
-        if self
-            .log
-            .get(&seq)
-            .is_some_and(|slot| slot.prepare.is_some() || slot.rejected)
+        // The PREPARE taken from a copy (`on_prepare_copy`), now the first for the
+        // slot in the primary's stream: this replica votes for it, as others may
+        // still need its vote.
+        let copied = self.log.get(&seq).is_some_and(|slot| {
+            slot.copied
+                && slot.prepare.as_ref().map(Prepare::reference) == Some(prepare.reference())
+        });
+        if !copied
+            && self
+                .log
+                .get(&seq)
+                .is_some_and(|slot| slot.prepare.is_some() || slot.rejected)
         {
             return out.fault(prepare.replica, "second-prepare-for-a-slot");
         }
@@ -210,6 +219,7 @@ impl MinBftReplica {
         self.voted_bodies
             .insert((seq, reference.digest), prepare.batch.clone());
         let slot = self.log.entry(seq).or_default();
+        slot.copied = false;
         slot.votes.insert(prepare.replica);
         let early = std::mem::take(&mut slot.early_votes);
         for (voter, _) in early.into_iter().filter(|(_, r)| *r == reference) {
@@ -268,6 +278,119 @@ impl MinBftReplica {
         }
         if let Some(slot) = self.log.get_mut(&seq) {
             slot.votes.insert(commit.replica);
+        }
+        self.try_commit(seq, out);
+    }
+
+    /// Every status interval: the next slot to execute has no PREPARE while a later
+    /// one has votes. A Byzantine primary may have sent its PREPAREs to some
+    /// replicas only and answer nobody else's STREAM-FETCH, or a new primary may
+    /// skip re-proposals its stable checkpoint covers; if the replicas that executed
+    /// have nothing pending, they never join a view change. The voters of the first
+    /// voted slot from it on accepted its PREPAREs: ask them.
+    pub(super) fn fetch_withheld_prepares(&mut self, out: &mut Out) {
+        let next = self.last_executed.max(self.low()).next();
+        let previous = self.stuck_at.take();
+        if self
+            .log
+            .get(&next)
+            .is_some_and(|slot| slot.prepare.is_some() || slot.rejected)
+        {
+            return;
+        }
+        let voters = self.log.range(next..).find_map(|(_, slot)| {
+            let voters: ReplicaSet = slot
+                .votes
+                .iter()
+                .chain(slot.early_votes.keys().copied())
+                .filter(|voter| *voter != self.id)
+                .collect();
+            (!voters.is_empty()).then_some(voters)
+        });
+        if voters.is_none() {
+            return;
+        }
+        self.stuck_at = Some(next);
+        if previous != Some(next) {
+            return; // first seen stuck: the PREPARE may just be in flight
+        }
+        for voter in voters.iter().flat_map(ReplicaSet::iter) {
+            out.send(voter, Message::FetchPrepares(next));
+        }
+    }
+
+    /// Copies of the PREPAREs this replica accepted from `seq` on, after its stable
+    /// certificate if it collected `seq`: one answer per peer per status interval.
+    pub(super) fn on_fetch_prepares(&mut self, from: ReplicaId, seq: Seq, out: &mut Out) {
+        if !self.prepares_served.insert(from) {
+            return;
+        }
+        if seq <= self.low() {
+            out.send(from, Message::Stable(self.stable.clone()));
+        }
+        for prepare in self
+            .log
+            .range(seq..)
+            .filter_map(|(_, s)| s.prepare.as_ref())
+        {
+            out.send(from, Message::PrepareCopy(Box::new(prepare.clone())));
+        }
+    }
+
+    /// A PREPARE from outside the primary's stream: taken only if, with the
+    /// COMMITs for it consumed from their senders' streams, it has `f + 1` votes.
+    /// Unless the primary is correct, one of those COMMITs is then from a correct
+    /// replica, which accepted it as the slot's first PREPARE in the primary's
+    /// stream before the primary left the view: the slot is committed as if this
+    /// replica had consumed it. This replica votes for it only once it comes
+    /// through the primary's stream (`on_prepare`).
+    pub(super) fn on_prepare_copy(&mut self, from: ReplicaId, prepare: Prepare, out: &mut Out) {
+        let seq = prepare.seq;
+        let unseen = self
+            .streams
+            .next_expected(prepare.replica)
+            .is_some_and(|next| next <= prepare.ui.counter);
+        if self.is_locked()
+            || !unseen
+            || prepare.view != self.view
+            || prepare.replica != self.primary()
+            || seq <= self.low()
+        {
+            return;
+        }
+        let reference = prepare.reference();
+        let Some(slot) = self.log.get(&seq) else {
+            return;
+        };
+        if slot.prepare.is_some() || slot.rejected {
+            return;
+        }
+        let mut votes: ReplicaSet = slot
+            .early_votes
+            .iter()
+            .filter(|(_, named)| **named == reference)
+            .map(|(voter, _)| *voter)
+            .collect();
+        votes.insert(prepare.replica);
+        if !self.quorum.is_quorum(&votes) {
+            return;
+        }
+        let Some(key) = self.enclave_keys.get(prepare.replica.index()).copied() else {
+            return;
+        };
+        let digest =
+            Prepare::certified_digest(prepare.replica, prepare.view, seq, &prepare.batch.digest());
+        let Some(enclave) = self.enclave.as_mut() else {
+            return;
+        };
+        if !enclave.accept_ui(&key, Scope::Slot(seq.0), &digest, &prepare.ui) {
+            return out.fault(from, "bad-prepare-copy");
+        }
+        if let Some(slot) = self.log.get_mut(&seq) {
+            slot.early_votes.clear();
+            slot.votes = votes;
+            slot.prepare = Some(prepare);
+            slot.copied = true;
         }
         self.try_commit(seq, out);
     }
