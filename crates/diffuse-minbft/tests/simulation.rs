@@ -275,3 +275,22 @@ fn late_rejoin_reports_are_not_faults() {
         );
     }
 }
+
+/// Sweep seeds where a Byzantine state-transfer source lied about the state's
+/// length and the transfer, after a timeout, went on with a correct source from
+/// the same offset: the correct source was blamed for the mismatch. A timeout now
+/// starts the transfer over.
+#[test]
+fn a_lying_transfer_source_is_not_blamed_on_the_next() {
+    for (seed, mix) in [
+        (1341, FaultMix::Mixed),
+        (7914, FaultMix::Byzantine("garbage".into())),
+    ] {
+        let report = run(3, seed, mix);
+        assert!(
+            report.violations.is_empty(),
+            "seed {seed}: {:?}",
+            report.violations
+        );
+    }
+}

@@ -351,6 +351,7 @@ impl MinBftReplica {
             .next_expected(prepare.replica)
             .is_some_and(|next| next <= prepare.ui.counter);
         if self.is_locked()
+            || self.transfer.is_some()
             || !unseen
             || prepare.view != self.view
             || prepare.replica != self.primary()

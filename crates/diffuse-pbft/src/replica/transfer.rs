@@ -80,10 +80,12 @@ impl PbftReplica {
         out.set_timer(Timer::StateTransfer, self.options.fetch_timeout);
     }
 
+    /// The source went quiet: start over from the next one. Its chunks are not
+    /// continued, since their total length came from the old source, which may have
+    /// lied; a correct new source would otherwise be blamed for disagreeing.
     pub(super) fn on_transfer_timeout(&mut self, out: &mut Out) {
-        if let Some(transfer) = &mut self.transfer {
-            transfer.source = (transfer.source + 1) % transfer.sources.len().max(1);
-            self.request_chunk(out);
+        if self.transfer.is_some() {
+            self.restart_transfer_elsewhere(out);
         }
     }
 
