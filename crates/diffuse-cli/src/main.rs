@@ -24,9 +24,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local cluster (4 replicas by default) as child processes, run a key-value workload
-    /// against it and report throughput and latency (--chaos: kill and restart
-    /// replicas mid-run). No setup needed.
+    /// Start a local cluster (4 PBFT replicas by default, 3 with --protocol minbft)
+    /// as child processes, run a key-value workload against it and report
+    /// throughput and latency (--chaos: kill and restart replicas mid-run). No setup
+    /// needed.
     Demo(demo::DemoArgs),
     /// Run a protocol in the deterministic simulator over many seeds, with faults,
     /// and check every run for safety and liveness violations.
