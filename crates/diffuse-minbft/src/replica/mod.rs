@@ -132,9 +132,18 @@ pub struct MinBftReplica {
 
 impl MinBftReplica {
     /// Builds a replica that has not started yet; feed it [`Input::Start`] first.
-    pub fn new(setup: ReplicaSetup<MinBftOptions>, app: Box<dyn Application>) -> Self {
+    /// Invalid base options are replaced by the defaults, as PBFT does (the runtime
+    /// validates options when it loads a config, so this only protects against
+    /// programming errors).
+    pub fn new(mut setup: ReplicaSetup<MinBftOptions>, app: Box<dyn Application>) -> Self {
         let quorum = QuorumSystem::trusted(setup.keys.n())
             .expect("ClusterKeys guarantees 1..=MAX_REPLICAS replicas");
+        if setup.options.base.validate().is_err() {
+            setup.options.base = diffuse_pbft::PbftOptions {
+                mutant: setup.options.base.mutant,
+                ..diffuse_pbft::PbftOptions::default()
+            };
+        }
         let service = ReplicatedService::new(app);
         let genesis = service.snapshot();
         let genesis_digest = genesis.digest;
