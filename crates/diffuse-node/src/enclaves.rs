@@ -131,8 +131,8 @@ pub fn provision(
 
 impl EnclavesFile {
     /// The TOML text.
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_default()
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
     }
 
     /// Reads `path` and checks every quote: the enclave keys to trust, by replica.
@@ -230,7 +230,7 @@ mod tests {
         };
         let file = provision(&stores, 2, rules).unwrap();
         let path = dir.path().join("enclaves.toml");
-        std::fs::write(&path, file.to_toml()).unwrap();
+        std::fs::write(&path, file.to_toml().unwrap()).unwrap();
         let keys = EnclavesFile::load_keys(&path, 3).unwrap();
         let provider = DiskEnclave::new(ReplicaId(1), stores[1].clone(), keys.clone());
         let booted = provider.boot().unwrap();
@@ -262,7 +262,7 @@ mod tests {
         file.enclave[0].id = 0;
         file.enclave[1].id = 1;
         let path = dir.path().join("enclaves.toml");
-        std::fs::write(&path, file.to_toml()).unwrap();
+        std::fs::write(&path, file.to_toml().unwrap()).unwrap();
         let error = EnclavesFile::load_keys(&path, 3).unwrap_err();
         assert!(error.to_string().contains("enclave 0"), "{error}");
     }

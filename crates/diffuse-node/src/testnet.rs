@@ -209,7 +209,8 @@ fn provision_enclaves(dir: &Path, spec: &TestnetSpec) -> std::io::Result<()> {
     }
     let file = crate::enclaves::provision(&stores, quorum.f() + 1, rules)
         .map_err(std::io::Error::other)?;
-    write_new(&dir.join("enclaves.toml"), &file.to_toml(), false)
+    let text = file.to_toml().map_err(std::io::Error::other)?;
+    write_new(&dir.join("enclaves.toml"), &text, false)
 }
 
 /// Free TCP ports on `host`, found by binding port 0 (the ports are released
