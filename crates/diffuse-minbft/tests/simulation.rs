@@ -5,15 +5,25 @@
 use diffuse_minbft::MinBft;
 use diffuse_sim::{FaultMix, RunConfig, run_one};
 
-fn run(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
+fn run_with(
+    n: usize,
+    seed: u64,
+    mix: FaultMix,
+    mutant: Option<&str>,
+    trace: bool,
+) -> diffuse_sim::RunReport {
     run_one::<MinBft>(&RunConfig {
         n,
         seed,
         mix,
-        mutant: None,
-        trace: false,
+        mutant: mutant.map(str::to_string),
+        trace,
     })
     .expect("valid configuration")
+}
+
+fn run(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
+    run_with(n, seed, mix, None, false)
 }
 
 #[test]
@@ -129,14 +139,7 @@ fn minbft_copies_withheld_prepares_from_a_voter() {
 }
 
 fn run_traced(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
-    run_one::<MinBft>(&RunConfig {
-        n,
-        seed,
-        mix,
-        mutant: None,
-        trace: true,
-    })
-    .expect("valid configuration")
+    run_with(n, seed, mix, None, true)
 }
 
 /// Correct replicas crash and restart: each comes back with a locked enclave,
@@ -196,14 +199,7 @@ fn an_even_number_of_replicas_is_refused() {
 }
 
 fn run_mutant(n: usize, seed: u64, mix: FaultMix, mutant: &str) -> diffuse_sim::RunReport {
-    run_one::<MinBft>(&RunConfig {
-        n,
-        seed,
-        mix,
-        mutant: Some(mutant.to_string()),
-        trace: false,
-    })
-    .expect("valid configuration")
+    run_with(n, seed, mix, Some(mutant), false)
 }
 
 /// The rollback attack (a host restores an old sealed enclave state to certify a
