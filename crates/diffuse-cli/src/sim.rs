@@ -233,6 +233,10 @@ fn print_list<P: ProtocolSuite>(behaviours: &[&str]) {
         "  {:<28} network faults plus crash and restart of correct replicas",
         "crash"
     );
+    println!(
+        "  {:<28} network faults plus scheduled restarts (clean shutdown, then start)",
+        "restart"
+    );
     for named in diffuse_sim::behaviours::GENERIC_BEHAVIOURS
         .iter()
         .chain(P::behaviours())

@@ -250,6 +250,24 @@ async fn survive_kills_and_partitions(protocol: &str, n: usize, partition: bool)
     tokio::task::block_in_place(|| cluster.restart(backup)).unwrap();
     progress("after the backup restarted", &mut rx, &mut log, 300, minute).await;
     executing_again(&cluster, backup, &mut rx, &mut log).await;
+    const REJOINS_SENT: &str = "diffuse_messages_out_total{kind=\"rejoin\"}";
+    if protocol == "minbft" {
+        assert!(
+            metric(&cluster, backup, REJOINS_SENT) > 0.0,
+            "a MinBFT replica killed with SIGKILL comes back locked and REJOINs"
+        );
+    }
+
+    // 1b. Stop the backup cleanly and start it again: MinBFT's enclave sealed its
+    //     state at the shutdown, so it resumes with no REJOIN.
+    tokio::task::block_in_place(|| cluster.stop(backup));
+    progress("with a backup stopped", &mut rx, &mut log, 100, minute).await;
+    tokio::task::block_in_place(|| cluster.restart(backup)).unwrap();
+    executing_again(&cluster, backup, &mut rx, &mut log).await;
+    assert!(
+        metric(&cluster, backup, REJOINS_SENT) <= 0.0,
+        "a cleanly stopped replica needs no REJOIN"
+    );
 
     // 2. Kill the primary: a view change on real timers, and the workload resumes.
     let view = metric(&cluster, 1, "diffuse_view");

@@ -287,10 +287,25 @@ pub trait Replica: Send {
     /// The view the replica is in (or changing to). For metrics and traces.
     fn view(&self) -> View;
 
+    /// A scheduled shutdown. The runtime calls it once, after the writes of every
+    /// input handled so far are durable, and then drops the replica; a protocol
+    /// with state outside its [`Action::Persist`] writes (MinBFT's enclave) seals
+    /// it here, so that the next start resumes without help from its peers. A
+    /// replica that is killed instead never gets the call.
+    fn shutdown(&mut self) -> Result<(), ShutdownError> {
+        Ok(())
+    }
+
     /// Asserts the replica's internal invariants (panics if one is broken). The
     /// simulator calls it after every input, in every build; the runtime does not.
     fn check_invariants(&self) {}
 }
+
+/// Why a replica could not shut down cleanly: its next start recovers as after a
+/// crash.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ShutdownError(pub String);
 
 /// A client of some ordering protocol: one outstanding operation at a time.
 pub trait Client: Send {

@@ -5,12 +5,18 @@
 //! [`TeeHost`] models that machine: the simulator uses [`TeeHost::simulated`], which
 //! creates one platform and enclave per replica on first use and keeps them across
 //! the replica's crashes, where the replica's own code cannot rewrite them.
+//!
+//! The replica reaches its enclave through an [`EnclaveHandle`], as a process calls
+//! into a real enclave: the enclave belongs to the machine, and the host can call it
+//! too. A Byzantine host does ([`TeeHost::call_live_enclave`]): it can ask for more
+//! certificates than the protocol sends, but never for two with one counter value.
 
 use diffuse_core::crypto::PublicKey;
 use diffuse_core::ids::ReplicaId;
 use diffuse_tee::{
     Platform, SealedState, SlotRules, SoftwareEnclave, SoftwarePlatform, TeeError, TrustedComponent,
 };
+use std::sync::MutexGuard;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
@@ -21,6 +27,42 @@ struct Machine {
     sealed: SealedState,
     /// The first state ever sealed, which a Byzantine host keeps to roll back to.
     first_sealed: SealedState,
+    /// The enclave running now, between a boot and the next shutdown or crash.
+    live: Option<EnclaveHandle>,
+}
+
+/// A running enclave, shared by the replica and the machine hosting it. Each
+/// [`EnclaveHandle::call`] is one entry into the enclave (an ECALL on real
+/// hardware); the enclave's own checks decide what it certifies, whoever calls.
+#[derive(Clone)]
+pub struct EnclaveHandle(Arc<Mutex<SoftwareEnclave>>);
+
+impl EnclaveHandle {
+    fn new(enclave: SoftwareEnclave) -> EnclaveHandle {
+        EnclaveHandle(Arc::new(Mutex::new(enclave)))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SoftwareEnclave> {
+        // The enclave's state is consistent after every call, so a caller that
+        // panicked mid-call on another thread leaves nothing half-done behind.
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Runs `call` inside the enclave.
+    pub fn call<R>(&self, call: impl FnOnce(&mut SoftwareEnclave) -> R) -> R {
+        call(&mut self.lock())
+    }
+
+    /// Whether `self` and `other` reach the same enclave.
+    pub fn same_as(&self, other: &EnclaveHandle) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::fmt::Debug for EnclaveHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.lock().fmt(f)
+    }
 }
 
 struct Cluster {
@@ -48,6 +90,10 @@ pub trait EnclaveProvider: Send + Sync {
     /// Resumes the replica's enclave from its sealed state (locked if that state
     /// is stale), with every replica's attested enclave key.
     fn boot(&self) -> Result<Booted, TeeError>;
+
+    /// Stores the state the enclave sealed at a scheduled shutdown, durably, where
+    /// the next [`EnclaveProvider::boot`] reads it.
+    fn store_sealed(&self, sealed: SealedState) -> Result<(), TeeError>;
 }
 
 impl std::fmt::Debug for TeeHost {
@@ -57,10 +103,10 @@ impl std::fmt::Debug for TeeHost {
 }
 
 /// What a replica gets at boot.
-pub struct Booted {
+pub struct Booted<E = SoftwareEnclave> {
     /// Its enclave: unlocked after a scheduled shutdown or on first boot, locked after
     /// an unscheduled reboot.
-    pub enclave: SoftwareEnclave,
+    pub enclave: E,
     /// Every replica's enclave key, by replica index.
     pub enclave_keys: Vec<PublicKey>,
 }
@@ -108,10 +154,7 @@ impl TeeHost {
     /// enclave started from the oldest sealed state the host kept. A protected
     /// enclave comes up locked (the platform counter moved on) and certifies nothing.
     pub fn roll_back(&self, id: ReplicaId) -> Result<SoftwareEnclave, TeeError> {
-        let guard = self
-            .cluster
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let guard = self.machines();
         let machine = guard
             .as_ref()
             .and_then(|c| c.machines.get(&id))
@@ -119,49 +162,82 @@ impl TeeHost {
         self.resume(machine.platform.clone(), &machine.first_sealed)
     }
 
+    /// Runs `call` on the enclave replica `id` runs now, as its host can: `None`
+    /// if it runs none (crashed, shut down, or on a real machine, where no other
+    /// code shares the process).
+    pub fn call_live_enclave<R>(
+        &self,
+        id: ReplicaId,
+        call: impl FnOnce(&mut SoftwareEnclave) -> R,
+    ) -> Option<R> {
+        let live = self
+            .machines()
+            .as_ref()
+            .and_then(|c| c.machines.get(&id))
+            .and_then(|m| m.live.clone())?;
+        Some(live.call(call))
+    }
+
+    fn machines(&self) -> MutexGuard<'_, Option<Cluster>> {
+        self.cluster
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Boots replica `id` of `n`: on the first boot of the cluster, creates every
     /// machine and enclave (as `diffuse testnet` does before any replica starts),
     /// configures each with its peers, `reset_threshold` and `rules`, and seals it
     /// with a scheduled shutdown. Then resumes `id`'s enclave from its sealed state.
+    /// A boot replaces the enclave the replica ran before (a crash abandons it).
     pub fn boot(
         &self,
         id: ReplicaId,
         n: usize,
         reset_threshold: usize,
         rules: SlotRules,
-    ) -> Result<Booted, TeeError> {
+    ) -> Result<Booted<EnclaveHandle>, TeeError> {
         if let Some(provider) = &self.provider {
-            return provider.boot();
+            let booted = provider.boot()?;
+            return Ok(Booted {
+                enclave: EnclaveHandle::new(booted.enclave),
+                enclave_keys: booted.enclave_keys,
+            });
         }
-        let mut guard = self
-            .cluster
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self.machines();
         if guard.is_none() {
             *guard = Some(self.create_cluster(n, reset_threshold, rules)?);
         }
         let cluster = guard.as_mut().expect("created above");
         let machine = cluster
             .machines
-            .get(&id)
+            .get_mut(&id)
             .ok_or(TeeError::Configuration("no machine for this replica"))?;
-        let enclave = self.resume(machine.platform.clone(), &machine.sealed)?;
+        let enclave = EnclaveHandle::new(self.resume(machine.platform.clone(), &machine.sealed)?);
+        machine.live = Some(enclave.clone());
         Ok(Booted {
             enclave,
             enclave_keys: cluster.enclave_keys.clone(),
         })
     }
 
-    /// A scheduled shutdown of `id`'s enclave: its sealed state replaces the old one.
-    pub fn shutdown(&self, id: ReplicaId, enclave: SoftwareEnclave) {
-        let sealed = enclave.shutdown();
-        let mut guard = self
-            .cluster
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(machine) = guard.as_mut().and_then(|c| c.machines.get_mut(&id)) {
-            machine.sealed = sealed;
+    /// A scheduled shutdown of `id`'s enclave: the enclave seals its state, which
+    /// replaces the old sealed state, and stops. Whoever still holds a handle to it
+    /// afterwards finds it locked.
+    pub fn shutdown(&self, id: ReplicaId, enclave: EnclaveHandle) -> Result<(), TeeError> {
+        let sealed = enclave.call(SoftwareEnclave::seal_and_stop);
+        if let Some(provider) = &self.provider {
+            return provider.store_sealed(sealed);
         }
+        let mut guard = self.machines();
+        let machine = guard
+            .as_mut()
+            .and_then(|c| c.machines.get_mut(&id))
+            .ok_or(TeeError::Configuration("no machine for this replica"))?;
+        if machine.live.as_ref().is_some_and(|l| l.same_as(&enclave)) {
+            machine.live = None;
+        }
+        machine.sealed = sealed;
+        Ok(())
     }
 
     fn create_cluster(
@@ -193,6 +269,7 @@ impl TeeHost {
                     platform,
                     first_sealed: sealed.clone(),
                     sealed,
+                    live: None,
                 },
             );
         }

@@ -174,6 +174,31 @@ fn minbft_replicas_rejoin_after_crashes() {
     );
 }
 
+/// Correct replicas shut down on schedule and start again: each seals its enclave
+/// at shutdown and resumes it unlocked, so none needs a REJOIN.
+#[test]
+fn minbft_resumes_without_rejoin_after_scheduled_shutdowns() {
+    let mut shutdowns = 0;
+    for n in [3, 5] {
+        for seed in 0..20 {
+            let report = run_traced(n, seed, FaultMix::Restart);
+            assert!(
+                report.violations.is_empty(),
+                "n = {n} seed {seed}: {:?}",
+                report.violations
+            );
+            shutdowns += report
+                .trace
+                .iter()
+                .filter(|l| l.ends_with(" SHUTDOWN"))
+                .count();
+            let rejoin = report.trace.iter().find(|l| l.contains("Rejoin("));
+            assert!(rejoin.is_none(), "n = {n} seed {seed}: {rejoin:?}");
+        }
+    }
+    assert!(shutdowns > 0, "no scheduled shutdown was tested");
+}
+
 /// Network faults, crashes and Byzantine replicas of every kind at once.
 #[test]
 fn minbft_survives_mixed_faults() {

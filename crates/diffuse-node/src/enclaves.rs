@@ -209,10 +209,26 @@ impl EnclaveProvider for DiskEnclave {
                 "this enclave is not the one enclaves.toml attests for this replica",
             ));
         }
+        if enclave.is_locked() {
+            tracing::warn!(
+                replica = self.id.0,
+                "the enclave's sealed state is stale (no scheduled shutdown since it last \
+                 started): it certifies nothing until f + 1 peers' reports reset it (REJOIN)"
+            );
+        } else {
+            tracing::info!(replica = self.id.0, "the enclave resumed from its sealed state");
+        }
         Ok(Booted {
             enclave,
             enclave_keys: self.enclave_keys.clone(),
         })
+    }
+
+    /// Replaces the sealed state on disk (written to a temporary file, fsynced and
+    /// renamed, so a crash leaves the old or the new state, never half of one).
+    fn store_sealed(&self, sealed: SealedState) -> Result<(), TeeError> {
+        crate::tee::write_durably(&self.store.join(SEALED_FILE), &sealed.0, true)
+            .map_err(|e| TeeError::HostStorage(e.to_string()))
     }
 }
 
@@ -221,7 +237,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn provisioned_enclaves_attest_and_boot_once_unlocked() {
+    fn provisioned_enclaves_attest_and_resume_unlocked_only_after_sealing() {
         let dir = tempfile::tempdir().unwrap();
         let stores: Vec<PathBuf> = (0..3).map(|i| store_dir(dir.path(), i)).collect();
         let rules = SlotRules {
@@ -236,7 +252,13 @@ mod tests {
         let booted = provider.boot().unwrap();
         assert!(!booted.enclave.is_locked(), "first boot after provisioning");
         assert_eq!(booted.enclave.public_key(), keys[1]);
-        drop(booted);
+        provider.store_sealed(booted.enclave.shutdown()).unwrap();
+        let resumed = provider.boot().unwrap();
+        assert!(
+            !resumed.enclave.is_locked(),
+            "a scheduled shutdown's sealed state resumes unlocked"
+        );
+        drop(resumed);
         let again = provider.boot().unwrap();
         assert!(
             again.enclave.is_locked(),

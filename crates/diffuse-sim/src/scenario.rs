@@ -2,7 +2,7 @@
 //!
 //! A run has two phases. Before the global stabilisation time (GST) the network
 //! loses, duplicates, reorders and partitions messages, and replicas crash and
-//! restart. From GST on, every message between live nodes arrives within a bound and
+//! restart (after a crash, or a scheduled shutdown). From GST on, every message between live nodes arrives within a bound and
 //! every crashed replica is back; Byzantine replicas stay Byzantine. Safety is checked
 //! over the whole run, liveness from GST on.
 
@@ -22,6 +22,9 @@ pub enum FaultMix {
     Network,
     /// Network faults plus crashes and restarts of correct replicas.
     Crash,
+    /// Network faults plus scheduled restarts of correct replicas: each shuts down
+    /// cleanly (an upgrade, say) and starts again. Not a fault for any protocol.
+    Restart,
     /// `f` replicas with the named Byzantine behaviour, plus network faults.
     Byzantine(String),
     /// Everything at once: network faults, crashes, and up to `f` Byzantine replicas
@@ -36,6 +39,7 @@ impl FaultMix {
             FaultMix::None => "none",
             FaultMix::Network => "network",
             FaultMix::Crash => "crash",
+            FaultMix::Restart => "restart",
             FaultMix::Byzantine(behaviour) => behaviour,
             FaultMix::Mixed => "mixed",
         }
@@ -44,7 +48,12 @@ impl FaultMix {
     /// Every mix, given the available Byzantine behaviours, in the order `--faults all`
     /// cycles through them.
     pub fn all(behaviours: &[&str]) -> Vec<FaultMix> {
-        let mut mixes = vec![FaultMix::None, FaultMix::Network, FaultMix::Crash];
+        let mut mixes = vec![
+            FaultMix::None,
+            FaultMix::Network,
+            FaultMix::Crash,
+            FaultMix::Restart,
+        ];
         mixes.extend(
             behaviours
                 .iter()
@@ -60,6 +69,7 @@ impl FaultMix {
             "none" => Some(FaultMix::None),
             "network" => Some(FaultMix::Network),
             "crash" => Some(FaultMix::Crash),
+            "restart" => Some(FaultMix::Restart),
             "mixed" => Some(FaultMix::Mixed),
             other if behaviours.contains(&other) => Some(FaultMix::Byzantine(other.to_string())),
             _ => None,
@@ -99,7 +109,7 @@ pub struct Partition {
     pub one_way: bool,
 }
 
-/// A crash and the later restart of a correct replica.
+/// A crash (or a scheduled shutdown) and the later restart of a correct replica.
 #[derive(Debug, Clone)]
 pub struct CrashRestart {
     /// The replica.
@@ -108,6 +118,9 @@ pub struct CrashRestart {
     pub crash_ns: u64,
     /// When it restarts from its persisted state.
     pub restart_ns: u64,
+    /// A scheduled shutdown rather than a crash: the replica gets to seal what it
+    /// keeps outside its store (`Replica::shutdown`).
+    pub scheduled: bool,
 }
 
 /// The client workload.
@@ -176,7 +189,10 @@ impl Scenario {
             }
         };
         let byzantine = Self::draw_byzantine(mix, n, f, behaviours, rng);
-        let partitions = if matches!(mix, FaultMix::Network | FaultMix::Crash | FaultMix::Mixed) {
+        let partitions = if matches!(
+            mix,
+            FaultMix::Network | FaultMix::Crash | FaultMix::Restart | FaultMix::Mixed
+        ) {
             (0..rng.between(0, 3))
                 .map(|_| Self::draw_partition(n, gst_ns, rng))
                 .collect()
@@ -205,10 +221,13 @@ impl Scenario {
                             replica: *rng.pick(&correct),
                             crash_ns,
                             restart_ns: rng.between(crash_ns + 10 * MS, gst_ns),
+                            scheduled: false,
                         }
                     })
                     .collect()
             }
+        } else if *mix == FaultMix::Restart {
+            Self::draw_scheduled_restarts(n, gst_ns, &byzantine, rng)
         } else {
             Vec::new()
         };
@@ -227,6 +246,37 @@ impl Scenario {
             byzantine,
             workload,
         }
+    }
+
+    /// One to three scheduled restarts of correct replicas (a rolling upgrade,
+    /// say), at most one replica down at a time.
+    fn draw_scheduled_restarts(
+        n: usize,
+        gst_ns: u64,
+        byzantine: &BTreeMap<ReplicaId, String>,
+        rng: &mut SimRng,
+    ) -> Vec<CrashRestart> {
+        let correct: Vec<ReplicaId> = (0..n as u16)
+            .map(ReplicaId)
+            .filter(|r| !byzantine.contains_key(r))
+            .collect();
+        let mut restarts = Vec::new();
+        let mut free_from = 0;
+        for _ in 0..rng.between(1, 3) {
+            let crash_ns = rng.between(free_from, (free_from + gst_ns / 2).min(gst_ns * 3 / 4));
+            let restart_ns = rng.between(crash_ns + 10 * MS, gst_ns);
+            restarts.push(CrashRestart {
+                replica: *rng.pick(&correct),
+                crash_ns,
+                restart_ns,
+                scheduled: true,
+            });
+            if restart_ns + MS >= gst_ns * 3 / 4 {
+                break;
+            }
+            free_from = restart_ns + MS;
+        }
+        restarts
     }
 
     fn draw_byzantine(

@@ -107,6 +107,7 @@ enum Event<P: ProtocolSuite> {
     },
     Crash {
         replica: usize,
+        scheduled: bool,
     },
     Restart {
         replica: usize,
@@ -323,7 +324,15 @@ impl<P: ProtocolSuite> Simulation<P> {
             .scenario
             .crashes
             .iter()
-            .map(|c| format!("{}@{}-{}ms", c.replica, c.crash_ns / MS, c.restart_ns / MS))
+            .map(|c| {
+                let kind = if c.scheduled { "shutdown" } else { "crash" };
+                format!(
+                    "{}@{}-{}ms({kind})",
+                    c.replica,
+                    c.crash_ns / MS,
+                    c.restart_ns / MS
+                )
+            })
             .collect();
         format!(
             "gst={}ms byzantine=[{}] crashes=[{}] partitions={} loss={}ppm clients={}x{} keys={}",
@@ -345,7 +354,8 @@ impl<P: ProtocolSuite> Simulation<P> {
         }
         for crash in self.scenario.crashes.clone() {
             let replica = crash.replica.index();
-            self.schedule(crash.crash_ns, Event::Crash { replica });
+            let scheduled = crash.scheduled;
+            self.schedule(crash.crash_ns, Event::Crash { replica, scheduled });
             self.schedule(crash.restart_ns, Event::Restart { replica });
         }
         for client in 0..self.clients.len() {
@@ -425,11 +435,18 @@ impl<P: ProtocolSuite> Simulation<P> {
                 self.apply_client(client, actions.into_vec());
             }
             Event::Invoke { client } => self.invoke(client),
-            Event::Crash { replica } => {
+            Event::Crash { replica, scheduled } => {
                 let node = &mut self.replicas[replica];
-                if node.machine.take().is_some() {
-                    node.timers.clear();
-                    self.log(format!("r{replica} CRASH"));
+                let Some(mut machine) = node.machine.take() else {
+                    return;
+                };
+                node.timers.clear();
+                if !scheduled {
+                    return self.log(format!("r{replica} CRASH"));
+                }
+                match machine.shutdown() {
+                    Ok(()) => self.log(format!("r{replica} SHUTDOWN")),
+                    Err(error) => self.log(format!("r{replica} SHUTDOWN failed: {error}")),
                 }
             }
             Event::Restart { replica } => {

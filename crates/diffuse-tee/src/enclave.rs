@@ -39,6 +39,9 @@ pub enum TeeError {
     /// The sealed state does not decrypt or does not parse.
     #[error("the sealed state is not authentic")]
     BadSealedState,
+    /// The host could not store the sealed state (its next start will be locked).
+    #[error("the host cannot store the sealed state: {0}")]
+    HostStorage(String),
     /// The peers were configured already, or the configuration is impossible.
     #[error("{0}")]
     Configuration(&'static str),
@@ -173,6 +176,8 @@ pub struct SoftwareEnclave {
     counter: u64,
     view: u64,
     locked: bool,
+    /// Sealed by [`SoftwareEnclave::seal_and_stop`]: refuses everything from then on.
+    stopped: bool,
     /// While locked: the challenge reports must sign.
     challenge: Option<Digest>,
     peers: Option<Peers>,
@@ -224,6 +229,7 @@ impl SoftwareEnclave {
             counter: 0,
             view: 0,
             locked: false,
+            stopped: false,
             challenge: None,
             peers: None,
             slot_rules: None,
@@ -288,15 +294,22 @@ impl SoftwareEnclave {
     }
 
     /// Scheduled shutdown: increments the platform counter and seals the state for
-    /// that value. The enclave must not be used afterwards.
-    pub fn shutdown(self) -> SealedState {
+    /// that value.
+    pub fn shutdown(mut self) -> SealedState {
+        self.seal_and_stop()
+    }
+
+    /// [`SoftwareEnclave::shutdown`] for an enclave its host shares: seals the
+    /// state, then refuses every call, so that no certificate follows the sealed
+    /// counter value. Sealing a stopped enclave again yields a locked state.
+    pub fn seal_and_stop(&mut self) -> SealedState {
         let platform_counter = self.platform.increment_counter();
         let body = SealedBody {
             platform_counter,
             key_seed: self.key_seed,
             counter: self.counter,
             view: self.view,
-            locked: self.locked,
+            locked: self.locked || self.stopped,
             peers: self
                 .peers
                 .as_ref()
@@ -315,6 +328,8 @@ impl SoftwareEnclave {
                 },
             )
             .expect("ChaCha20-Poly1305 encrypts any message of this size");
+        self.stopped = true;
+        self.challenge = None;
         let mut sealed = platform_counter.to_be_bytes().to_vec();
         sealed.extend_from_slice(&ciphertext);
         SealedState(
@@ -366,6 +381,7 @@ impl SoftwareEnclave {
             counter: body.counter,
             view: body.view,
             locked,
+            stopped: false,
             challenge,
             peers,
             slot_rules: body.slot_rules,
@@ -554,6 +570,6 @@ impl TrustedComponent for SoftwareEnclave {
     }
 
     fn is_locked(&self) -> bool {
-        self.locked && self.rollback_protection
+        self.stopped || (self.locked && self.rollback_protection)
     }
 }

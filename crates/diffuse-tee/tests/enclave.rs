@@ -96,6 +96,27 @@ fn a_scheduled_shutdown_resumes_where_it_stopped() {
 }
 
 #[test]
+fn a_shared_enclave_certifies_nothing_after_sealing() {
+    let hardware = platform(1);
+    let mut enclave = SoftwareEnclave::create(hardware.clone());
+    enclave.create_ui(&digest("a")).unwrap();
+    let sealed = enclave.seal_and_stop();
+    assert_eq!(
+        enclave.create_ui(&digest("b")),
+        Err(TeeError::Locked),
+        "nothing may follow the sealed counter value"
+    );
+    assert_eq!(enclave.rejoin_challenge(), None, "nor can a REJOIN restart it");
+    let mut resumed = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
+    assert_eq!(resumed.create_ui(&digest("b")).unwrap().counter, 2);
+
+    resumed.seal_and_stop();
+    let resealed = resumed.seal_and_stop();
+    let again = SoftwareEnclave::resume(hardware, &resealed).unwrap();
+    assert!(again.is_locked(), "a stopped enclave seals only a locked state");
+}
+
+#[test]
 fn the_rollback_attack_is_refused() {
     let hardware = platform(1);
     let mut enclave = SoftwareEnclave::create(hardware.clone());

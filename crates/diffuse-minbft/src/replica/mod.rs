@@ -24,7 +24,8 @@ use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
 use diffuse_core::service::{ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
 use diffuse_pbft::pending::Pending;
-use diffuse_tee::{Scope, SlotRules, SoftwareEnclave, TrustedComponent, Ui};
+use crate::tee_host::EnclaveHandle;
+use diffuse_tee::{Scope, SlotRules, TrustedComponent, Ui};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
@@ -82,7 +83,8 @@ pub struct MinBftReplica {
     service: ReplicatedService,
     /// Set when the replica cannot take part (see `halt`): it then sends nothing.
     halted: bool,
-    enclave: Option<SoftwareEnclave>,
+    /// Its enclave, from boot on (see [`EnclaveHandle`]).
+    enclave: Option<EnclaveHandle>,
     /// Every replica's enclave key, by index.
     enclave_keys: Vec<PublicKey>,
 
@@ -271,7 +273,12 @@ impl MinBftReplica {
     /// Whether the enclave refuses to certify (after an unscheduled reboot, until
     /// REJOIN): the replica then consumes nothing, so it loses no vote.
     fn is_locked(&self) -> bool {
-        self.enclave.as_ref().is_none_or(|e| e.is_locked())
+        self.with_enclave(|e| e.is_locked()).unwrap_or(true)
+    }
+
+    /// Runs `call` in the enclave; `None` before boot.
+    fn with_enclave<R>(&self, call: impl FnOnce(&mut diffuse_tee::SoftwareEnclave) -> R) -> Option<R> {
+        self.enclave.as_ref().map(|e| e.call(call))
     }
 
     /// Certifies `message` (built from its UI) with this replica's enclave, persists
@@ -284,9 +291,7 @@ impl MinBftReplica {
         out: &mut Out,
     ) -> Option<Certified> {
         let ui = self
-            .enclave
-            .as_mut()?
-            .create_scoped_ui(scope, digest)
+            .with_enclave(|e| e.create_scoped_ui(scope, digest))?
             .ok()?;
         let message = build(ui);
         out.persist(vec![WriteOp::Put {
@@ -389,10 +394,10 @@ impl MinBftReplica {
         {
             return; // a retransmission of something consumed already
         }
-        let Some(enclave) = self.enclave.as_mut() else {
-            return;
-        };
-        if !enclave.accept_ui(&key, scope, &digest, &ui) {
+        if !self
+            .with_enclave(|e| e.accept_ui(&key, scope, &digest, &ui))
+            .unwrap_or(false)
+        {
             return out.fault(from, "bad-ui");
         }
         if self.options.is(Mutant::NoContinuityCheck) {
@@ -583,6 +588,20 @@ impl diffuse_core::protocol::Replica for MinBftReplica {
 
     fn view(&self) -> View {
         self.view
+    }
+
+    /// Seals the enclave (FastBFT §6.1's scheduled shutdown), so that the next
+    /// start resumes it unlocked, with no REJOIN. Every message it certified is
+    /// persisted already: `certify` persists before the message leaves.
+    fn shutdown(&mut self) -> Result<(), diffuse_core::protocol::ShutdownError> {
+        self.halted = true;
+        let Some(enclave) = self.enclave.take() else {
+            return Ok(());
+        };
+        self.options
+            .tee
+            .shutdown(self.id, enclave)
+            .map_err(|e| diffuse_core::protocol::ShutdownError(e.to_string()))
     }
 
     fn check_invariants(&self) {

@@ -83,9 +83,8 @@ impl MinBftReplica {
         loop {
             let in_flight = self.next_seq.0.saturating_sub(self.last_executed.0 + 1);
             let enclave_limit = self
-                .enclave
-                .as_ref()
-                .map_or(0, |e| e.last_checkpoint() + self.options.base.window);
+                .with_enclave(|e| e.last_checkpoint())
+                .map_or(0, |last| last + self.options.base.window);
             if self.next_seq > self.high()
                 || self.next_seq.0 > enclave_limit
                 || in_flight >= max_in_flight
@@ -381,10 +380,10 @@ impl MinBftReplica {
         };
         let digest =
             Prepare::certified_digest(prepare.replica, prepare.view, seq, &prepare.batch.digest());
-        let Some(enclave) = self.enclave.as_mut() else {
-            return;
-        };
-        if !enclave.accept_ui(&key, Scope::Slot(seq.0), &digest, &prepare.ui) {
+        if !self
+            .with_enclave(|e| e.accept_ui(&key, Scope::Slot(seq.0), &digest, &prepare.ui))
+            .unwrap_or(false)
+        {
             return out.fault(from, "bad-prepare-copy");
         }
         if let Some(slot) = self.log.get_mut(&seq) {

@@ -29,7 +29,7 @@ pub(crate) struct RejoinState {
 impl MinBftReplica {
     /// Asks every peer for a counter report (every status interval while locked).
     pub(super) fn ask_to_rejoin(&mut self, out: &mut Out) {
-        if let Some(challenge) = self.enclave.as_ref().and_then(|e| e.rejoin_challenge()) {
+        if let Some(challenge) = self.with_enclave(|e| e.rejoin_challenge()).flatten() {
             out.broadcast(Message::Rejoin(challenge));
         }
     }
@@ -41,11 +41,13 @@ impl MinBftReplica {
         if leads || !self.rejoin.reports_served.insert(from) {
             return;
         }
-        let (Some(enclave), Some(key)) = (&self.enclave, self.enclave_keys.get(from.index()))
-        else {
+        let Some(key) = self.enclave_keys.get(from.index()).copied() else {
             return;
         };
-        if let Some(report) = enclave.report_counter(*key, challenge) {
+        if let Some(report) = self
+            .with_enclave(|e| e.report_counter(key, challenge))
+            .flatten()
+        {
             out.send(from, Message::RejoinReport(Box::new(report)));
         }
     }
@@ -58,10 +60,7 @@ impl MinBftReplica {
         report: Signed<CounterReport>,
         out: &mut Out,
     ) {
-        let Some(enclave) = &self.enclave else {
-            return;
-        };
-        let Some(challenge) = enclave.rejoin_challenge() else {
+        let Some(challenge) = self.with_enclave(|e| e.rejoin_challenge()).flatten() else {
             return; // not locked (any more)
         };
         if report.value.challenge != challenge {
@@ -77,10 +76,8 @@ impl MinBftReplica {
         }
         let persisted = self.sent.back().map_or(0, |m| m.counter());
         let reports: Vec<Signed<CounterReport>> = self.rejoin.reports.values().cloned().collect();
-        let Some(enclave) = self.enclave.as_mut() else {
-            return;
-        };
-        if enclave.reset_counter(&reports, persisted).is_err() {
+        let reset = self.with_enclave(|e| e.reset_counter(&reports, persisted));
+        if !matches!(reset, Some(Ok(()))) {
             return;
         }
         self.rejoin.reports.clear();

@@ -118,9 +118,8 @@ impl MinBftReplica {
     pub(super) fn certify_stable_if_enclave_behind(&mut self, out: &mut Out) {
         let seq = self.low();
         let behind = self
-            .enclave
-            .as_ref()
-            .is_some_and(|e| !e.is_locked() && e.last_checkpoint() < seq.0);
+            .with_enclave(|e| !e.is_locked() && e.last_checkpoint() < seq.0)
+            .unwrap_or(false);
         if seq > Seq(0) && behind {
             self.certify_checkpoint(seq, self.stable.state, out);
         }
