@@ -4,8 +4,11 @@
 //! cannot make a protected enclave certify two messages with one counter value, so
 //! its lies are certified messages it hides from some replicas (`withhold`),
 //! messages whose certificates do not match (`forge-ui`), which every receiver must
-//! reject without being misled, or an attempt to roll its enclave back to an old
-//! sealed state (`rollback`), which only an unprotected enclave lets through.
+//! reject without being misled, an attempt to roll its enclave back to an old
+//! sealed state (`rollback`), which only an unprotected enclave lets through, and
+//! calls of its own into the live enclave (`equivocate`, `skip-counter`), which
+//! get fresh counter values and so leave gaps and conflicts that receivers must
+//! hold or reject.
 
 use crate::message::{Certified, CheckpointCert, Message, Prepare};
 use crate::options::MinBftOptions;
@@ -16,7 +19,7 @@ use diffuse_core::ids::{NodeId, ReplicaId, Seq};
 use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
 use diffuse_pbft::message::Batch;
 use diffuse_tee::{Scope, TrustedComponent};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The MinBFT-specific behaviours.
 pub const BEHAVIOURS: &[Named] = &[
@@ -27,6 +30,14 @@ pub const BEHAVIOURS: &[Named] = &[
     Named {
         name: "rollback",
         description: "as primary, has its host restore an old sealed enclave state to certify a second PREPARE under a counter value already used, and sends it to half of the replicas (a protected enclave comes up locked)",
+    },
+    Named {
+        name: "equivocate",
+        description: "as primary, asks its enclave a second time for each of its first PREPAREs, with another batch for the same slot, sends each version to half of the replicas and both to whoever fetches (the second gets the next counter value)",
+    },
+    Named {
+        name: "skip-counter",
+        description: "has its enclave certify a throwaway message after its 20th certified one, so its stream has a counter value no message carries: the others must hold everything it sends later",
     },
     Named {
         name: "forge-ui",
@@ -55,6 +66,19 @@ pub fn build(
             tee: setup.options.tee.clone(),
             tried: false,
             forged: None,
+        })),
+        "equivocate" => Some(Box::new(Equivocate {
+            me: setup.id,
+            n,
+            tee: setup.options.tee.clone(),
+            twins: BTreeMap::new(),
+            misled: BTreeSet::new(),
+        })),
+        "skip-counter" => Some(Box::new(SkipCounter {
+            me: setup.id,
+            tee: setup.options.tee.clone(),
+            certified_seen: BTreeSet::new(),
+            skipped: false,
         })),
         "forge-ui" => Some(Box::new(ForgeUi {
             me: setup.id,
@@ -166,6 +190,139 @@ impl Behaviour<Message> for Rollback {
                 if *counter == prepare.ui.counter && upper_half {
                     let forged = Message::Certified(Certified::Prepare(forged.clone()));
                     return out.push(Outgoing::now(to, forged));
+                }
+            }
+        }
+        out.push(Outgoing::now(to, message));
+    }
+}
+
+/// How many of its PREPAREs the `equivocate` primary doubles.
+const TWINS: usize = 8;
+
+/// A primary whose host asks the live enclave for a second PREPARE for the same
+/// slot: the enclave certifies it, but under the next counter value, never under
+/// the first one's. The replicas in the upper half of the ids get the twin in place
+/// of the original; whoever fetches from its stream gets both. A replica that
+/// consumes the stream in counter order sees the original first and rejects the
+/// twin as a second PREPARE for the slot; one that did not (the
+/// `no-continuity-check` mutant) votes for the twin, and the two halves commit
+/// different batches.
+struct Equivocate {
+    me: ReplicaId,
+    n: usize,
+    tee: TeeHost,
+    /// Its doubled PREPAREs: the original's counter value and the twin.
+    twins: BTreeMap<u64, Prepare>,
+    /// (recipient, counter) pairs that got the twin in place of the original.
+    misled: BTreeSet<(ReplicaId, u64)>,
+}
+
+impl Equivocate {
+    fn twin(&self, original: &Prepare) -> Option<Prepare> {
+        let mut requests = original.batch.requests.clone().into_inner();
+        requests.pop();
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let (replica, view, seq) = (original.replica, original.view, original.seq);
+        let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
+        let ui = self
+            .tee
+            .call_live_enclave(self.me, |e| e.create_scoped_ui(Scope::Slot(seq.0), &digest))?
+            .ok()?;
+        Some(Prepare {
+            replica,
+            view,
+            seq,
+            batch,
+            ui,
+        })
+    }
+}
+
+impl Behaviour<Message> for Equivocate {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if let (Message::Certified(Certified::Prepare(prepare)), NodeId::Replica(r)) =
+            (&message, to)
+        {
+            let counter = prepare.ui.counter;
+            if prepare.replica == self.me
+                && self.twins.len() < TWINS
+                && !self.twins.contains_key(&counter)
+            {
+                if let Some(twin) = self.twin(prepare) {
+                    self.twins.insert(counter, twin);
+                }
+            }
+            // The twin replaces the first copy only: retransmissions are honest.
+            let upper_half = r.index() * 2 >= self.n;
+            if let Some(twin) = self.twins.get(&counter) {
+                if upper_half && self.misled.insert((r, counter)) {
+                    let twin = Message::Certified(Certified::Prepare(twin.clone()));
+                    return out.push(Outgoing::now(to, twin));
+                }
+            }
+        }
+        out.push(Outgoing::now(to, message));
+    }
+
+    fn incoming(
+        &mut self,
+        from: NodeId,
+        message: &Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        // A fetch from its stream gets the twins it asks for, besides the honest
+        // answer (which has no message under their counter values).
+        if let Message::StreamFetch(fetch) = message {
+            for twin in self.twins.values().filter(|t| t.ui.counter >= fetch.from) {
+                let twin = Message::Certified(Certified::Prepare(twin.clone()));
+                out.push(Outgoing::now(from, twin));
+            }
+        }
+        true
+    }
+}
+
+/// Certified messages `skip-counter` sends before it skips a counter value.
+const SKIP_AFTER: usize = 20;
+
+/// A host that burns one counter value of the live enclave on a throwaway digest.
+/// No message carries that value, so the replica's stream has a gap no fetch can
+/// fill: receivers must hold everything after it (a primary is then replaced).
+struct SkipCounter {
+    me: ReplicaId,
+    tee: TeeHost,
+    /// Counter values of its certified messages seen going out.
+    certified_seen: BTreeSet<u64>,
+    skipped: bool,
+}
+
+impl Behaviour<Message> for SkipCounter {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if let Message::Certified(certified) = &message {
+            if certified.sender() == self.me && !self.skipped {
+                self.certified_seen.insert(certified.counter());
+                if self.certified_seen.len() >= SKIP_AFTER {
+                    let burnt = Digest::of("diffuse/sim/skip-counter", &[]);
+                    self.skipped = self
+                        .tee
+                        .call_live_enclave(self.me, |e| e.create_ui(&burnt))
+                        .is_some_and(|ui| ui.is_ok());
                 }
             }
         }

@@ -16,8 +16,8 @@ use diffuse_core::ids::ReplicaId;
 use diffuse_tee::{
     Platform, SealedState, SlotRules, SoftwareEnclave, SoftwarePlatform, TeeError, TrustedComponent,
 };
-use std::sync::MutexGuard;
 use std::collections::BTreeMap;
+use std::sync::MutexGuard;
 use std::sync::{Arc, Mutex};
 
 /// One replica's machine: its platform and the sealed state on its disk.
@@ -45,7 +45,9 @@ impl EnclaveHandle {
     fn lock(&self) -> MutexGuard<'_, SoftwareEnclave> {
         // The enclave's state is consistent after every call, so a caller that
         // panicked mid-call on another thread leaves nothing half-done behind.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `call` inside the enclave.

@@ -216,7 +216,10 @@ impl EnclaveProvider for DiskEnclave {
                  started): it certifies nothing until f + 1 peers' reports reset it (REJOIN)"
             );
         } else {
-            tracing::info!(replica = self.id.0, "the enclave resumed from its sealed state");
+            tracing::info!(
+                replica = self.id.0,
+                "the enclave resumed from its sealed state"
+            );
         }
         Ok(Booted {
             enclave,

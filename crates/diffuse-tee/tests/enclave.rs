@@ -106,14 +106,21 @@ fn a_shared_enclave_certifies_nothing_after_sealing() {
         Err(TeeError::Locked),
         "nothing may follow the sealed counter value"
     );
-    assert_eq!(enclave.rejoin_challenge(), None, "nor can a REJOIN restart it");
+    assert_eq!(
+        enclave.rejoin_challenge(),
+        None,
+        "nor can a REJOIN restart it"
+    );
     let mut resumed = SoftwareEnclave::resume(hardware.clone(), &sealed).unwrap();
     assert_eq!(resumed.create_ui(&digest("b")).unwrap().counter, 2);
 
     resumed.seal_and_stop();
     let resealed = resumed.seal_and_stop();
     let again = SoftwareEnclave::resume(hardware, &resealed).unwrap();
-    assert!(again.is_locked(), "a stopped enclave seals only a locked state");
+    assert!(
+        again.is_locked(),
+        "a stopped enclave seals only a locked state"
+    );
 }
 
 #[test]
