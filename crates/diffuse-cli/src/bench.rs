@@ -23,19 +23,19 @@ pub struct BenchArgs {
     n: Option<usize>,
     /// Concurrent closed-loop clients.
     #[arg(long, default_value_t = 16)]
-    clients: usize,
+    pub(crate) clients: usize,
     /// Bytes per written value.
     #[arg(long, default_value_t = 64)]
-    payload: usize,
+    pub(crate) payload: usize,
     /// Seconds of measured load.
     #[arg(long, default_value_t = 10)]
-    duration: u64,
+    pub(crate) duration: u64,
     /// Percent of operations that are reads (the rest are puts and compare-and-swaps).
     #[arg(long, default_value_t = 40)]
-    read_percent: u64,
+    pub(crate) read_percent: u64,
     /// Keys shared by the clients.
     #[arg(long, default_value_t = 1024)]
-    keys: usize,
+    pub(crate) keys: usize,
     /// Also measure throughput against these client counts (comma-separated),
     /// each for --sweep-duration seconds, and plot it.
     #[arg(long, value_delimiter = ',')]
@@ -45,21 +45,35 @@ pub struct BenchArgs {
     sweep_duration: u64,
     /// Directory for latency.csv, latency.svg, sweep.csv, sweep.svg and summary.json.
     #[arg(long, default_value = "bench-results")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Print one JSON object (ops_per_sec, p50_ms, p99_ms, p999_ms, cpu_us_per_op, ...).
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Record every client operation as one JSON line in this file (docs/history.md).
     #[arg(long)]
     history: Option<PathBuf>,
     /// A protocol option for every replica and client, as KEY=VALUE (repeatable),
     /// e.g. `--set max_in_flight=2 --set batch_delay_ms=0`; see docs/runtime.md.
     #[arg(long = "set", value_name = "KEY=VALUE")]
-    options: Vec<String>,
+    pub(crate) options: Vec<String>,
+    /// Compare these protocols (comma-separated, e.g. `pbft,minbft`) in one run:
+    /// each runs in turn, on its smallest cluster for each --f, under the same load,
+    /// and one table compares them (compare.csv, compare.json, compare.svg).
+    #[arg(long, value_delimiter = ',', value_parser = crate::runtime::PROTOCOLS,
+          conflicts_with_all = ["n", "sweep", "history"])]
+    pub(crate) compare: Vec<String>,
+    /// With --compare: the numbers of faults to tolerate (comma-separated).
+    #[arg(
+        long = "f",
+        value_delimiter = ',',
+        default_value = "1",
+        requires = "compare"
+    )]
+    pub(crate) faults: Vec<usize>,
 }
 
 /// Parses `KEY=VALUE` pairs into an `[options]` table (integers, booleans, or text).
-fn options_table(pairs: &[String]) -> Result<toml::Table, String> {
+pub(crate) fn options_table(pairs: &[String]) -> Result<toml::Table, String> {
     let mut table = toml::Table::new();
     for pair in pairs {
         let (key, value) = pair
@@ -95,6 +109,152 @@ fn replicas_cpu(cluster: &LocalCluster) -> Option<f64> {
         .sum()
 }
 
+/// Messages and frame bytes all replicas sent so far (to peers and clients).
+fn replicas_sent(cluster: &LocalCluster) -> Option<(f64, f64)> {
+    (0..cluster.n())
+        .map(|i| {
+            let text = cluster.metrics(i)?;
+            let messages: f64 = text
+                .lines()
+                .filter(|l| l.starts_with("diffuse_messages_out_total{"))
+                .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<f64>().ok())
+                .sum();
+            let bytes = diffuse_node::local::metric_value(&text, "diffuse_bytes_out_total")?;
+            Some((messages, bytes))
+        })
+        .try_fold((0.0, 0.0), |(m, b), sent| {
+            sent.map(|(dm, db)| (m + dm, b + db))
+        })
+}
+
+/// A local cluster started for a benchmark, with the temporary directory it
+/// lives in (removed on drop).
+pub(crate) struct BenchCluster {
+    pub(crate) cluster: LocalCluster,
+    _dir: tempfile::TempDir,
+}
+
+impl BenchCluster {
+    /// Starts `n` replicas of `protocol` with `options` and `identities` client
+    /// identities, and waits until every metrics endpoint answers.
+    pub(crate) async fn start(
+        protocol: &str,
+        n: usize,
+        identities: usize,
+        options: &toml::Table,
+    ) -> Result<BenchCluster, String> {
+        // Check the options here, for a clear error instead of replicas that exit.
+        {
+            use diffuse_core::suite::ProtocolSuite as _;
+            match protocol {
+                "minbft" => diffuse_minbft::MinBft::configured_options(options).map(|_| ())?,
+                _ => diffuse_pbft::Pbft::configured_options(options).map(|_| ())?,
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("diffuse-bench-")
+            .tempdir()
+            .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let cluster = LocalCluster::start_with_options(
+            &exe,
+            dir.path(),
+            protocol,
+            n,
+            identities,
+            options.clone(),
+        )
+        .map_err(|e| format!("cannot start the cluster: {e}"))?;
+        for _ in 0..50 {
+            if (0..n).all(|i| cluster.metrics(i).is_some()) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Ok(BenchCluster { cluster, _dir: dir })
+    }
+
+    /// Stops every replica cleanly.
+    pub(crate) fn stop(&mut self) {
+        for i in 0..self.cluster.n() {
+            self.cluster.stop(i);
+        }
+    }
+}
+
+/// One measured load run and what the processes spent on it.
+pub(crate) struct Measured {
+    pub(crate) run: LoadRun,
+    pub(crate) summary: Summary,
+    /// CPU seconds of all replicas together.
+    cpu: Option<f64>,
+    /// CPU seconds of this process (the clients).
+    client_cpu: Option<f64>,
+    /// Messages and frame bytes the replicas sent.
+    sent: Option<(f64, f64)>,
+}
+
+impl Measured {
+    fn per_op(&self, total: Option<f64>, scale: f64) -> Option<f64> {
+        total.map(|t| t * scale / self.summary.completed.max(1) as f64)
+    }
+
+    /// Replica CPU µs per operation (all replicas together).
+    pub(crate) fn cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.cpu, 1e6)
+    }
+
+    /// Client-process CPU µs per operation.
+    pub(crate) fn client_cpu_us_per_op(&self) -> Option<f64> {
+        self.per_op(self.client_cpu, 1e6)
+    }
+
+    /// Messages the replicas sent per operation.
+    pub(crate) fn messages_per_op(&self) -> Option<f64> {
+        self.per_op(self.sent.map(|(m, _)| m), 1.0)
+    }
+
+    /// Frame bytes the replicas sent per operation.
+    pub(crate) fn bytes_per_op(&self) -> Option<f64> {
+        self.per_op(self.sent.map(|(_, b)| b), 1.0)
+    }
+}
+
+/// Runs `clients` closed-loop clients for `duration` and measures; `None` if the
+/// user interrupted it.
+pub(crate) async fn measure(
+    cluster: &mut LocalCluster,
+    clients: usize,
+    spec: &WorkloadSpec,
+    duration: Duration,
+) -> Result<Option<Measured>, String> {
+    let cpu_before = replicas_cpu(cluster);
+    let client_cpu_before = cpu_seconds(std::process::id());
+    let sent_before = replicas_sent(cluster);
+    let bar = load::progress(duration);
+    let run = load::run(cluster, clients, spec, duration, &bar, |_, _, _| {}).await?;
+    if run.interrupted {
+        return Ok(None);
+    }
+    let summary = load::summarise(&run.records, run.elapsed);
+    let cpu = replicas_cpu(cluster)
+        .zip(cpu_before)
+        .map(|(after, before)| after - before);
+    let client_cpu = cpu_seconds(std::process::id())
+        .zip(client_cpu_before)
+        .map(|(after, before)| after - before);
+    let sent = replicas_sent(cluster)
+        .zip(sent_before)
+        .map(|((m, b), (m0, b0))| (m - m0, b - b0));
+    Ok(Some(Measured {
+        run,
+        summary,
+        cpu,
+        client_cpu,
+        sent,
+    }))
+}
+
 pub fn run(args: BenchArgs) -> ExitCode {
     block_on(async {
         bench(args).await.unwrap_or_else(|error| {
@@ -105,6 +265,9 @@ pub fn run(args: BenchArgs) -> ExitCode {
 }
 
 async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
+    if !args.compare.is_empty() {
+        return crate::compare::run(&args).await;
+    }
     args.n = Some(crate::runtime::cluster_size(&args.protocol, args.n)?);
     let clients = args.clients.max(1);
     let identities = args
@@ -114,35 +277,10 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
         .chain([clients])
         .max()
         .unwrap_or(clients);
-    let dir = tempfile::Builder::new()
-        .prefix("diffuse-bench-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let options = options_table(&args.options)?;
-    // Check the options here, for a clear error instead of replicas that exit.
-    {
-        use diffuse_core::suite::ProtocolSuite as _;
-        match args.protocol.as_str() {
-            "minbft" => diffuse_minbft::MinBft::configured_options(&options).map(|_| ())?,
-            _ => diffuse_pbft::Pbft::configured_options(&options).map(|_| ())?,
-        }
-    }
-    let mut cluster = LocalCluster::start_with_options(
-        &exe,
-        dir.path(),
-        &args.protocol,
-        args.n(),
-        identities,
-        options,
-    )
-    .map_err(|e| format!("cannot start the cluster: {e}"))?;
-    for _ in 0..50 {
-        if (0..args.n()).all(|i| cluster.metrics(i).is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut bench_cluster =
+        BenchCluster::start(&args.protocol, args.n(), identities, &options).await?;
+    let cluster = &mut bench_cluster.cluster;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
     let spec = WorkloadSpec {
@@ -161,27 +299,16 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
             args.payload
         );
     }
-    let cpu_before = replicas_cpu(&cluster);
-    let client_cpu_before = cpu_seconds(std::process::id());
-    let bar = load::progress(duration);
-    let run = load::run(&mut cluster, clients, &spec, duration, &bar, |_, _, _| {}).await?;
-    if run.interrupted {
+    let Some(measured) = measure(cluster, clients, &spec, duration).await? else {
         return Ok(ExitCode::from(130));
-    }
-    let summary = load::summarise(&run.records, run.elapsed);
-    let cpu = replicas_cpu(&cluster)
-        .zip(cpu_before)
-        .map(|(after, before)| after - before);
-    let client_cpu = cpu_seconds(std::process::id())
-        .zip(client_cpu_before)
-        .map(|(after, before)| after - before);
-    let per_op = |seconds: Option<f64>| seconds.map(|s| s * 1e6 / summary.completed.max(1) as f64);
-    write_latency_over_time(&args.out, &run)?;
+    };
+    let (run, summary) = (&measured.run, &measured.summary);
+    write_latency_over_time(&args.out, run)?;
     let mut sweep_points = Vec::new();
     for &count in &args.sweep {
         let bar = load::progress(Duration::from_secs(args.sweep_duration.max(1)));
         let point = load::run(
-            &mut cluster,
+            cluster,
             count.max(1),
             &spec,
             Duration::from_secs(args.sweep_duration.max(1)),
@@ -222,8 +349,10 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
         "p50_ms": summary.p50_ms,
         "p99_ms": summary.p99_ms,
         "p999_ms": summary.p999_ms,
-        "cpu_us_per_op": per_op(cpu),
-        "client_cpu_us_per_op": per_op(client_cpu),
+        "cpu_us_per_op": measured.cpu_us_per_op(),
+        "client_cpu_us_per_op": measured.client_cpu_us_per_op(),
+        "messages_per_op": measured.messages_per_op(),
+        "bytes_per_op": measured.bytes_per_op(),
         "sweep": sweep_points.iter().map(|(c, s)| serde_json::json!({
             "clients": c, "ops_per_sec": s.ops_per_sec, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
         })).collect::<Vec<_>>(),
@@ -231,16 +360,14 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
     let text = serde_json::to_string_pretty(&json).expect("JSON values encode");
     std::fs::write(args.out.join("summary.json"), format!("{text}\n"))
         .map_err(|e| e.to_string())?;
-    for i in 0..args.n() {
-        cluster.stop(i);
-    }
+    bench_cluster.stop();
     if args.json {
         println!(
             "{}",
             serde_json::to_string(&json).expect("JSON values encode")
         );
     } else {
-        print_summary(&summary, per_op(cpu), per_op(client_cpu));
+        print_summary(&measured);
         println!(
             "results        {}/{{summary.json,latency.csv,latency.svg{}}}",
             args.out.display(),
@@ -254,16 +381,19 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_summary(summary: &Summary, cpu: Option<f64>, client_cpu: Option<f64>) {
-    load::print_summary(summary);
-    match cpu {
+fn print_summary(measured: &Measured) {
+    load::print_summary(&measured.summary);
+    match measured.cpu_us_per_op() {
         Some(cpu) => {
             println!("replica CPU    {cpu:>10.1} µs per operation (all replicas together)")
         }
         None => println!("replica CPU    unavailable (needs /proc)"),
     }
-    if let Some(cpu) = client_cpu {
+    if let Some(cpu) = measured.client_cpu_us_per_op() {
         println!("client CPU     {cpu:>10.1} µs per operation (this process)");
+    }
+    if let (Some(messages), Some(bytes)) = (measured.messages_per_op(), measured.bytes_per_op()) {
+        println!("replicas sent  {messages:>10.1} messages, {bytes:.0} bytes per operation");
     }
 }
 

@@ -2,6 +2,7 @@
 
 mod bench;
 mod client;
+mod compare;
 mod demo;
 mod keygen;
 mod load;

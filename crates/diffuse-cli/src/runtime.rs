@@ -73,6 +73,26 @@ pub async fn shutdown_signal() {
 /// The protocols the runtime commands can run.
 pub const PROTOCOLS: [&str; 2] = ["pbft", "minbft"];
 
+/// The smallest cluster of `protocol` that tolerates `f` faults (PBFT 3f + 1,
+/// MinBFT 2f + 1), from the protocol's own quorum system.
+pub fn smallest_cluster_for(protocol: &str, f: usize) -> Result<usize, String> {
+    use diffuse_core::suite::ProtocolSuite;
+    let tolerated = |n: usize| match protocol {
+        "minbft" => diffuse_minbft::MinBft::quorum(n).map(|q| q.f()),
+        _ => diffuse_pbft::Pbft::quorum(n).map(|q| q.f()),
+    };
+    if f == 0 || f > MAX_COMPARED_FAULTS {
+        return Err(format!("f = {f}: expected 1 to {MAX_COMPARED_FAULTS}"));
+    }
+    (1..=3 * f + 1)
+        .find(|&n| tolerated(n) == Ok(f))
+        .ok_or_else(|| format!("{protocol} has no cluster that tolerates f = {f}"))
+}
+
+/// The most faults `smallest_cluster_for` accepts (a local cluster of a hundred
+/// processes is about what one machine runs).
+pub const MAX_COMPARED_FAULTS: usize = 33;
+
 /// The cluster size for `protocol`: `n` if given (checked against the protocol's
 /// fault model), else the smallest that tolerates one fault (4 for PBFT, 3 for
 /// MinBFT).

@@ -129,3 +129,45 @@ fn testnet_node_client_and_a_clean_stop() {
         text(&refused.stderr)
     );
 }
+
+/// `diffuse bench --compare`: both protocols, each on its smallest cluster for
+/// `f = 1`, measured in one run and reported in one JSON object.
+#[test]
+fn bench_compares_protocols_in_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let args = [
+        "bench",
+        "--compare",
+        "pbft,minbft",
+        "--clients",
+        "2",
+        "--duration",
+        "1",
+        "--json",
+        "--out",
+        out,
+    ];
+    let output = diffuse(&args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let runs: Vec<(String, u64, u64)> = json["runs"]
+        .as_array()
+        .expect("a list of runs")
+        .iter()
+        .map(|run| {
+            (
+                run["protocol"].as_str().unwrap().to_string(),
+                run["n"].as_u64().unwrap(),
+                run["ops"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!((runs[0].0.as_str(), runs[0].1), ("pbft", 4));
+    assert_eq!((runs[1].0.as_str(), runs[1].1), ("minbft", 3));
+    assert!(runs.iter().all(|(_, _, ops)| *ops > 0), "{runs:?}");
+    for file in ["compare.json", "compare.csv", "compare.svg"] {
+        assert!(dir.path().join(file).exists(), "{file} written");
+    }
+}
