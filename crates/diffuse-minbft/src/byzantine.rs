@@ -41,7 +41,7 @@ pub const BEHAVIOURS: &[Named] = &[
     },
     Named {
         name: "forge-ui",
-        description: "alters certified messages under their UI, replays old ones, claims other senders, and sends forged checkpoint certificates",
+        description: "alters certified messages under their UI, replays old ones, claims other senders, sends forged checkpoint certificates, and alters what it sends outside the streams (PREPARE and VIEW-CHANGE copies, NEW-VIEW proofs, stable certificates, REJOIN reports)",
     },
 ];
 
@@ -358,6 +358,23 @@ impl ForgeUi {
         forged
     }
 
+    /// An out-of-stream message altered under its certificates (or signature), or
+    /// `None` for messages that carry none.
+    fn altered_out_of_stream(&self, message: &Message) -> Option<Message> {
+        let mut forged = message.clone();
+        match &mut forged {
+            // The content stays (a receiver would ignore a copy of a PREPARE nobody
+            // voted for before checking it): the certificate is what is forged.
+            Message::PrepareCopy(p) => p.ui.certificate.0[0] ^= 1,
+            Message::ViewChangeCopy(vc) => vc.ui.certificate.0[0] ^= 1,
+            Message::NewViewProof(proof) => proof.new_view.ui.certificate.0[0] ^= 1,
+            Message::Stable(cert) => cert.state = Digest::of("forged", b""),
+            Message::RejoinReport(report) => report.value.counter += 1,
+            _ => return None,
+        }
+        Some(forged)
+    }
+
     /// The certified message claiming another sender.
     fn misattributed(&self, certified: &Certified) -> Certified {
         let other = self.other_replica();
@@ -383,6 +400,11 @@ impl Behaviour<Message> for ForgeUi {
         out: &mut Vec<Outgoing<Message>>,
     ) {
         let Message::Certified(certified) = &message else {
+            if entropy.below(2) == 0 {
+                if let Some(lie) = self.altered_out_of_stream(&message) {
+                    out.push(Outgoing::now(to, lie));
+                }
+            }
             out.push(Outgoing::now(to, message));
             return;
         };
