@@ -112,6 +112,24 @@ fn cell(value: Option<f64>, decimals: usize) -> String {
     value.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
 }
 
+/// One run's fields, formatted: protocol, f, n, ops/s, p50, p99, p999 (ms), CPU
+/// µs/op, msgs/op, bytes/op.
+fn fields(row: &Row) -> [String; 10] {
+    let (m, s) = (&row.measured, &row.measured.summary);
+    [
+        row.protocol.clone(),
+        row.f.to_string(),
+        row.n.to_string(),
+        format!("{:.0}", s.ops_per_sec),
+        format!("{:.2}", s.p50_ms),
+        format!("{:.2}", s.p99_ms),
+        format!("{:.2}", s.p999_ms),
+        cell(m.cpu_us_per_op(), 0),
+        cell(m.messages_per_op(), 2),
+        cell(m.bytes_per_op(), 0),
+    ]
+}
+
 /// A Markdown table, one row per run (it pastes into the docs as is).
 fn table(rows: &[Row]) -> String {
     let mut text = String::from(
@@ -119,20 +137,7 @@ fn table(rows: &[Row]) -> String {
          |---|---|---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
-        let (m, s) = (&row.measured, &row.measured.summary);
-        text.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} |\n",
-            row.protocol,
-            row.f,
-            row.n,
-            s.ops_per_sec,
-            s.p50_ms,
-            s.p99_ms,
-            s.p999_ms,
-            cell(m.cpu_us_per_op(), 0),
-            cell(m.messages_per_op(), 1),
-            cell(m.bytes_per_op(), 0),
-        ));
+        text.push_str(&format!("| {} |\n", fields(row).join(" | ")));
     }
     text
 }
@@ -142,20 +147,7 @@ fn csv(rows: &[Row]) -> String {
         "protocol,f,n,ops_per_sec,p50_ms,p99_ms,p999_ms,cpu_us_per_op,messages_per_op,bytes_per_op\n",
     );
     for row in rows {
-        let (m, s) = (&row.measured, &row.measured.summary);
-        text.push_str(&format!(
-            "{},{},{},{:.1},{:.3},{:.3},{:.3},{},{},{}\n",
-            row.protocol,
-            row.f,
-            row.n,
-            s.ops_per_sec,
-            s.p50_ms,
-            s.p99_ms,
-            s.p999_ms,
-            cell(m.cpu_us_per_op(), 1),
-            cell(m.messages_per_op(), 2),
-            cell(m.bytes_per_op(), 0),
-        ));
+        text.push_str(&format!("{}\n", fields(row).join(",")));
     }
     text
 }

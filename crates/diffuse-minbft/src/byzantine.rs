@@ -18,7 +18,7 @@ use diffuse_core::crypto::Digest;
 use diffuse_core::ids::{NodeId, ReplicaId, Seq};
 use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
 use diffuse_pbft::message::Batch;
-use diffuse_tee::{Scope, TrustedComponent};
+use diffuse_tee::{Scope, TrustedComponent, Ui};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The MinBFT-specific behaviours.
@@ -151,24 +151,10 @@ impl Rollback {
         while copy.counter().saturating_add(1) < counter {
             copy.create_ui(&Digest::default()).ok()?;
         }
-        let mut requests = original.batch.requests.clone().into_inner();
-        requests.pop();
-        let batch = Batch {
-            requests: BoundedVec::truncating(requests),
-        };
-        let (replica, view, seq) = (original.replica, original.view, original.seq);
-        let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
-        let ui = copy.create_scoped_ui(Scope::Slot(seq.0), &digest).ok()?;
-        (ui.counter == counter).then_some((
-            counter,
-            Prepare {
-                replica,
-                view,
-                seq,
-                batch,
-                ui,
-            },
-        ))
+        let forged = conflicting_prepare(original, |scope, digest| {
+            copy.create_scoped_ui(scope, digest).ok()
+        })?;
+        (forged.ui.counter == counter).then_some((counter, forged))
     }
 }
 
@@ -220,23 +206,10 @@ struct Equivocate {
 
 impl Equivocate {
     fn twin(&self, original: &Prepare) -> Option<Prepare> {
-        let mut requests = original.batch.requests.clone().into_inner();
-        requests.pop();
-        let batch = Batch {
-            requests: BoundedVec::truncating(requests),
-        };
-        let (replica, view, seq) = (original.replica, original.view, original.seq);
-        let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
-        let ui = self
-            .tee
-            .call_live_enclave(self.me, |e| e.create_scoped_ui(Scope::Slot(seq.0), &digest))?
-            .ok()?;
-        Some(Prepare {
-            replica,
-            view,
-            seq,
-            batch,
-            ui,
+        conflicting_prepare(original, |scope, digest| {
+            self.tee
+                .call_live_enclave(self.me, |e| e.create_scoped_ui(scope, digest))?
+                .ok()
         })
     }
 }
@@ -328,6 +301,29 @@ impl Behaviour<Message> for SkipCounter {
         }
         out.push(Outgoing::now(to, message));
     }
+}
+
+/// A PREPARE for `original`'s slot with another batch (its last request dropped),
+/// its UI from `certify`, given the scope and digest to certify.
+fn conflicting_prepare(
+    original: &Prepare,
+    certify: impl FnOnce(Scope, &Digest) -> Option<Ui>,
+) -> Option<Prepare> {
+    let mut requests = original.batch.requests.clone().into_inner();
+    requests.pop();
+    let batch = Batch {
+        requests: BoundedVec::truncating(requests),
+    };
+    let (replica, view, seq) = (original.replica, original.view, original.seq);
+    let digest = Prepare::certified_digest(replica, view, seq, &batch.digest());
+    let ui = certify(Scope::Slot(seq.0), &digest)?;
+    Some(Prepare {
+        replica,
+        view,
+        seq,
+        batch,
+        ui,
+    })
 }
 
 /// Old certified messages kept for replays.

@@ -26,16 +26,22 @@ fn run(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
     run_with(n, seed, mix, None, false)
 }
 
+/// A run that must pass every checker.
+fn clean(n: usize, seed: u64, mix: FaultMix, trace: bool) -> diffuse_sim::RunReport {
+    let report = run_with(n, seed, mix, None, trace);
+    assert!(
+        report.violations.is_empty(),
+        "n = {n} seed {seed}: {:?}",
+        report.violations
+    );
+    report
+}
+
 #[test]
 fn minbft_orders_requests_without_faults() {
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run(n, seed, FaultMix::None);
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::None, false);
             assert!(report.metrics.completed_ops > 0, "n = {n} seed {seed}");
         }
     }
@@ -48,12 +54,7 @@ fn minbft_orders_requests_without_faults() {
 fn minbft_survives_network_faults() {
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run(n, seed, FaultMix::Network);
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Network, false);
             assert!(report.metrics.completed_ops > 0, "n = {n} seed {seed}");
         }
     }
@@ -86,12 +87,7 @@ fn minbft_changes_views_under_network_faults() {
 fn minbft_rejects_forged_certificates() {
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run(n, seed, FaultMix::Byzantine("forge-ui".into()));
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Byzantine("forge-ui".into()), false);
             assert!(report.metrics.faults_detected > 0, "n = {n} seed {seed}");
         }
     }
@@ -107,12 +103,7 @@ fn minbft_stays_live_when_replicas_withhold() {
     let mut views = 0;
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run(n, seed, FaultMix::Byzantine("withhold".into()));
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Byzantine("withhold".into()), false);
             views += report.metrics.views_installed;
         }
     }
@@ -129,17 +120,8 @@ fn minbft_stays_live_when_replicas_withhold() {
 #[test]
 fn minbft_copies_withheld_prepares_from_a_voter() {
     for (n, seed) in [(3, 5815), (3, 7344), (3, 419), (5, 911)] {
-        let report = run(n, seed, FaultMix::Byzantine("withhold".into()));
-        assert!(
-            report.violations.is_empty(),
-            "n = {n} seed {seed}: {:?}",
-            report.violations
-        );
+        clean(n, seed, FaultMix::Byzantine("withhold".into()), false);
     }
-}
-
-fn run_traced(n: usize, seed: u64, mix: FaultMix) -> diffuse_sim::RunReport {
-    run_with(n, seed, mix, None, true)
 }
 
 /// Correct replicas crash and restart: each comes back with a locked enclave,
@@ -150,12 +132,7 @@ fn minbft_replicas_rejoin_after_crashes() {
     let (mut restarts, mut rejoined) = (0, 0);
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run_traced(n, seed, FaultMix::Crash);
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Crash, true);
             restarts += report
                 .trace
                 .iter()
@@ -181,12 +158,7 @@ fn minbft_resumes_without_rejoin_after_scheduled_shutdowns() {
     let mut shutdowns = 0;
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run_traced(n, seed, FaultMix::Restart);
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Restart, true);
             shutdowns += report
                 .trace
                 .iter()
@@ -204,12 +176,7 @@ fn minbft_resumes_without_rejoin_after_scheduled_shutdowns() {
 fn minbft_survives_mixed_faults() {
     for n in [3, 5] {
         for seed in 0..15 {
-            let report = run(n, seed, FaultMix::Mixed);
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            clean(n, seed, FaultMix::Mixed, false);
         }
     }
 }
@@ -237,12 +204,7 @@ fn the_rollback_attack_fails_only_against_protected_enclaves() {
     for n in [3, 5] {
         for seed in 0..10 {
             let mix = FaultMix::Byzantine("rollback".into());
-            let protected = run(n, seed, mix.clone());
-            assert!(
-                protected.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                protected.violations
-            );
+            clean(n, seed, mix.clone(), false);
             let unprotected = run_mutant(n, seed, mix, "enclave-without-rollback-protection");
             if !unprotected.violations.is_empty() {
                 caught += 1;
@@ -267,12 +229,7 @@ fn a_primary_that_asks_its_enclave_twice_splits_only_replicas_without_continuity
     let (mut rejected, mut split) = (0, 0);
     for n in [3, 5] {
         for seed in 0..10 {
-            let report = run_traced(n, seed, mix.clone());
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, mix.clone(), true);
             rejected += report
                 .trace
                 .iter()
@@ -301,12 +258,7 @@ fn a_skipped_counter_value_blocks_only_the_skipping_replica() {
     let mut skipped = 0;
     for n in [3, 5] {
         for seed in 0..20 {
-            let report = run_traced(n, seed, FaultMix::Byzantine("skip-counter".into()));
-            assert!(
-                report.violations.is_empty(),
-                "n = {n} seed {seed}: {:?}",
-                report.violations
-            );
+            let report = clean(n, seed, FaultMix::Byzantine("skip-counter".into()), true);
             skipped += report
                 .trace
                 .iter()
@@ -350,12 +302,7 @@ fn late_rejoin_reports_are_not_faults() {
         (5, 1861, FaultMix::Crash),
         (7, 406, FaultMix::Mixed),
     ] {
-        let report = run(n, seed, mix);
-        assert!(
-            report.violations.is_empty(),
-            "n = {n} seed {seed}: {:?}",
-            report.violations
-        );
+        clean(n, seed, mix, false);
     }
 }
 
