@@ -246,9 +246,20 @@ fn print_list<P: ProtocolSuite>(behaviours: &[&str]) {
             named.name, named.description
         );
     }
+    for named in P::client_behaviours() {
+        println!(
+            "  {:<28} one Byzantine client: {}",
+            named.name, named.description
+        );
+    }
     println!(
-        "  {:<28} network faults, crashes, and up to f Byzantine replicas of random kinds",
-        "mixed"
+        "  {:<28} network faults, crashes, and up to f Byzantine replicas of random kinds{}",
+        "mixed",
+        if P::client_behaviours().is_empty() {
+            ""
+        } else {
+            ", and in half the runs a Byzantine client"
+        }
     );
     let _ = behaviours;
     println!("\nmutants (--mutant):");

@@ -3,6 +3,9 @@
 //! - Digests: BLAKE3 (`blake3`), always with a domain-separation label.
 //! - Signatures: Ed25519 (`ed25519-dalek`), verified with `verify_strict` everywhere so
 //!   that every replica accepts exactly the same signatures.
+//! - MACs: keyed BLAKE3, truncated to 128 bits, under a key two members share: the
+//!   X25519 Diffie-Hellman (`curve25519-dalek`) of their static keys, through BLAKE3's
+//!   key derivation with a context string naming the key's one use ([`KeyAgreement`]).
 //!
 //! A signature covers `label || BLAKE3(payload)` where the payload is the canonical
 //! postcard encoding of the signed value, so two message kinds can never be confused.
@@ -232,6 +235,99 @@ fn signing_message(label: &str, payload: &[u8]) -> Vec<u8> {
     message
 }
 
+/// The length of a [`Mac`]: 128 bits, so a forger's chance per try is `2^-128`.
+pub const MAC_BYTES: usize = 16;
+
+/// A message authentication code: keyed BLAKE3 truncated to [`MAC_BYTES`]. Compare
+/// MACs with [`MacKey::verify`] (constant time), never with `==`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "arbitrary", derive(arbitrary::Arbitrary))]
+pub struct Mac(pub [u8; MAC_BYTES]);
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mac:{}", hex::encode(&self.0[..4]))
+    }
+}
+
+/// A symmetric key that exactly two members share, for [`Mac`]s. Made by
+/// [`KeyAgreement::mac_key`]; never serialised.
+#[derive(Clone)]
+pub struct MacKey([u8; 32]);
+
+impl MacKey {
+    /// The MAC of `message`.
+    pub fn mac(&self, message: &[u8]) -> Mac {
+        let full = blake3::keyed_hash(&self.0, message);
+        let mut mac = [0u8; MAC_BYTES];
+        mac.copy_from_slice(&full.as_bytes()[..MAC_BYTES]);
+        Mac(mac)
+    }
+
+    /// Whether `mac` is this key's MAC of `message`, compared in constant time.
+    pub fn verify(&self, message: &[u8], mac: &Mac) -> bool {
+        use subtle::ConstantTimeEq as _;
+        self.mac(message).0.ct_eq(&mac.0).into()
+    }
+}
+
+impl fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MacKey(..)")
+    }
+}
+
+/// A member's static X25519 secret (the one of its Ed25519 key pair, as the transport
+/// uses it), kept to derive the keys it shares with each peer.
+#[derive(Clone)]
+pub struct KeyAgreement {
+    scalar: [u8; 32],
+    public: PublicKey,
+}
+
+impl KeyAgreement {
+    /// The key agreement of `secret`'s key pair.
+    pub fn new(secret: &SecretKey) -> Self {
+        Self {
+            scalar: secret.to_x25519(),
+            public: secret.public(),
+        }
+    }
+
+    /// The MAC key this member shares with `peer` for the use named by `context`:
+    /// `BLAKE3-derive_key(context, X25519(mine, peer's) || lower public key || higher
+    /// public key)`. Both members derive the same key; the public keys bind it to the
+    /// pair and the context to one use (a hard-coded, globally unique string, as
+    /// BLAKE3's KDF requires). `None` if the Diffie-Hellman output is all zero (the
+    /// peer's key has small order), which would make the key public.
+    pub fn mac_key(&self, context: &'static str, peer: &PublicKey) -> Option<MacKey> {
+        use subtle::ConstantTimeEq as _;
+        let shared = curve25519_dalek::montgomery::MontgomeryPoint(peer.to_x25519())
+            .mul_clamped(self.scalar)
+            .to_bytes();
+        if bool::from(shared.ct_eq(&[0u8; 32])) {
+            return None;
+        }
+        let (mine, theirs) = (self.public.to_bytes(), peer.to_bytes());
+        let (low, high) = if mine <= theirs {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
+        let mut material = [0u8; 96];
+        material[..32].copy_from_slice(&shared);
+        material[32..64].copy_from_slice(&low);
+        material[64..].copy_from_slice(&high);
+        Some(MacKey(blake3::derive_key(context, &material)))
+    }
+}
+
+impl fmt::Debug for KeyAgreement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyAgreement({:?})", self.public)
+    }
+}
+
 /// A value that can be signed: it names its domain-separation label.
 pub trait Signable: Serialize {
     /// The label that keeps signatures over different kinds apart, e.g. `"pbft/prepare"`.
@@ -338,6 +434,51 @@ mod tests {
         assert_eq!(Digest::of("a", b"x"), Digest::of("a", b"x"));
     }
 
+    const CONTEXT: &str = "diffuse tests: pairwise MAC key";
+
+    #[test]
+    fn pairwise_keys_agree_and_differ_per_pair_and_context() {
+        let (a, b, c) = (
+            SecretKey::from_seed([5; 32]),
+            SecretKey::from_seed([6; 32]),
+            SecretKey::from_seed([7; 32]),
+        );
+        let ab = KeyAgreement::new(&a).mac_key(CONTEXT, &b.public()).unwrap();
+        let ba = KeyAgreement::new(&b).mac_key(CONTEXT, &a.public()).unwrap();
+        let ac = KeyAgreement::new(&a).mac_key(CONTEXT, &c.public()).unwrap();
+        let other = KeyAgreement::new(&a)
+            .mac_key("diffuse tests: another use", &b.public())
+            .unwrap();
+        let mac = ab.mac(b"hello");
+        assert!(ba.verify(b"hello", &mac));
+        assert!(!ba.verify(b"hellp", &mac));
+        assert!(!ac.verify(b"hello", &mac));
+        assert!(!other.verify(b"hello", &mac));
+        let mut flipped = mac;
+        flipped.0[15] ^= 1;
+        assert!(!ab.verify(b"hello", &flipped));
+    }
+
+    #[test]
+    fn small_order_peer_keys_give_no_mac_key() {
+        // The Edwards identity (y = 1) is a valid encoding of a point of small order:
+        // its Diffie-Hellman output is zero, so it must not yield a key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = PublicKey::from_bytes(&identity).unwrap();
+        let me = KeyAgreement::new(&SecretKey::from_seed([8; 32]));
+        assert!(me.mac_key(CONTEXT, &weak).is_none());
+    }
+
+    #[test]
+    fn mac_decoding_is_fixed_length() {
+        let mac = Mac([3; MAC_BYTES]);
+        let bytes = codec::encode_payload(&mac);
+        assert_eq!(bytes.len(), MAC_BYTES);
+        assert_eq!(codec::decode_payload::<Mac>(&bytes), Ok(mac));
+        assert!(codec::decode_payload::<Mac>(&bytes[..10]).is_err());
+    }
+
     #[test]
     fn signature_decoding_checks_length() {
         let sig = Signature([9; 64]);
@@ -349,5 +490,53 @@ mod tests {
 
     fn serde_bytes_like(b: &[u8]) -> crate::codec::Blob<64> {
         crate::codec::Blob::try_from_vec(b.to_vec()).unwrap()
+    }
+}
+/// Costs of the primitives on this machine, printed, not asserted:
+/// `cargo test --release -p diffuse-core crypto_costs -- --ignored --nocapture`.
+#[cfg(test)]
+mod costs {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore = "a measurement, run by hand with --release"]
+    fn crypto_costs() {
+        const ROUNDS: u32 = 2000;
+        let key = SecretKey::from_seed([1; 32]);
+        let public = key.public();
+        let payload = [7u8; 100];
+        let time = |what: &str, mut f: Box<dyn FnMut() + '_>| {
+            let start = Instant::now();
+            for _ in 0..ROUNDS {
+                f();
+            }
+            println!("{what:<40} {:?}", start.elapsed() / ROUNDS);
+        };
+        let signature = key.sign("costs", &payload);
+        time(
+            "Ed25519 sign (100-byte payload)",
+            Box::new(|| {
+                std::hint::black_box(key.sign("costs", &payload));
+            }),
+        );
+        time(
+            "Ed25519 verify_strict",
+            Box::new(|| assert!(public.verify("costs", &payload, &signature))),
+        );
+        let agreement = KeyAgreement::new(&key);
+        let peer = SecretKey::from_seed([2; 32]).public();
+        time(
+            "X25519 + BLAKE3 derive_key",
+            Box::new(|| {
+                std::hint::black_box(agreement.mac_key("diffuse costs: pairwise", &peer));
+            }),
+        );
+        let mac_key = agreement.mac_key("diffuse costs: pairwise", &peer).unwrap();
+        let mac = mac_key.mac(&Digest::of("costs", &payload).0);
+        time(
+            "BLAKE3 digest + MAC verify",
+            Box::new(|| assert!(mac_key.verify(&Digest::of("costs", &payload).0, &mac))),
+        );
     }
 }

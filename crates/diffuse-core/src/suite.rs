@@ -238,4 +238,22 @@ pub trait ProtocolSuite: 'static {
         setup: &ReplicaSetup<Self::Options>,
         coalition: &Coalition,
     ) -> Option<Box<dyn Behaviour<Self::Message>>>;
+
+    /// The protocol-specific Byzantine client behaviours (none by default). The
+    /// simulator runs the honest client and routes what it sends through the
+    /// behaviour ([`Behaviour::outgoing`]); a behaviour must still send each request
+    /// the honest client sends, validly signed, at least once, so that the client's
+    /// operations remain its own and the checkers judge them like any other's.
+    fn client_behaviours() -> &'static [Named] {
+        &[]
+    }
+
+    /// Builds the client behaviour `name` for the client of `setup`.
+    fn client_behaviour(
+        name: &str,
+        setup: &ClientSetup<Self::Options>,
+    ) -> Option<Box<dyn Behaviour<Self::Message>>> {
+        let _ = (name, setup);
+        None
+    }
 }

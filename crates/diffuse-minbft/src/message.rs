@@ -645,6 +645,11 @@ impl WireMessage for Message {
 }
 
 impl diffuse_pbft::ClientWire for Message {
+    /// MinBFT checks every request's signature (its view change judges batches by a
+    /// rule every replica must evaluate alike; see `docs/protocols/minbft.md`), so
+    /// its clients send no authenticator.
+    const AUTHENTICATORS: bool = false;
+
     fn request(request: Request) -> Self {
         Message::Request(request)
     }

@@ -7,14 +7,16 @@
 //! lie about who sends a message.
 
 use crate::message::{
-    Batch, CheckpointCert, CheckpointVote, Commit, Message, NewView, PrePrepare, PrepareVote,
-    PreparedCert, Proposal, ViewChangeBody,
+    Authenticator, Batch, CheckpointCert, CheckpointVote, Commit, Message, NewView, PrePrepare,
+    PrepareVote, PreparedCert, Proposal, Request, RequestBody, ViewChangeBody,
 };
 use crate::options::PbftOptions;
 use diffuse_core::codec::BoundedVec;
-use diffuse_core::crypto::{Digest, SecretKey, Signature, Signed};
-use diffuse_core::ids::{NodeId, ReplicaId, Seq, View};
-use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
+use diffuse_core::crypto::{Digest, Mac, SecretKey, Signature, Signed};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
+use diffuse_core::suite::{
+    Behaviour, ClientSetup, Coalition, Entropy, Named, Outgoing, ReplicaSetup,
+};
 use std::collections::BTreeMap;
 
 /// The PBFT-specific behaviours.
@@ -39,7 +41,28 @@ pub const BEHAVIOURS: &[Named] = &[
         name: "collude",
         description: "all faulty replicas together make exactly f correct replicas prepare a batch, then hide it in the view change",
     },
+    Named {
+        name: "forge-requests",
+        description: "as primary, adds requests their clients never sent to its batches, or strips a request's signature and spoils its MACs for some backups",
+    },
 ];
+
+/// The PBFT-specific Byzantine client behaviours.
+pub const CLIENT_BEHAVIOURS: &[Named] = &[Named {
+    name: "split-macs",
+    description: "a client whose requests carry bad MACs for some replicas, each preceded half of the time by a twin with a bad signature and a good MAC for its recipient only",
+}];
+
+/// Builds the client behaviour `name` for the client of `setup`.
+pub fn build_client(
+    name: &str,
+    _setup: &ClientSetup<PbftOptions>,
+) -> Option<Box<dyn Behaviour<Message>>> {
+    match name {
+        "split-macs" => Some(Box::new(SplitMacs)),
+        _ => None,
+    }
+}
 
 /// Builds the behaviour `name` for the replica of `setup`, one of `coalition`.
 pub fn build(
@@ -61,6 +84,11 @@ pub fn build(
         "wrong-digest" => Some(Box::new(WrongDigest { me })),
         "forge-sender" => Some(Box::new(ForgeSender { me })),
         "false-certificates" => Some(Box::new(FalseCertificates { me })),
+        "forge-requests" => Some(Box::new(ForgeRequests {
+            clients: setup.keys.clients().collect(),
+            me,
+            variants: BTreeMap::new(),
+        })),
         "collude" => Some(Box::new(Collude {
             me,
             coalition: coalition.clone(),
@@ -334,7 +362,10 @@ impl Behaviour<Message> for ForgeSender {
             }),
             Message::Request(r) => {
                 // A request "from" the client, signed with the replica's key.
-                Message::Request(Signed::sign(r.value, &self.me.secret))
+                Message::Request(crate::message::Request {
+                    signed: Signed::sign(r.signed.value, &self.me.secret),
+                    authenticator: r.authenticator,
+                })
             }
             other => other,
         };
@@ -680,5 +711,166 @@ impl Behaviour<Message> for Collude {
             payload: diffuse_core::suite::Payload::Message(message),
             delay,
         });
+    }
+}
+
+/// Spoils the MAC entries of a random subset of the replicas (each with probability
+/// one half) and returns whether it spoiled any.
+fn spoil_macs(authenticator: &mut Authenticator, entropy: &mut dyn Entropy) -> bool {
+    let mut entries = authenticator.to_vec();
+    let mut spoiled = false;
+    for entry in &mut entries {
+        if entropy.chance(1, 2) {
+            entry.0[0] ^= 0x5a;
+            spoiled = true;
+        }
+    }
+    *authenticator = Authenticator::truncating(entries);
+    spoiled
+}
+
+/// As primary, sends (to every backup alike, so that it is one proposal, not an
+/// equivocation) batches that hold a request its client never sent (signed with
+/// the primary's own key, with made-up MACs), or in which a genuine request's
+/// signature is replaced by garbage and its MACs spoiled for some backups: backups
+/// whose MAC still verifies accept that one, the others must refuse the batch.
+struct ForgeRequests {
+    me: Me,
+    clients: Vec<ClientId>,
+    variants: BTreeMap<(View, Seq), PrePrepare>,
+}
+
+impl ForgeRequests {
+    fn variant(&self, pp: &PrePrepare, entropy: &mut dyn Entropy) -> PrePrepare {
+        let mut requests = pp.batch.requests.to_vec();
+        let Some(template) = requests.first().cloned() else {
+            return pp.clone();
+        };
+        match entropy.below(3) {
+            0 => return pp.clone(),
+            1 => {
+                let taken: Vec<ClientId> = requests.iter().map(|r| r.client).collect();
+                let free: Vec<ClientId> = self
+                    .clients
+                    .iter()
+                    .copied()
+                    .filter(|c| !taken.contains(c))
+                    .collect();
+                if free.is_empty() {
+                    return pp.clone();
+                }
+                let client = free[entropy.below(free.len() as u64) as usize];
+                // A timestamp far ahead: if it were ever executed, the client's own
+                // requests would be ignored as stale, which the checkers would see.
+                let body = RequestBody {
+                    client,
+                    timestamp: template.timestamp.saturating_add(1 << 40),
+                    operation: template.operation.clone(),
+                };
+                let macs = (0..self.me.n)
+                    .map(|_| {
+                        let mut mac = [0u8; 16];
+                        mac[..8].copy_from_slice(&entropy.next_u64().to_le_bytes());
+                        mac[8..].copy_from_slice(&entropy.next_u64().to_le_bytes());
+                        Mac(mac)
+                    })
+                    .collect();
+                requests.push(Request {
+                    signed: Signed::sign(body, &self.me.secret),
+                    authenticator: Authenticator::truncating(macs),
+                });
+            }
+            _ => {
+                let at = entropy.below(requests.len() as u64) as usize;
+                let stripped = &mut requests[at];
+                stripped.signed.signature = random_signature(entropy);
+                spoil_macs(&mut stripped.authenticator, entropy);
+            }
+        }
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let proposal = Signed::sign(
+            Proposal {
+                digest: batch.digest(),
+                ..pp.proposal.value
+            },
+            &self.me.secret,
+        );
+        PrePrepare { proposal, batch }
+    }
+}
+
+impl Behaviour<Message> for ForgeRequests {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        match message {
+            Message::PrePrepare(pp) if pp.proposal.view.primary(self.me.n) == self.me.id => {
+                let slot = (pp.proposal.view, pp.proposal.seq);
+                let variant = match self.variants.get(&slot) {
+                    Some(variant) => variant.clone(),
+                    None => {
+                        let variant = self.variant(&pp, entropy);
+                        if self.variants.len() > 4096 {
+                            self.variants.pop_first();
+                        }
+                        self.variants.insert(slot, variant.clone());
+                        variant
+                    }
+                };
+                out.push(Outgoing::now(to, Message::PrePrepare(variant)));
+            }
+            other => out.push(Outgoing::now(to, other)),
+        }
+    }
+}
+
+/// A Byzantine client. Half of the time, each request it sends to a replica is
+/// preceded by a twin with a garbage signature whose only valid MAC is the
+/// recipient's (the "MAC attack": a primary that trusted its MAC would propose a
+/// request no other correct replica can authenticate). Half of its genuine requests
+/// carry spoiled MACs for a random subset of the replicas; their signature stays
+/// valid, so they must still complete.
+struct SplitMacs;
+
+impl Behaviour<Message> for SplitMacs {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        let Message::Request(mut request) = message else {
+            out.push(Outgoing::now(to, message));
+            return;
+        };
+        if entropy.chance(1, 2) {
+            let mut twin = request.clone();
+            twin.signed.signature = random_signature(entropy);
+            let entries = twin
+                .authenticator
+                .iter()
+                .enumerate()
+                .map(|(i, mac)| {
+                    let mut mac = *mac;
+                    if to.replica().map(ReplicaId::index) != Some(i) {
+                        mac.0[0] ^= 0x5a;
+                    }
+                    mac
+                })
+                .collect();
+            twin.authenticator = Authenticator::truncating(entries);
+            out.push(Outgoing::now(to, Message::Request(twin)));
+        }
+        if entropy.chance(1, 2) {
+            spoil_macs(&mut request.authenticator, entropy);
+        }
+        out.push(Outgoing::now(to, Message::Request(request)));
     }
 }

@@ -1,9 +1,10 @@
-//! The PBFT client: sign, send to the primary, retransmit to all, accept `f + 1`
-//! matching replies.
+//! The PBFT client: sign and authenticate (one MAC per replica), send to the
+//! primary, retransmit to all, accept `f + 1` matching replies.
 //!
 //! It is generic over the wire enum ([`ClientWire`]) so that every ordering
 //! protocol whose clients work this way (MinBFT too) shares it.
 
+use crate::auth::RequestAuthenticator;
 use crate::message::{Message, Reply, Request, RequestBody};
 use crate::options::{Mutant, PbftOptions};
 use diffuse_core::codec::Blob;
@@ -30,6 +31,9 @@ pub trait ClientWire: diffuse_core::codec::WireMessage {
     fn request(request: Request) -> Self;
     /// The reply inside, if this is one.
     fn into_reply(self) -> Option<Reply>;
+    /// Whether the protocol's replicas use request authenticators: if not, the
+    /// client sends none (MinBFT checks every request's signature).
+    const AUTHENTICATORS: bool = true;
 }
 
 impl ClientWire for Message {
@@ -66,6 +70,8 @@ pub struct PbftClient<M = Message> {
     view: View,
     next_timestamp: u64,
     outstanding: Option<Outstanding>,
+    /// The keys shared with each replica, if the protocol uses authenticators.
+    authenticator: Option<RequestAuthenticator>,
     _keys: Arc<ClusterKeys>,
     _wire: std::marker::PhantomData<fn() -> M>,
 }
@@ -83,6 +89,8 @@ impl<M: ClientWire> PbftClient<M> {
     /// Builds a client for a protocol with the quorum system `quorum` (its
     /// `contains_correct` decides how many matching replies are enough).
     pub fn with_quorum(setup: ClientSetup<PbftOptions>, quorum: QuorumSystem) -> Self {
+        let authenticator =
+            M::AUTHENTICATORS.then(|| RequestAuthenticator::new(&setup.secret, &setup.keys));
         Self {
             id: setup.id,
             secret: setup.secret,
@@ -91,6 +99,7 @@ impl<M: ClientWire> PbftClient<M> {
             view: View(0),
             next_timestamp: setup.first_timestamp.max(1),
             outstanding: None,
+            authenticator,
             _keys: setup.keys,
             _wire: std::marker::PhantomData,
         }
@@ -189,14 +198,20 @@ impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
         })?;
         let timestamp = self.next_timestamp;
         self.next_timestamp += 1;
-        let request = Signed::sign(
-            RequestBody {
-                client: self.id,
-                timestamp,
-                operation,
-            },
-            &self.secret,
-        );
+        let body = RequestBody {
+            client: self.id,
+            timestamp,
+            operation,
+        };
+        let authenticator = self
+            .authenticator
+            .as_ref()
+            .map(|a| a.authenticate(&body))
+            .unwrap_or_default();
+        let request = Request {
+            signed: Signed::sign(body, &self.secret),
+            authenticator,
+        };
         let mut out = Out::new();
         out.send(
             self.view.primary(self.quorum.n()),

@@ -30,6 +30,7 @@
 //! See `docs/protocols/pbft.md` in the repository for message formats and every choice
 //! made where the papers leave a detail open.
 
+pub mod auth;
 pub mod byzantine;
 pub mod client;
 pub mod message;
@@ -104,13 +105,15 @@ impl ProtocolSuite for Pbft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 6] = [
+        const NAMES: [Named; 8] = [
             Mutant::ALL[0].1,
             Mutant::ALL[1].1,
             Mutant::ALL[2].1,
             Mutant::ALL[3].1,
             Mutant::ALL[4].1,
             Mutant::ALL[5].1,
+            Mutant::ALL[6].1,
+            Mutant::ALL[7].1,
         ];
         &NAMES
     }
@@ -143,5 +146,16 @@ impl ProtocolSuite for Pbft {
         coalition: &Coalition,
     ) -> Option<Box<dyn Behaviour<Message>>> {
         byzantine::build(name, setup, coalition)
+    }
+
+    fn client_behaviours() -> &'static [Named] {
+        byzantine::CLIENT_BEHAVIOURS
+    }
+
+    fn client_behaviour(
+        name: &str,
+        setup: &ClientSetup<PbftOptions>,
+    ) -> Option<Box<dyn Behaviour<Message>>> {
+        byzantine::build_client(name, setup)
     }
 }

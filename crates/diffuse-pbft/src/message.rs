@@ -5,10 +5,11 @@
 //! checkpoint votes and view changes. Commits, replies, status and transfer messages
 //! are only ever judged by their direct recipient, so the authenticated channel is
 //! their authentication. A NEW-VIEW is self-certifying (signed view changes and
-//! signed proposals) and needs no signature of its own.
+//! signed proposals) and needs no signature of its own. Client requests carry, besides
+//! the signature, an authenticator of per-replica MACs (see [`crate::auth`]).
 
 use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
-use diffuse_core::crypto::{Digest, Signable, Signed};
+use diffuse_core::crypto::{Digest, Mac, PublicKey, SecretKey, Signable, Signed};
 use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq, View};
 use diffuse_core::service::MAX_RESULT_BYTES;
 use serde::{Deserialize, Serialize};
@@ -38,9 +39,53 @@ impl Signable for RequestBody {
     const LABEL: &'static str = "diffuse/pbft/request";
 }
 
-/// A client request, signed by the client so that any replica can check a request
-/// that reaches it inside a pre-prepare.
-pub type Request = Signed<RequestBody>;
+impl RequestBody {
+    /// What every MAC of a request's authenticator covers.
+    pub fn mac_digest(&self) -> Digest {
+        Digest::of_value("diffuse/pbft/request-mac", self)
+    }
+}
+
+/// One MAC per replica, entry `i` for replica `i`, each under the key the client
+/// shares with that replica (see [`crate::auth`]). At most [`MAX_REPLICAS`] entries on
+/// the wire; a replica uses its entry only if there are exactly `n`.
+pub type Authenticator = BoundedVec<Mac, MAX_REPLICAS>;
+
+/// A client request: the body with the client's signature, which any replica can
+/// check (and so the proof that travels, e.g. to a new primary), and an authenticator,
+/// with which each replica checks the request alone at a fraction of the cost. See
+/// `docs/protocols/pbft.md`, "Request authentication", for who checks what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(any(test, feature = "arbitrary"), derive(arbitrary::Arbitrary))]
+pub struct Request {
+    /// The body and the client's signature over it.
+    pub signed: Signed<RequestBody>,
+    /// The client's MACs of the body, one per replica; not covered by the signature.
+    pub authenticator: Authenticator,
+}
+
+impl Request {
+    /// A request signed with `key`, without an authenticator: every replica falls
+    /// back on the signature.
+    pub fn signed_only(body: RequestBody, key: &SecretKey) -> Request {
+        Request {
+            signed: Signed::sign(body, key),
+            authenticator: Authenticator::new(),
+        }
+    }
+
+    /// Whether the client's signature (with public key `key`) is valid.
+    pub fn signature_is_valid(&self, key: &PublicKey) -> bool {
+        self.signed.verify(key)
+    }
+}
+
+impl std::ops::Deref for Request {
+    type Target = RequestBody;
+    fn deref(&self) -> &RequestBody {
+        &self.signed.value
+    }
+}
 
 /// An ordered batch of requests: the unit PBFT agrees on. The empty batch is the
 /// null request that fills gaps after a view change.

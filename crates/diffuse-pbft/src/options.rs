@@ -224,11 +224,17 @@ pub enum Mutant {
     UnverifiedStateTransfer,
     /// A client accepts the first reply instead of f+1 matching ones.
     ClientTrustsFirstReply,
+    /// A backup accepts the requests of a PRE-PREPARE without checking its MAC entry
+    /// or the signature.
+    TrustRequestsInBatch,
+    /// The primary proposes a request its own MAC entry authenticates without
+    /// checking the signature (the "MAC attack" of Clement et al. then works).
+    PrimaryTrustsMacs,
 }
 
 impl Mutant {
     /// All mutants with their names and descriptions.
-    pub const ALL: [(Mutant, Named); 6] = [
+    pub const ALL: [(Mutant, Named); 8] = [
         (
             Mutant::CommitQuorumMinusOne,
             Named {
@@ -269,6 +275,20 @@ impl Mutant {
             Named {
                 name: "client-trusts-first-reply",
                 description: "a client accepts the first reply instead of f+1 matching replies",
+            },
+        ),
+        (
+            Mutant::TrustRequestsInBatch,
+            Named {
+                name: "trust-requests-in-batch",
+                description: "a backup accepts a PRE-PREPARE's requests without checking its MAC or the signature",
+            },
+        ),
+        (
+            Mutant::PrimaryTrustsMacs,
+            Named {
+                name: "primary-trusts-macs",
+                description: "the primary proposes requests its MAC entry authenticates without checking their signature",
             },
         ),
     ];

@@ -14,6 +14,10 @@ pub struct PendingRequest {
     pub arrival: u64,
     /// The view in which this replica (as primary) proposed it, if any.
     pub proposed_in: Option<View>,
+    /// Whether this replica checked the client's signature on it. A PBFT backup may
+    /// hold a request it authenticated only by its MAC (from a PRE-PREPARE); such a
+    /// request is proposed or relayed only once its signature is checked.
+    pub proven: bool,
 }
 
 /// At most one pending request per client (a client has one outstanding request),
@@ -26,7 +30,8 @@ pub struct Pending {
 
 impl Pending {
     /// Whether `request` is well-formed and signed by its registered client. A
-    /// request identical to the pending one of its client was checked already.
+    /// request identical to the pending one of its client, whose signature was
+    /// checked, was checked already.
     pub fn request_is_valid(
         &self,
         request: &Request,
@@ -39,13 +44,23 @@ impl Pending {
         let Some(key) = keys.client(request.client) else {
             return false;
         };
-        if self
-            .get(request.client)
-            .is_some_and(|p| p.request == *request)
-        {
+        if self.holds_proven(request) {
             return true;
         }
-        request.verify(key)
+        request.signature_is_valid(key)
+    }
+
+    /// Whether `request` is, byte for byte, the pending request of its client.
+    pub fn holds(&self, request: &Request) -> bool {
+        self.get(request.client)
+            .is_some_and(|p| p.request == *request)
+    }
+
+    /// Whether `request` is the pending request of its client and its signature
+    /// was checked.
+    pub fn holds_proven(&self, request: &Request) -> bool {
+        self.get(request.client)
+            .is_some_and(|p| p.proven && p.request == *request)
     }
 
     /// The pending request of `client`.
@@ -53,9 +68,9 @@ impl Pending {
         self.by_client.get(&client)
     }
 
-    /// Adds `request` unless the client already has one at least as new.
-    /// Returns whether it was added.
-    pub fn offer(&mut self, request: Request, proposed_in: Option<View>) -> bool {
+    /// Adds `request` unless the client already has one at least as new; `proven`
+    /// says whether its signature was checked. Returns whether it was added.
+    pub fn offer(&mut self, request: Request, proposed_in: Option<View>, proven: bool) -> bool {
         if let Some(existing) = self.by_client.get(&request.client) {
             if existing.request.timestamp >= request.timestamp {
                 return false;
@@ -69,9 +84,48 @@ impl Pending {
                 request,
                 arrival,
                 proposed_in,
+                proven,
             },
         );
         true
+    }
+
+    /// Replaces the client's pending request of the same timestamp, if its signature
+    /// was not checked, by `request`, whose signature was. Returns whether it did.
+    pub fn upgrade(&mut self, request: &Request) -> bool {
+        match self.by_client.get_mut(&request.client) {
+            Some(p) if !p.proven && p.request.timestamp == request.timestamp => {
+                p.request = request.clone();
+                p.proven = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The pending requests whose signature was not checked.
+    pub fn unproven(&self) -> Vec<Request> {
+        self.by_client
+            .values()
+            .filter(|p| !p.proven)
+            .map(|p| p.request.clone())
+            .collect()
+    }
+
+    /// Marks the client's pending request as proven if it is `request`, or drops it
+    /// (its signature is invalid) when `valid` is false.
+    pub fn settle(&mut self, request: &Request, valid: bool) {
+        let Some(p) = self.by_client.get_mut(&request.client) else {
+            return;
+        };
+        if p.request != *request {
+            return;
+        }
+        if valid {
+            p.proven = true;
+        } else {
+            self.by_client.remove(&request.client);
+        }
     }
 
     /// Drops the client's pending request if it is not newer than `timestamp`.

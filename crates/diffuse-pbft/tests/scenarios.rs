@@ -10,8 +10,8 @@ use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
 use diffuse_core::protocol::{Input, Replica};
 use diffuse_pbft::Timer;
 use diffuse_pbft::message::{
-    Batch, Commit, Message, PrePrepare, PrepareVote, PreparedCert, Proposal, RequestBody, Status,
-    ViewChangeBody,
+    Batch, Commit, Message, PrePrepare, PrepareVote, PreparedCert, Proposal, Request, RequestBody,
+    Status, ViewChangeBody,
 };
 use support::{Cluster, test_options};
 
@@ -236,7 +236,7 @@ fn conflicting_pre_prepares_are_refused_and_reported() {
         batch,
     };
     let empty = Batch::default();
-    let request = Signed::sign(
+    let request = Request::signed_only(
         RequestBody {
             client: ClientId(0),
             timestamp: 1,
@@ -421,7 +421,7 @@ fn bad_requests_are_refused() {
         timestamp: 1,
         operation: Blob::try_from_vec(vec![1, 2, 3]).unwrap(),
     };
-    let wrong_key = Signed::sign(body.clone(), c.secret(2));
+    let wrong_key = Request::signed_only(body.clone(), c.secret(2));
     c.deliver(
         NodeId::Client(ClientId(0)),
         replica(0),
@@ -432,7 +432,7 @@ fn bad_requests_are_refused() {
         operation: Blob::try_from_vec(vec![0; 70_000]).unwrap(),
         ..body
     };
-    let huge = Signed::sign(huge, &SecretKeyFor::client(0));
+    let huge = Request::signed_only(huge, &SecretKeyFor::client(0));
     c.deliver(
         NodeId::Client(ClientId(0)),
         replica(0),

@@ -25,10 +25,11 @@ pub enum FaultMix {
     /// Network faults plus scheduled restarts of correct replicas: each shuts down
     /// cleanly (an upgrade, say) and starts again. Not a fault for any protocol.
     Restart,
-    /// `f` replicas with the named Byzantine behaviour, plus network faults.
+    /// `f` replicas with the named Byzantine behaviour, plus network faults; or, if
+    /// the name is a client behaviour, one Byzantine client and network faults.
     Byzantine(String),
-    /// Everything at once: network faults, crashes, and up to `f` Byzantine replicas
-    /// with behaviours drawn at random.
+    /// Everything at once: network faults, crashes, up to `f` Byzantine replicas
+    /// with behaviours drawn at random, and in half the runs a Byzantine client.
     Mixed,
 }
 
@@ -151,17 +152,21 @@ pub struct Scenario {
     pub crashes: Vec<CrashRestart>,
     /// Byzantine replicas and their behaviour names.
     pub byzantine: BTreeMap<ReplicaId, String>,
+    /// The behaviour of the Byzantine client (client 0), if there is one.
+    pub byzantine_client: Option<String>,
     /// The workload.
     pub workload: WorkloadModel,
 }
 
 impl Scenario {
-    /// Draws the scenario of a run with `n` replicas tolerating `f` faults.
+    /// Draws the scenario of a run with `n` replicas tolerating `f` faults, given
+    /// the replica and the client behaviours available.
     pub fn draw(
         mix: &FaultMix,
         n: usize,
         f: usize,
         behaviours: &[&str],
+        client_behaviours: &[&str],
         reboot_is_a_fault: bool,
         rng: &mut SimRng,
     ) -> Scenario {
@@ -188,7 +193,13 @@ impl Scenario {
                 stable_latency_max_ns: 5 * MS,
             }
         };
-        let byzantine = Self::draw_byzantine(mix, n, f, behaviours, rng);
+        let client_mix =
+            matches!(mix, FaultMix::Byzantine(name) if client_behaviours.contains(&name.as_str()));
+        let byzantine = if client_mix {
+            BTreeMap::new()
+        } else {
+            Self::draw_byzantine(mix, n, f, behaviours, rng)
+        };
         let partitions = if matches!(
             mix,
             FaultMix::Network | FaultMix::Crash | FaultMix::Restart | FaultMix::Mixed
@@ -237,6 +248,15 @@ impl Scenario {
             keys: rng.between(2, 6) as usize,
             think_max_ns: rng.between(0, 30) * MS,
         };
+        // Drawn last, so that the rest of a scenario does not depend on whether the
+        // protocol has client behaviours.
+        let byzantine_client = match mix {
+            FaultMix::Byzantine(name) if client_mix => Some(name.clone()),
+            FaultMix::Mixed if !client_behaviours.is_empty() && rng.chance(1, 2) => {
+                Some(rng.pick(client_behaviours).to_string())
+            }
+            _ => None,
+        };
         Scenario {
             mix: mix.clone(),
             gst_ns,
@@ -244,6 +264,7 @@ impl Scenario {
             partitions,
             crashes,
             byzantine,
+            byzantine_client,
             workload,
         }
     }

@@ -28,6 +28,9 @@ use std::sync::Arc;
 
 const MS: u64 = 1_000_000;
 
+/// The client that a scenario with a Byzantine client makes faulty.
+const BYZANTINE_CLIENT: ClientId = ClientId(0);
+
 /// The largest frame the simulated network carries (smaller than the runtime's, so
 /// that oversized garbage stays cheap to simulate).
 pub const SIM_MAX_FRAME: usize = 1 << 20;
@@ -152,6 +155,8 @@ struct ClientNode<P: ProtocolSuite> {
     timers: BTreeMap<P::ClientTimer, u64>,
     workload: Workload,
     current: Option<usize>,
+    /// The Byzantine client's behaviour, through which everything it sends goes.
+    behaviour: Option<Box<dyn Behaviour<P::Message>>>,
 }
 
 /// One simulated run.
@@ -184,12 +189,14 @@ impl<P: ProtocolSuite> Simulation<P> {
                 )));
             }
         }
-        let behaviour_names = behaviour_names::<P>();
+        let replica_behaviours = replica_behaviour_names::<P>();
+        let client_behaviours: Vec<&str> = P::client_behaviours().iter().map(|b| b.name).collect();
         let scenario = Scenario::draw(
             &config.mix,
             config.n,
             quorum.f(),
-            &behaviour_names,
+            &replica_behaviours,
+            &client_behaviours,
             P::REBOOT_IS_A_FAULT,
             &mut rng,
         );
@@ -236,30 +243,36 @@ impl<P: ProtocolSuite> Simulation<P> {
                 behaviour,
             });
         }
-        let clients = client_secrets
-            .into_iter()
-            .enumerate()
-            .map(|(i, secret)| {
-                let id = ClientId(i as u32);
-                ClientNode {
+        let mut clients = Vec::with_capacity(client_secrets.len());
+        for (i, secret) in client_secrets.into_iter().enumerate() {
+            let id = ClientId(i as u32);
+            let setup = ClientSetup {
+                id,
+                keys: keys.clone(),
+                secret,
+                options: options.clone(),
+                first_timestamp: 1,
+            };
+            let behaviour = match &scenario.byzantine_client {
+                Some(name) if id == BYZANTINE_CLIENT => Some(
+                    P::client_behaviour(name, &setup)
+                        .ok_or_else(|| SetupError(format!("unknown client behaviour {name:?}")))?,
+                ),
+                _ => None,
+            };
+            clients.push(ClientNode {
+                id,
+                machine: P::client(setup),
+                timers: BTreeMap::new(),
+                workload: Workload::new(
                     id,
-                    machine: P::client(ClientSetup {
-                        id,
-                        keys: keys.clone(),
-                        secret,
-                        options: options.clone(),
-                        first_timestamp: 1,
-                    }),
-                    timers: BTreeMap::new(),
-                    workload: Workload::new(
-                        id,
-                        scenario.workload.ops_per_client,
-                        scenario.workload.keys,
-                    ),
-                    current: None,
-                }
-            })
-            .collect();
+                    scenario.workload.ops_per_client,
+                    scenario.workload.keys,
+                ),
+                current: None,
+                behaviour,
+            });
+        }
         Ok(Self {
             now: 0,
             next_id: 0,
@@ -334,8 +347,14 @@ impl<P: ProtocolSuite> Simulation<P> {
                 )
             })
             .collect();
+        let byzantine_client = self
+            .scenario
+            .byzantine_client
+            .as_ref()
+            .map(|b| format!(" byzantine-client={BYZANTINE_CLIENT}={b}"))
+            .unwrap_or_default();
         format!(
-            "gst={}ms byzantine=[{}] crashes=[{}] partitions={} loss={}ppm clients={}x{} keys={}",
+            "gst={}ms byzantine=[{}]{byzantine_client} crashes=[{}] partitions={} loss={}ppm clients={}x{} keys={}",
             self.scenario.gst_ns / MS,
             byzantine.join(","),
             crashes.join(","),
@@ -400,7 +419,7 @@ impl<P: ProtocolSuite> Simulation<P> {
     fn is_correct(&self, node: NodeId) -> bool {
         match node {
             NodeId::Replica(r) => !self.scenario.byzantine.contains_key(&r),
-            NodeId::Client(_) => true,
+            NodeId::Client(c) => c != BYZANTINE_CLIENT || self.scenario.byzantine_client.is_none(),
         }
     }
 
@@ -727,22 +746,12 @@ impl<P: ProtocolSuite> Simulation<P> {
         let from = NodeId::Client(self.clients[client].id);
         for action in actions {
             match action {
-                Action::Send { to, message } => {
-                    let kind = message.kind();
-                    self.transmit(from, to, Arc::new(codec::encode(&message)), kind, 0);
-                }
+                Action::Send { to, message } => self.client_send(client, &[to], message),
                 Action::Broadcast { message } => {
-                    let kind = message.kind();
-                    let bytes = Arc::new(codec::encode(&message));
-                    for r in 0..self.replicas.len() {
-                        self.transmit(
-                            from,
-                            NodeId::Replica(ReplicaId(r as u16)),
-                            bytes.clone(),
-                            kind,
-                            0,
-                        );
-                    }
+                    let targets: Vec<NodeId> = (0..self.replicas.len())
+                        .map(|r| NodeId::Replica(ReplicaId(r as u16)))
+                        .collect();
+                    self.client_send(client, &targets, message);
                 }
                 Action::SetTimer { timer, after } => {
                     let generation = self.arm(after, |generation| Event::ClientTimer {
@@ -763,6 +772,26 @@ impl<P: ProtocolSuite> Simulation<P> {
                     }
                 }
             }
+        }
+    }
+
+    fn client_send(&mut self, client: usize, targets: &[NodeId], message: P::Message) {
+        let from = NodeId::Client(self.clients[client].id);
+        let Some(mut behaviour) = self.clients[client].behaviour.take() else {
+            let kind = message.kind();
+            let bytes = Arc::new(codec::encode(&message));
+            for to in targets {
+                self.transmit(from, *to, bytes.clone(), kind, 0);
+            }
+            return;
+        };
+        let mut outgoing = Vec::new();
+        for to in targets {
+            behaviour.outgoing(*to, message.clone(), &mut self.rng, &mut outgoing);
+        }
+        self.clients[client].behaviour = Some(behaviour);
+        for out in outgoing {
+            self.transmit_outgoing(from, out);
         }
     }
 
@@ -790,8 +819,16 @@ impl<P: ProtocolSuite> Simulation<P> {
     }
 }
 
-/// The names of every behaviour available for protocol `P`: generic ones first.
+/// The names of every behaviour available for protocol `P`: generic replica ones
+/// first, then the protocol's replica ones, then its client ones.
 pub fn behaviour_names<P: ProtocolSuite>() -> Vec<&'static str> {
+    let mut names = replica_behaviour_names::<P>();
+    names.extend(P::client_behaviours().iter().map(|b| b.name));
+    names
+}
+
+/// The names of the replica behaviours available for protocol `P`.
+fn replica_behaviour_names<P: ProtocolSuite>() -> Vec<&'static str> {
     behaviours::GENERIC_BEHAVIOURS
         .iter()
         .chain(P::behaviours())

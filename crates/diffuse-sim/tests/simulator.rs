@@ -98,6 +98,8 @@ const MUTANT_CASES: &[(&str, usize, &str, u64)] = &[
     ("unverified-state-transfer", 4, "wrong-digest", 400),
     ("client-trusts-first-reply", 4, "wrong-digest", 200),
     ("commit-quorum-minus-one", 7, "collude", 400),
+    ("trust-requests-in-batch", 4, "forge-requests", 200),
+    ("primary-trusts-macs", 4, "split-macs", 200),
 ];
 
 #[test]

@@ -36,7 +36,7 @@ impl MinBftReplica {
         if known.is_some_and(|t| t > timestamp) {
             return;
         }
-        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None);
+        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None, true);
         self.ensure_request_timer(out);
         if self.is_primary() {
             if fresh {

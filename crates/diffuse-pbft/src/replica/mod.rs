@@ -15,6 +15,7 @@ mod storage;
 mod transfer;
 mod view_change;
 
+use crate::auth::MacVerifier;
 use crate::message::{Batch, CheckpointCert, Message, NewView};
 use crate::options::PbftOptions;
 use crate::pending::Pending;
@@ -106,6 +107,10 @@ pub struct PbftReplica {
     /// As primary: the next sequence number to assign.
     next_seq: Seq,
     pending: Pending,
+    /// This replica's keys shared with clients, for request authenticators.
+    macs: MacVerifier,
+    /// Client request signatures verified so far (a cost counter for tests).
+    request_signature_checks: u64,
     /// The pending request the backup's request timer waits for.
     request_timer_for: Option<(diffuse_core::ids::ClientId, u64)>,
     batch_timer_running: bool,
@@ -141,6 +146,7 @@ impl PbftReplica {
         let service = ReplicatedService::new(app);
         let genesis_snapshot = service.snapshot();
         let genesis = genesis_snapshot.digest;
+        let macs = MacVerifier::new(setup.id, &setup.secret);
         Self {
             id: setup.id,
             quorum,
@@ -166,6 +172,8 @@ impl PbftReplica {
             checkpoint_votes: BTreeMap::new(),
             next_seq: Seq(1),
             pending: Pending::default(),
+            macs,
+            request_signature_checks: 0,
             request_timer_for: None,
             batch_timer_running: false,
             view_change: Default::default(),
@@ -201,6 +209,12 @@ impl PbftReplica {
     /// Number of slots held in the log (bounded by the window).
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// How many client request signatures this replica has verified: in the normal
+    /// case only the primary verifies them (backups check their MAC entry).
+    pub fn request_signature_checks(&self) -> u64 {
+        self.request_signature_checks
     }
 
     fn n(&self) -> usize {
@@ -383,6 +397,13 @@ impl PbftReplica {
                 .all(|q| q.len() <= self.options.future_messages_per_sender)
         );
         assert!(self.view_change.received.len() <= self.n());
+        if self.view_active && self.is_primary() {
+            // A primary proposes only requests whose signature it checked.
+            assert!(
+                self.pending.iter().all(|p| p.proven),
+                "an active primary holds a request whose signature it did not check"
+            );
+        }
     }
 }
 

@@ -15,10 +15,46 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 impl PbftReplica {
-    /// Whether a request is well-formed and signed by its (registered) client.
-    pub(super) fn request_is_valid(&self, request: &Request) -> bool {
-        self.pending
-            .request_is_valid(request, &self.keys, self.options.max_operation_bytes)
+    /// Whether a request is well-formed and carries its (registered) client's valid
+    /// signature: the proof every replica accepts. A request identical to a pending
+    /// one whose signature was checked is not checked again.
+    pub(super) fn request_is_signed(&mut self, request: &Request) -> bool {
+        if request.operation.len() > self.options.max_operation_bytes {
+            return false;
+        }
+        let Some(key) = self.keys.client(request.client) else {
+            return false;
+        };
+        if self.pending.holds_proven(request) {
+            return true;
+        }
+        self.request_signature_checks += 1;
+        request.signature_is_valid(key)
+    }
+
+    /// Whether a request inside a PRE-PREPARE is authentic to this replica, and how:
+    /// `Some(false)` if its own MAC entry verifies (or it is byte for byte a pending
+    /// request that was checked before), `Some(true)` if it took the signature,
+    /// `None` if neither (the primary forged it, or passed on a faulty client's
+    /// request that a correct primary would have refused).
+    fn authenticate_in_batch(&mut self, request: &Request) -> Option<bool> {
+        if request.operation.len() > self.options.max_operation_bytes
+            || self.keys.client(request.client).is_none()
+        {
+            return None;
+        }
+        if let Some(p) = self.pending.get(request.client) {
+            if p.request == *request {
+                return Some(p.proven);
+            }
+        }
+        if self.options.is(Mutant::TrustRequestsInBatch) {
+            return Some(false);
+        }
+        if self.macs.verify(request, &self.keys).is_ok() {
+            return Some(false);
+        }
+        self.request_is_signed(request).then_some(true)
     }
 
     pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
@@ -27,7 +63,15 @@ impl PbftReplica {
             out.fault(from, "request-for-another-client");
             return;
         }
-        if !self.request_is_valid(&request) {
+        // A request that reaches a replica directly (from its client, or relayed by a
+        // replica) is taken only with a valid signature: a primary must propose only
+        // requests that every correct backup can authenticate, and a backup must time
+        // only requests that a correct primary would propose.
+        let trusted_mac = self.options.is(Mutant::PrimaryTrustsMacs)
+            && self.is_primary()
+            && request.operation.len() <= self.options.max_operation_bytes
+            && self.macs.verify(&request, &self.keys).is_ok();
+        if !trusted_mac && !self.request_is_signed(&request) {
             out.fault(from, "bad-request");
             return;
         }
@@ -43,7 +87,11 @@ impl PbftReplica {
         if known.is_some_and(|t| t > timestamp) {
             return;
         }
-        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None);
+        if known == Some(timestamp) {
+            // Held so far on the strength of a MAC only: keep the signed copy.
+            self.pending.upgrade(&request);
+        }
+        let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None, true);
         if !self.view_active {
             return;
         }
@@ -95,7 +143,14 @@ impl PbftReplica {
             }
             let mut batch = Vec::new();
             let mut bytes = 0usize;
-            for pending in self.pending.unproposed(self.view) {
+            // Every request an active primary holds had its signature checked (the
+            // invariant is asserted); the filter only makes that local.
+            for pending in self
+                .pending
+                .unproposed(self.view)
+                .into_iter()
+                .filter(|p| p.proven)
+            {
                 let size = pending.request.operation.len();
                 if batch.len() == self.options.batch_max_requests
                     || (!batch.is_empty() && bytes + size > self.options.batch_max_bytes)
@@ -192,13 +247,21 @@ impl PbftReplica {
             }
             None => {}
         }
-        if let Err(kind) = self.check_batch(&pp.batch) {
-            out.fault(from, kind);
-            return;
-        }
-        for request in pp.batch.requests.iter() {
+        let proven = match self.check_batch(&pp.batch) {
+            Ok(proven) => proven,
+            Err(kind) => {
+                // The primary signed this batch's digest, so the batch is its doing
+                // even when a correct replica relays it: MACs make authentication a
+                // per-replica matter, and the relay may have authenticated it by its
+                // own MAC entry. (A correct primary proposes only requests with a
+                // valid signature, which every correct backup accepts.)
+                out.fault(primary, kind);
+                return;
+            }
+        };
+        for (request, proven) in pp.batch.requests.iter().zip(proven) {
             if request.timestamp > self.service.last_timestamp(request.client) {
-                self.pending.offer(request.clone(), None);
+                self.pending.offer(request.clone(), None, proven);
             }
         }
         let slot = self.log.entry(seq).or_default();
@@ -211,19 +274,33 @@ impl PbftReplica {
         self.check_prepared(seq, out);
     }
 
-    /// Checks every request of a proposed batch: registered client, size, signature,
-    /// and at most one request per client.
-    fn check_batch(&self, batch: &Batch) -> Result<(), &'static str> {
+    /// Checks the signature of every pending request held on the strength of a MAC
+    /// only (from PRE-PREPAREs of the view being left) and drops those whose
+    /// signature is invalid: in the new view, the primary proposes, and backups relay
+    /// and time, only requests that a correct primary would propose.
+    pub(super) fn prove_pending(&mut self) {
+        for request in self.pending.unproven() {
+            let valid = self.request_is_signed(&request);
+            self.pending.settle(&request, valid);
+        }
+    }
+
+    /// Checks every request of a proposed batch: registered client, size, this
+    /// replica's MAC entry or else the signature, and at most one request per client.
+    /// Returns, per request, whether its signature was checked.
+    fn check_batch(&mut self, batch: &Batch) -> Result<Vec<bool>, &'static str> {
         let mut clients = BTreeSet::new();
+        let mut proven = Vec::with_capacity(batch.requests.len());
         for request in batch.requests.iter() {
             if !clients.insert(request.client) {
                 return Err("duplicate-client-in-batch");
             }
-            if !self.request_is_valid(request) {
-                return Err("bad-request-in-batch");
+            match self.authenticate_in_batch(request) {
+                Some(signed) => proven.push(signed),
+                None => return Err("bad-request-in-batch"),
             }
         }
-        Ok(())
+        Ok(proven)
     }
 
     /// Signs and broadcasts this backup's PREPARE (after the slot was persisted).

@@ -404,6 +404,7 @@ impl PbftReplica {
         }
         self.request_timer_for = None;
         self.batch_timer_running = false;
+        self.prove_pending();
         for slot in self.log.values_mut() {
             slot.enter_view();
         }

@@ -54,14 +54,17 @@ pub fn test_options() -> PbftOptions {
     }
 }
 
+/// The signing key of client `i` in every test cluster.
+pub fn client_secret(i: usize) -> SecretKey {
+    SecretKey::from_seed([200 - i as u8; 32])
+}
+
 impl Cluster {
     pub fn new(n: usize, clients: usize, options: PbftOptions) -> Self {
         let secrets: Vec<SecretKey> = (0..n)
             .map(|i| SecretKey::from_seed([i as u8 + 1; 32]))
             .collect();
-        let client_secrets: Vec<SecretKey> = (0..clients)
-            .map(|i| SecretKey::from_seed([200 - i as u8; 32]))
-            .collect();
+        let client_secrets: Vec<SecretKey> = (0..clients).map(client_secret).collect();
         let keys = Arc::new(
             ClusterKeys::new(
                 secrets.iter().map(SecretKey::public).collect(),
