@@ -14,8 +14,9 @@ use std::marker::PhantomData;
 use std::ops::Deref;
 use thiserror::Error;
 
-/// The wire format version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+/// The wire format version this build speaks. 2: PBFT's (and MinBFT's) client
+/// requests carry an authenticator besides the signed body.
+pub const WIRE_VERSION: u8 = 2;
 
 /// The largest frame any Diffuse endpoint accepts, in bytes.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;
