@@ -625,22 +625,35 @@ impl<P: ProtocolSuite> Simulation<P> {
 
     fn replica_send(&mut self, replica: usize, targets: &[NodeId], message: P::Message) {
         let from = NodeId::Replica(ReplicaId(replica as u16));
-        let Some(mut behaviour) = self.replicas[replica].behaviour.take() else {
+        let behaviour = self.replicas[replica].behaviour.take();
+        self.replicas[replica].behaviour = self.send_through(from, behaviour, targets, message);
+    }
+
+    /// Sends `message` from `from` to `targets`, through `behaviour` if the sender
+    /// is Byzantine, and hands the behaviour back.
+    fn send_through(
+        &mut self,
+        from: NodeId,
+        behaviour: Option<Box<dyn Behaviour<P::Message>>>,
+        targets: &[NodeId],
+        message: P::Message,
+    ) -> Option<Box<dyn Behaviour<P::Message>>> {
+        let Some(mut behaviour) = behaviour else {
             let kind = message.kind();
             let bytes = Arc::new(codec::encode(&message));
             for to in targets {
                 self.transmit(from, *to, bytes.clone(), kind, 0);
             }
-            return;
+            return None;
         };
         let mut outgoing = Vec::new();
         for to in targets {
             behaviour.outgoing(*to, message.clone(), &mut self.rng, &mut outgoing);
         }
-        self.replicas[replica].behaviour = Some(behaviour);
         for out in outgoing {
             self.transmit_outgoing(from, out);
         }
+        Some(behaviour)
     }
 
     fn transmit_outgoing(&mut self, from: NodeId, out: Outgoing<P::Message>) {
@@ -777,22 +790,8 @@ impl<P: ProtocolSuite> Simulation<P> {
 
     fn client_send(&mut self, client: usize, targets: &[NodeId], message: P::Message) {
         let from = NodeId::Client(self.clients[client].id);
-        let Some(mut behaviour) = self.clients[client].behaviour.take() else {
-            let kind = message.kind();
-            let bytes = Arc::new(codec::encode(&message));
-            for to in targets {
-                self.transmit(from, *to, bytes.clone(), kind, 0);
-            }
-            return;
-        };
-        let mut outgoing = Vec::new();
-        for to in targets {
-            behaviour.outgoing(*to, message.clone(), &mut self.rng, &mut outgoing);
-        }
-        self.clients[client].behaviour = Some(behaviour);
-        for out in outgoing {
-            self.transmit_outgoing(from, out);
-        }
+        let behaviour = self.clients[client].behaviour.take();
+        self.clients[client].behaviour = self.send_through(from, behaviour, targets, message);
     }
 
     fn complete(&mut self, client: usize, result: Vec<u8>) {
