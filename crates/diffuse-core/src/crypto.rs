@@ -301,6 +301,14 @@ impl KeyAgreement {
     /// BLAKE3's KDF requires). `None` if the Diffie-Hellman output is all zero (the
     /// peer's key has small order), which would make the key public.
     pub fn mac_key(&self, context: &'static str, peer: &PublicKey) -> Option<MacKey> {
+        self.shared_key(context, peer).map(MacKey)
+    }
+
+    /// The raw 32-byte key this member shares with `peer` for the use named by
+    /// `context`, derived exactly as for [`KeyAgreement::mac_key`], for a use other
+    /// than MACs (e.g. an AEAD key inside the trusted component). `None` for a
+    /// small-order peer key.
+    pub fn shared_key(&self, context: &'static str, peer: &PublicKey) -> Option<[u8; 32]> {
         use subtle::ConstantTimeEq as _;
         let shared = curve25519_dalek::montgomery::MontgomeryPoint(peer.to_x25519())
             .mul_clamped(self.scalar)
@@ -318,7 +326,7 @@ impl KeyAgreement {
         material[..32].copy_from_slice(&shared);
         material[32..64].copy_from_slice(&low);
         material[64..].copy_from_slice(&high);
-        Some(MacKey(blake3::derive_key(context, &material)))
+        Some(blake3::derive_key(context, &material))
     }
 }
 

@@ -190,6 +190,8 @@ pub struct SoftwareEnclave {
     /// protection` mutant), a stale sealed state is accepted. The checkers must then
     /// catch the equivocation this allows.
     rollback_protection: bool,
+    /// FastBFT's `(c_latest, v)`, role and view keys (not sealed: `docs/tee.md`).
+    pub(crate) fastbft: crate::fastbft::FastBftState,
 }
 
 impl std::fmt::Debug for SoftwareEnclave {
@@ -236,6 +238,7 @@ impl SoftwareEnclave {
             last_checkpoint: 0,
             seen: BTreeMap::new(),
             rollback_protection: true,
+            fastbft: Default::default(),
         }
     }
 
@@ -388,6 +391,7 @@ impl SoftwareEnclave {
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
+            fastbft: Default::default(),
         })
     }
 
@@ -401,6 +405,16 @@ impl SoftwareEnclave {
         enclave.locked = false;
         enclave.rollback_protection = false;
         Ok(enclave)
+    }
+
+    /// The enclave's signing key (enclave code only).
+    pub(crate) fn secret_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    /// 32 bytes from the platform's random generator (enclave code only).
+    pub(crate) fn random_bytes(&self) -> [u8; 32] {
+        self.platform.random()
     }
 
     /// The view the enclave records.

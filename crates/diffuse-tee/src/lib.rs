@@ -11,16 +11,24 @@
 //! * [`enclave`]: [`SoftwareEnclave`], with the rollback protection of FastBFT §6.1
 //!   (sealed state bound to the monotonic counter; locked after an unscheduled
 //!   reboot until `f + 1` consistent counter reports reset it).
+//! * [`fastbft`]: FastBFT's enclave functions (Fig. 3: `be_primary`, `update_view`,
+//!   `preprocessing`, `request_counter`, `verify_counter`, `update_counter`) and the
+//!   share [`Tree`].
 //!
 //! What the software enclave only models is written down in `docs/tee.md`.
 
 pub mod enclave;
+pub mod fastbft;
 pub mod platform;
 pub mod usig;
 
 pub use enclave::{
     CounterReport, MAX_SEALED_BYTES, SealedState, SlotRules, SoftwareEnclave, TeeError,
     TrustedComponent,
+};
+pub use fastbft::{
+    CounterCertificate, FastBftComponent, FastBftError, OpenedShare, Package, Preprocessed,
+    SecretCommitment, Share, Tree, WrappedViewKey, aggregate_hash, secret_hash,
 };
 pub use platform::{
     Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,

@@ -1,0 +1,862 @@
+//! The enclave functions of FastBFT (Liu et al., Fig. 3): secrets bound to the
+//! primary's counter, split into XOR shares for the active replicas, released by each
+//! replica's enclave only for a certificate over the counter value the secret is
+//! bound to.
+//!
+//! Every enclave tracks `(c_latest, v)`: the latest counter value of the current
+//! primary and the view. The primary's enclave ([`FastBftComponent::be_primary`])
+//! draws a view key `k_i` per active replica and wraps it for that replica's enclave;
+//! [`FastBftComponent::preprocessing`] binds a fresh secret to each of the next
+//! counter values and packs, per active replica, its share and the hashes its
+//! children's subtree aggregates must match; [`FastBftComponent::request_counter`]
+//! certifies `(x, c, v)` for the next counter value. An active replica's enclave
+//! opens its package with [`FastBftComponent::verify_counter`] only for the primary's
+//! certificate over exactly that `(c, v)`, and only for `c = c_latest + 1`; a passive
+//! replica's enclave follows with [`FastBftComponent::update_counter`].
+//!
+//! The shares form a tree ([`Tree`]) rooted at the primary: each active replica XORs
+//! its share with its children's aggregates and passes the result up; the primary
+//! XORs its children's aggregates into the secret.
+//!
+//! What is sealed, and what FastBFT's REJOIN will need, is in `docs/tee.md`.
+
+use crate::enclave::{MAX_PEERS, SoftwareEnclave, TrustedComponent};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use diffuse_core::codec::{self, Blob, BoundedVec};
+use diffuse_core::crypto::{Digest, KeyAgreement, PublicKey, Signable, Signed};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::ops::Range;
+
+/// The widest fan-out of a share tree.
+pub const MAX_FAN_OUT: usize = 16;
+
+/// The most counter values one [`FastBftComponent::preprocessing`] call prepares,
+/// and the most prepared ahead of `c_latest`.
+pub const MAX_PREPROCESSING: usize = 1024;
+
+/// The largest encrypted package (a share, `(c, v)`, at most [`MAX_FAN_OUT`] child
+/// hashes and the secret's hash, plus the AEAD tag).
+pub const MAX_PACKAGE_BYTES: usize = 1024;
+
+/// Why a FastBFT enclave function refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FastBftError {
+    /// After an unscheduled reboot (or once sealed), the enclave certifies nothing.
+    #[error("the enclave is locked")]
+    Locked,
+    /// The call needs a role this enclave does not have in the current view.
+    #[error("the enclave is not {0} in the current view")]
+    WrongRole(&'static str),
+    /// The arguments are impossible (sizes, duplicates, a tree of another size).
+    #[error("invalid arguments: {0}")]
+    Invalid(&'static str),
+    /// A peer enclave key cannot be used for key agreement (small order).
+    #[error("a peer enclave key is unusable for key agreement")]
+    BadPeerKey,
+    /// The primary's signature does not verify.
+    #[error("invalid signature")]
+    BadSignature,
+    /// The package or wrapped view key does not decrypt or does not parse.
+    #[error("invalid encryption")]
+    BadEncryption,
+    /// The certificate is for another view.
+    #[error("the certificate is for view {got}, the enclave is in view {expected}")]
+    WrongView {
+        /// The enclave's view.
+        expected: u64,
+        /// The certificate's view.
+        got: u64,
+    },
+    /// The counter value is not the next one.
+    #[error("invalid counter value {got}, expected {expected}")]
+    WrongCounter {
+        /// `c_latest + 1`.
+        expected: u64,
+        /// The certificate's counter value.
+        got: u64,
+    },
+    /// The package is bound to another `(c, v)` than the certificate.
+    #[error("the package is bound to another counter value or view")]
+    PackageMismatch,
+    /// The opened secret does not match its commitment.
+    #[error("invalid secret")]
+    WrongSecret,
+    /// The counter cannot go higher.
+    #[error("the counter is exhausted")]
+    CounterExhausted,
+}
+
+/// A 32-byte secret or share; shares combine by XOR.
+#[derive(Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Share(pub [u8; 32]);
+
+impl Share {
+    /// `self XOR other`.
+    pub fn xor(&self, other: &Share) -> Share {
+        let mut out = self.0;
+        for (o, b) in out.iter_mut().zip(other.0.iter()) {
+            *o ^= b;
+        }
+        Share(out)
+    }
+}
+
+impl std::fmt::Debug for Share {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Share(..)")
+    }
+}
+
+/// `h_c = H(s_c, c, v)`: the commitment to the secret bound to `(c, v)`.
+pub fn secret_hash(secret: &Share, counter: u64, view: u64) -> Digest {
+    bound_hash("diffuse/tee/fastbft/secret", secret, counter, view)
+}
+
+/// `ĥ_j = H(ŝ_j, c, v)`: the hash a subtree aggregate `ŝ_j` (the XOR of `j`'s share
+/// and its descendants') must match. Bound to `(c, v)` too, so that an aggregate of
+/// one counter value is never accepted for another.
+pub fn aggregate_hash(aggregate: &Share, counter: u64, view: u64) -> Digest {
+    bound_hash("diffuse/tee/fastbft/aggregate", aggregate, counter, view)
+}
+
+fn bound_hash(label: &str, value: &Share, counter: u64, view: u64) -> Digest {
+    let mut bytes = [0u8; 48];
+    bytes[..32].copy_from_slice(&value.0);
+    bytes[32..40].copy_from_slice(&counter.to_be_bytes());
+    bytes[40..].copy_from_slice(&view.to_be_bytes());
+    Digest::of(label, &bytes)
+}
+
+/// `⟨x, (c, v)⟩_σp`: the primary's enclave binds `message` to counter value `c`
+/// of view `v` ([`FastBftComponent::request_counter`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CounterCertificate {
+    /// `x`, e.g. `H(M)`.
+    pub message: Digest,
+    /// `c`.
+    pub counter: u64,
+    /// `v`.
+    pub view: u64,
+}
+
+impl Signable for CounterCertificate {
+    const LABEL: &'static str = "diffuse/tee/fastbft/counter";
+}
+
+/// `⟨h_c, (c, v)⟩_σp`: the primary's enclave binds the secret with hash `h_c` to
+/// `(c, v)` ([`FastBftComponent::preprocessing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretCommitment {
+    /// `h_c = H(s_c, c, v)` ([`secret_hash`]).
+    pub secret_hash: Digest,
+    /// `c`.
+    pub counter: u64,
+    /// `v`.
+    pub view: u64,
+}
+
+impl Signable for SecretCommitment {
+    const LABEL: &'static str = "diffuse/tee/fastbft/secret-commitment";
+}
+
+/// `ω_i`: a view key wrapped by the primary's enclave for one active replica's
+/// enclave, under a key from X25519 between the two enclave keys. The view and the
+/// recipient are bound as associated data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WrappedViewKey {
+    /// The view the key is for.
+    pub view: u64,
+    /// The recipient enclave.
+    pub recipient: PublicKey,
+    /// Fresh per wrapping: the wrapping key is derived from it, so no AEAD key is
+    /// ever used twice.
+    pub salt: [u8; 32],
+    /// The AEAD ciphertext of the key.
+    pub ciphertext: Blob<64>,
+}
+
+/// `ϱ_c^i`: one active replica's share of the secret for `(c, v)`, encrypted under
+/// its view key `k_i`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// `c` (also inside the ciphertext; here it picks the nonce).
+    pub counter: u64,
+    /// `v`.
+    pub view: u64,
+    /// The recipient enclave.
+    pub recipient: PublicKey,
+    /// The AEAD ciphertext of the share, `(c, v)`, the children's hashes and `h_c`.
+    pub ciphertext: Blob<MAX_PACKAGE_BYTES>,
+}
+
+/// What the primary gets for one preprocessed counter value.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    /// `⟨h_c, (c, v)⟩_σp`.
+    pub commitment: Signed<SecretCommitment>,
+    /// `ĥ_j` for each of the primary's own children in the tree (in the order of
+    /// [`Tree::root_children`]): how the primary checks the aggregates it receives.
+    pub root_children_hashes: Vec<Digest>,
+    /// `ϱ_c^i` for each active replica, in tree order.
+    pub packages: Vec<Package>,
+}
+
+/// What [`FastBftComponent::verify_counter`] releases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenedShare {
+    /// `s_c^i`: this replica's share.
+    pub share: Share,
+    /// `ĥ_j` for each child `j` of this replica, in the order of [`Tree::children`].
+    pub children_hashes: Vec<Digest>,
+    /// `h_c`.
+    pub secret_hash: Digest,
+}
+
+/// What the sealed package holds.
+#[derive(Serialize, Deserialize)]
+struct PackageBody {
+    share: Share,
+    counter: u64,
+    view: u64,
+    children: BoundedVec<Digest, MAX_FAN_OUT>,
+    secret_hash: Digest,
+}
+
+/// The share tree of a view: `len` active replicas (positions `0..len`, in the order
+/// the primary lists them) under the primary at the root, complete and balanced
+/// with `fan_out` children per node: the root's children are `0..fan_out`, those of
+/// position `i` are `fan_out * (i + 1) ..` (as in a heap whose index 0 is the
+/// primary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tree {
+    len: usize,
+    fan_out: usize,
+}
+
+impl Tree {
+    /// A balanced tree of `len` active replicas (1 to [`MAX_PEERS`]) with `fan_out`
+    /// children per node (1 to [`MAX_FAN_OUT`]).
+    pub fn balanced(len: usize, fan_out: usize) -> Result<Tree, FastBftError> {
+        if len == 0 || len > MAX_PEERS {
+            return Err(FastBftError::Invalid("a tree has 1 to MAX_PEERS members"));
+        }
+        if fan_out == 0 || fan_out > MAX_FAN_OUT {
+            return Err(FastBftError::Invalid("the fan-out is 1 to MAX_FAN_OUT"));
+        }
+        Ok(Tree { len, fan_out })
+    }
+
+    /// The number of active replicas.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never: a tree has at least one member.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Children per node.
+    pub fn fan_out(&self) -> usize {
+        self.fan_out
+    }
+
+    fn clamp(&self, range: Range<usize>) -> Range<usize> {
+        range.start.min(self.len)..range.end.min(self.len)
+    }
+
+    /// The primary's children.
+    pub fn root_children(&self) -> Range<usize> {
+        self.clamp(0..self.fan_out)
+    }
+
+    /// The children of position `i` (empty for a leaf or a position outside the
+    /// tree).
+    pub fn children(&self, i: usize) -> Range<usize> {
+        if i >= self.len {
+            return 0..0;
+        }
+        let start = self.fan_out.saturating_mul(i + 1);
+        self.clamp(start..start.saturating_add(self.fan_out))
+    }
+
+    /// The parent of position `i`: `None` if it is the primary (or `i` is outside
+    /// the tree).
+    pub fn parent(&self, i: usize) -> Option<usize> {
+        if i >= self.len {
+            return None;
+        }
+        ((i + 1) / self.fan_out).checked_sub(1)
+    }
+
+    /// Whether position `i` has no children.
+    pub fn is_leaf(&self, i: usize) -> bool {
+        self.children(i).is_empty()
+    }
+
+    /// Hops from the primary to position `i` (1 for its children).
+    pub fn depth(&self, i: usize) -> usize {
+        let mut depth = 1;
+        let mut at = i;
+        while let Some(parent) = self.parent(at) {
+            depth += 1;
+            at = parent;
+        }
+        depth
+    }
+
+    /// Whether position `d` is in the subtree under position `i` (excluding `i`).
+    pub fn is_descendant(&self, d: usize, i: usize) -> bool {
+        let mut at = d;
+        while let Some(parent) = self.parent(at) {
+            if parent == i {
+                return true;
+            }
+            at = parent;
+        }
+        false
+    }
+}
+
+/// The FastBFT functions of Fig. 3, as ECALLs. Every function refuses when the
+/// enclave is locked, and returns a typed error, never panics, on any input.
+pub trait FastBftComponent: TrustedComponent {
+    /// Makes this enclave the primary of the next view: `v := v + 1`, `c_latest :=
+    /// 0`, records the active replicas (their enclave keys, distinct, not this
+    /// enclave's; one per position of `tree`) and draws a view key for each, returned
+    /// wrapped for its enclave in the order of `actives`.
+    fn be_primary(
+        &mut self,
+        actives: &[PublicKey],
+        tree: Tree,
+    ) -> Result<Vec<WrappedViewKey>, FastBftError>;
+
+    /// Enters the next view under `new_primary`: `certificate` is the new primary's
+    /// `⟨x, (c, v)⟩` for `c = c_latest + 1` in the current view `v`; then `v := v +
+    /// 1`, `c_latest := 0`. With `view_key` (wrapped for this enclave for `v + 1`)
+    /// the enclave is active, without it passive.
+    fn update_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+        view_key: Option<&WrappedViewKey>,
+    ) -> Result<(), FastBftError>;
+
+    /// Primary only: binds a fresh secret to each of the next `m` counter values
+    /// not prepared yet (at most [`MAX_PREPROCESSING`] ahead of `c_latest`). A
+    /// counter value is prepared at most once per view.
+    fn preprocessing(&mut self, m: usize) -> Result<Vec<Preprocessed>, FastBftError>;
+
+    /// `c_latest := c_latest + 1` and returns `⟨x, (c_latest, v)⟩` signed.
+    fn request_counter(
+        &mut self,
+        message: &Digest,
+    ) -> Result<Signed<CounterCertificate>, FastBftError>;
+
+    /// Active replica: checks the primary's certificate, opens `package`, checks that
+    /// it is bound to the certificate's `(c, v)` and that `c = c_latest + 1`, then
+    /// increments `c_latest` and releases the share.
+    fn verify_counter(
+        &mut self,
+        certificate: &Signed<CounterCertificate>,
+        package: &Package,
+    ) -> Result<OpenedShare, FastBftError>;
+
+    /// Passive replica (or an active one catching up): checks the primary's
+    /// commitment, `c = c_latest + 1` and `H(s_c, c, v) = h_c`, then increments
+    /// `c_latest`.
+    fn update_counter(
+        &mut self,
+        secret: &Share,
+        commitment: &Signed<SecretCommitment>,
+    ) -> Result<(), FastBftError>;
+
+    /// `(c_latest, v)`.
+    fn fastbft_counter(&self) -> (u64, u64);
+}
+
+/// The FastBFT state of an enclave (not sealed yet: see `docs/tee.md`).
+#[derive(Default)]
+pub(crate) struct FastBftState {
+    counter: u64,
+    view: u64,
+    role: Role,
+}
+
+#[derive(Default)]
+enum Role {
+    /// No view entered yet.
+    #[default]
+    None,
+    Primary {
+        /// `(enclave key, view key)` in tree order.
+        actives: Vec<(PublicKey, [u8; 32])>,
+        tree: Tree,
+        /// The highest counter value prepared in this view.
+        prepared: u64,
+    },
+    Active {
+        primary: PublicKey,
+        view_key: [u8; 32],
+    },
+    Passive {
+        primary: PublicKey,
+    },
+}
+
+const VIEW_KEY_CONTEXT: &str = "diffuse 2026 tee fastbft view key wrapping";
+const WRAP_AAD: &str = "diffuse/tee/fastbft/wrapped-view-key/v1";
+const PACKAGE_AAD: &str = "diffuse/tee/fastbft/package/v1";
+
+fn wrapping_key(shared: &[u8; 32], sender: &PublicKey, salt: &[u8; 32]) -> ChaCha20Poly1305 {
+    let mut hasher = blake3::Hasher::new_keyed(shared);
+    hasher.update(&sender.to_bytes());
+    hasher.update(salt);
+    ChaCha20Poly1305::new(hasher.finalize().as_bytes().into())
+}
+
+fn wrap_aad(view: u64, sender: &PublicKey, recipient: &PublicKey) -> Vec<u8> {
+    let mut aad = WRAP_AAD.as_bytes().to_vec();
+    aad.extend_from_slice(&view.to_be_bytes());
+    aad.extend_from_slice(&sender.to_bytes());
+    aad.extend_from_slice(&recipient.to_bytes());
+    aad
+}
+
+fn package_aad(counter: u64, view: u64, recipient: &PublicKey) -> [u8; 64] {
+    let mut aad = [0u8; 64];
+    let label = PACKAGE_AAD.as_bytes();
+    aad[..label.len()].copy_from_slice(label);
+    aad[16..24].copy_from_slice(&counter.to_be_bytes());
+    aad[24..32].copy_from_slice(&view.to_be_bytes());
+    aad[32..].copy_from_slice(&recipient.to_bytes());
+    aad
+}
+
+/// The nonce of the package for counter value `c`: a view key is fresh per view and
+/// recipient, and a counter value is prepared at most once per view.
+fn package_nonce(counter: u64) -> Nonce {
+    let mut nonce = [0u8; 12];
+    nonce[..8].copy_from_slice(&counter.to_be_bytes());
+    nonce.into()
+}
+
+/// Random bytes drawn inside the enclave: one platform draw seeds a BLAKE3 stream.
+struct Randomness(blake3::OutputReader);
+
+impl Randomness {
+    fn new(seed: [u8; 32]) -> Randomness {
+        Randomness(blake3::Hasher::new_keyed(&seed).finalize_xof())
+    }
+
+    fn share(&mut self) -> Share {
+        let mut bytes = [0u8; 32];
+        self.0.fill(&mut bytes);
+        Share(bytes)
+    }
+}
+
+impl SoftwareEnclave {
+    fn fastbft_unlocked(&self) -> Result<(), FastBftError> {
+        if self.is_locked() {
+            Err(FastBftError::Locked)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_next(&self, counter: u64, view: u64) -> Result<(), FastBftError> {
+        let state = &self.fastbft;
+        if view != state.view {
+            return Err(FastBftError::WrongView {
+                expected: state.view,
+                got: view,
+            });
+        }
+        let expected = state
+            .counter
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        if counter != expected {
+            return Err(FastBftError::WrongCounter {
+                expected,
+                got: counter,
+            });
+        }
+        Ok(())
+    }
+
+    fn current_primary(&self) -> Option<PublicKey> {
+        match &self.fastbft.role {
+            Role::None => None,
+            Role::Primary { .. } => Some(self.public_key()),
+            Role::Active { primary, .. } | Role::Passive { primary } => Some(*primary),
+        }
+    }
+
+    fn prepare_one(
+        &self,
+        counter: u64,
+        view: u64,
+        actives: &[(PublicKey, [u8; 32])],
+        tree: &Tree,
+        randomness: &mut Randomness,
+    ) -> Preprocessed {
+        let secret = randomness.share();
+        let secret_hash = secret_hash(&secret, counter, view);
+        // s = s_1 XOR ... XOR s_len: all shares random but the last.
+        let mut shares: Vec<Share> = Vec::with_capacity(actives.len());
+        let mut rest = secret;
+        for _ in 1..actives.len() {
+            let share = randomness.share();
+            rest = rest.xor(&share);
+            shares.push(share);
+        }
+        shares.push(rest);
+        // Subtree aggregates, bottom-up: children have higher positions.
+        let mut aggregates = shares.clone();
+        for i in (0..actives.len()).rev() {
+            for child in tree.children(i) {
+                aggregates[i] = aggregates[i].xor(&aggregates[child]);
+            }
+        }
+        let hashes: Vec<Digest> = aggregates
+            .iter()
+            .map(|a| aggregate_hash(a, counter, view))
+            .collect();
+        debug_assert_eq!(
+            tree.root_children()
+                .fold(Share::default(), |acc, j| acc.xor(&aggregates[j])),
+            secret,
+            "the root's children's aggregates make the secret"
+        );
+        let packages = actives
+            .iter()
+            .enumerate()
+            .map(|(i, (recipient, view_key))| {
+                let body = PackageBody {
+                    share: shares[i],
+                    counter,
+                    view,
+                    children: BoundedVec::truncating(
+                        tree.children(i).map(|j| hashes[j]).collect(),
+                    ),
+                    secret_hash,
+                };
+                let ciphertext = ChaCha20Poly1305::new(view_key.into())
+                    .encrypt(
+                        &package_nonce(counter),
+                        Payload {
+                            msg: &codec::encode_payload(&body),
+                            aad: &package_aad(counter, view, recipient),
+                        },
+                    )
+                    .expect("ChaCha20-Poly1305 encrypts any message of this size");
+                Package {
+                    counter,
+                    view,
+                    recipient: *recipient,
+                    ciphertext: Blob::try_from_vec(ciphertext)
+                        .expect("MAX_FAN_OUT keeps a package within MAX_PACKAGE_BYTES"),
+                }
+            })
+            .collect();
+        Preprocessed {
+            commitment: Signed::sign(
+                SecretCommitment {
+                    secret_hash,
+                    counter,
+                    view,
+                },
+                self.secret_key(),
+            ),
+            root_children_hashes: tree.root_children().map(|j| hashes[j]).collect(),
+            packages,
+        }
+    }
+}
+
+impl FastBftComponent for SoftwareEnclave {
+    fn be_primary(
+        &mut self,
+        actives: &[PublicKey],
+        tree: Tree,
+    ) -> Result<Vec<WrappedViewKey>, FastBftError> {
+        self.fastbft_unlocked()?;
+        if actives.len() != tree.len() {
+            return Err(FastBftError::Invalid(
+                "one active replica per tree position",
+            ));
+        }
+        let me = self.public_key();
+        let distinct: BTreeSet<[u8; 32]> = actives.iter().map(|k| k.to_bytes()).collect();
+        if distinct.len() != actives.len() || distinct.contains(&me.to_bytes()) {
+            return Err(FastBftError::Invalid(
+                "the active replicas are distinct and exclude the primary",
+            ));
+        }
+        let view = self
+            .fastbft
+            .view
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        let agreement = KeyAgreement::new(self.secret_key());
+        let aad_base = |recipient: &PublicKey| wrap_aad(view, &me, recipient);
+        let mut keys = Vec::with_capacity(actives.len());
+        let mut wrapped = Vec::with_capacity(actives.len());
+        for recipient in actives {
+            let shared = agreement
+                .shared_key(VIEW_KEY_CONTEXT, recipient)
+                .ok_or(FastBftError::BadPeerKey)?;
+            let view_key = self.random_bytes();
+            let salt = self.random_bytes();
+            let ciphertext = wrapping_key(&shared, &me, &salt)
+                .encrypt(
+                    &Nonce::default(),
+                    Payload {
+                        msg: &view_key,
+                        aad: &aad_base(recipient),
+                    },
+                )
+                .expect("ChaCha20-Poly1305 encrypts a 32-byte key");
+            keys.push((*recipient, view_key));
+            wrapped.push(WrappedViewKey {
+                view,
+                recipient: *recipient,
+                salt,
+                ciphertext: Blob::try_from_vec(ciphertext).expect("a wrapped key is 48 bytes"),
+            });
+        }
+        self.fastbft = FastBftState {
+            counter: 0,
+            view,
+            role: Role::Primary {
+                actives: keys,
+                tree,
+                prepared: 0,
+            },
+        };
+        Ok(wrapped)
+    }
+
+    fn update_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+        view_key: Option<&WrappedViewKey>,
+    ) -> Result<(), FastBftError> {
+        self.fastbft_unlocked()?;
+        if !certificate.verify(new_primary) {
+            return Err(FastBftError::BadSignature);
+        }
+        self.check_next(certificate.counter, certificate.view)?;
+        let view = self
+            .fastbft
+            .view
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        let me = self.public_key();
+        let role = match view_key {
+            None => Role::Passive {
+                primary: *new_primary,
+            },
+            Some(wrapped) => {
+                if wrapped.view != view || wrapped.recipient != me {
+                    return Err(FastBftError::BadEncryption);
+                }
+                let shared = KeyAgreement::new(self.secret_key())
+                    .shared_key(VIEW_KEY_CONTEXT, new_primary)
+                    .ok_or(FastBftError::BadPeerKey)?;
+                let plaintext = wrapping_key(&shared, new_primary, &wrapped.salt)
+                    .decrypt(
+                        &Nonce::default(),
+                        Payload {
+                            msg: &wrapped.ciphertext,
+                            aad: &wrap_aad(view, new_primary, &me),
+                        },
+                    )
+                    .map_err(|_| FastBftError::BadEncryption)?;
+                let view_key: [u8; 32] = plaintext
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| FastBftError::BadEncryption)?;
+                Role::Active {
+                    primary: *new_primary,
+                    view_key,
+                }
+            }
+        };
+        self.fastbft = FastBftState {
+            counter: 0,
+            view,
+            role,
+        };
+        Ok(())
+    }
+
+    fn preprocessing(&mut self, m: usize) -> Result<Vec<Preprocessed>, FastBftError> {
+        self.fastbft_unlocked()?;
+        let (counter, view) = (self.fastbft.counter, self.fastbft.view);
+        let Role::Primary {
+            actives,
+            tree,
+            prepared,
+        } = &self.fastbft.role
+        else {
+            return Err(FastBftError::WrongRole("the primary"));
+        };
+        let first = (*prepared).max(counter);
+        let last = first
+            .checked_add(m as u64)
+            .ok_or(FastBftError::CounterExhausted)?;
+        if m > MAX_PREPROCESSING || last - counter > MAX_PREPROCESSING as u64 {
+            return Err(FastBftError::Invalid(
+                "at most MAX_PREPROCESSING counter values ahead",
+            ));
+        }
+        let mut randomness = Randomness::new(self.random_bytes());
+        let batch = (first + 1..=last)
+            .map(|c| self.prepare_one(c, view, actives, tree, &mut randomness))
+            .collect();
+        if let Role::Primary { prepared, .. } = &mut self.fastbft.role {
+            *prepared = last;
+        }
+        Ok(batch)
+    }
+
+    fn request_counter(
+        &mut self,
+        message: &Digest,
+    ) -> Result<Signed<CounterCertificate>, FastBftError> {
+        self.fastbft_unlocked()?;
+        let counter = self
+            .fastbft
+            .counter
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        self.fastbft.counter = counter;
+        Ok(Signed::sign(
+            CounterCertificate {
+                message: *message,
+                counter,
+                view: self.fastbft.view,
+            },
+            self.secret_key(),
+        ))
+    }
+
+    fn verify_counter(
+        &mut self,
+        certificate: &Signed<CounterCertificate>,
+        package: &Package,
+    ) -> Result<OpenedShare, FastBftError> {
+        self.fastbft_unlocked()?;
+        let Role::Active { primary, view_key } = &self.fastbft.role else {
+            return Err(FastBftError::WrongRole("active"));
+        };
+        if !certificate.verify(primary) {
+            return Err(FastBftError::BadSignature);
+        }
+        let plaintext = ChaCha20Poly1305::new(view_key.into())
+            .decrypt(
+                &package_nonce(package.counter),
+                Payload {
+                    msg: &package.ciphertext,
+                    aad: &package_aad(package.counter, package.view, &self.public_key()),
+                },
+            )
+            .map_err(|_| FastBftError::BadEncryption)?;
+        let body: PackageBody =
+            codec::decode_payload(&plaintext).map_err(|_| FastBftError::BadEncryption)?;
+        if (body.counter, body.view) != (certificate.counter, certificate.view)
+            || (package.counter, package.view) != (body.counter, body.view)
+        {
+            return Err(FastBftError::PackageMismatch);
+        }
+        self.check_next(certificate.counter, certificate.view)?;
+        self.fastbft.counter = certificate.counter;
+        Ok(OpenedShare {
+            share: body.share,
+            children_hashes: body.children.into_inner(),
+            secret_hash: body.secret_hash,
+        })
+    }
+
+    fn update_counter(
+        &mut self,
+        secret: &Share,
+        commitment: &Signed<SecretCommitment>,
+    ) -> Result<(), FastBftError> {
+        self.fastbft_unlocked()?;
+        let primary = self
+            .current_primary()
+            .ok_or(FastBftError::WrongRole("in a view"))?;
+        if !commitment.verify(&primary) {
+            return Err(FastBftError::BadSignature);
+        }
+        self.check_next(commitment.counter, commitment.view)?;
+        if secret_hash(secret, commitment.counter, commitment.view) != commitment.secret_hash {
+            return Err(FastBftError::WrongSecret);
+        }
+        self.fastbft.counter = commitment.counter;
+        Ok(())
+    }
+
+    fn fastbft_counter(&self) -> (u64, u64) {
+        (self.fastbft.counter, self.fastbft.view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_balanced_tree_has_one_parent_per_member_and_consistent_children() {
+        for len in 1..40 {
+            for fan_out in 1..5 {
+                let tree = Tree::balanced(len, fan_out).unwrap();
+                let mut seen = vec![0usize; len];
+                for j in tree.root_children() {
+                    assert_eq!(tree.parent(j), None);
+                    seen[j] += 1;
+                }
+                for i in 0..len {
+                    assert!(tree.children(i).len() <= fan_out);
+                    for j in tree.children(i) {
+                        assert_eq!(tree.parent(j), Some(i));
+                        assert!(tree.is_descendant(j, i));
+                        assert_eq!(tree.depth(j), tree.depth(i) + 1);
+                        seen[j] += 1;
+                    }
+                }
+                assert!(seen.iter().all(|s| *s == 1), "len {len} fan-out {fan_out}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_balanced_tree_is_shallow() {
+        let tree = Tree::balanced(101, 2).unwrap();
+        let deepest = (0..101).map(|i| tree.depth(i)).max().unwrap();
+        // 2 + 4 + ... + 64 = 126 >= 101: six levels under the primary.
+        assert_eq!(deepest, 6);
+        assert_eq!(tree.root_children(), 0..2);
+        assert_eq!(tree.children(0), 2..4);
+        assert_eq!(tree.children(49), 100..101);
+        assert!(tree.is_leaf(50) && tree.is_leaf(100));
+        assert_eq!(tree.children(500), 0..0);
+        assert_eq!(tree.parent(500), None);
+    }
+
+    #[test]
+    fn impossible_trees_are_refused() {
+        assert!(Tree::balanced(0, 2).is_err());
+        assert!(Tree::balanced(MAX_PEERS + 1, 2).is_err());
+        assert!(Tree::balanced(3, 0).is_err());
+        assert!(Tree::balanced(3, MAX_FAN_OUT + 1).is_err());
+        assert!(Tree::balanced(MAX_PEERS, MAX_FAN_OUT).is_ok());
+    }
+}
