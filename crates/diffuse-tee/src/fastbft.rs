@@ -288,7 +288,7 @@ impl Tree {
         if i >= self.len {
             return None;
         }
-        ((i + 1) / self.fan_out).checked_sub(1)
+        (i / self.fan_out).checked_sub(1)
     }
 
     /// Whether position `i` has no children.
@@ -540,9 +540,7 @@ impl SoftwareEnclave {
                     share: shares[i],
                     counter,
                     view,
-                    children: BoundedVec::truncating(
-                        tree.children(i).map(|j| hashes[j]).collect(),
-                    ),
+                    children: BoundedVec::truncating(tree.children(i).map(|j| hashes[j]).collect()),
                     secret_hash,
                 };
                 let ciphertext = ChaCha20Poly1305::new(view_key.into())
