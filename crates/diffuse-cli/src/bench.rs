@@ -70,6 +70,10 @@ pub struct BenchArgs {
         requires = "compare"
     )]
     pub(crate) faults: Vec<usize>,
+    /// Measure FastBFT's enclave `preprocessing` instead of a cluster: CPU time per
+    /// secret for --n replicas (default 201), f + 1 of them active.
+    #[arg(long, conflicts_with_all = ["compare", "sweep", "history"])]
+    preprocessing: bool,
 }
 
 /// Parses `KEY=VALUE` pairs into an `[options]` table (integers, booleans, or text).
@@ -256,6 +260,9 @@ pub(crate) async fn measure(
 }
 
 pub fn run(args: BenchArgs) -> ExitCode {
+    if args.preprocessing {
+        return crate::preprocessing::run(args.n.unwrap_or(201), args.json);
+    }
     block_on(async {
         bench(args).await.unwrap_or_else(|error| {
             eprintln!("error: {error}");

@@ -7,6 +7,7 @@ mod demo;
 mod keygen;
 mod load;
 mod node;
+mod preprocessing;
 mod runtime;
 mod sim;
 mod svg;
