@@ -365,7 +365,9 @@ impl ForgeUi {
             Message::ViewChangeCopy(vc) => vc.ui.certificate.0[0] ^= 1,
             Message::NewViewProof(proof) => proof.new_view.ui.certificate.0[0] ^= 1,
             Message::Stable(cert) => cert.state = Digest::of("forged", b""),
-            Message::RejoinReport(report) => report.value.counter += 1,
+            Message::RejoinReport(report) => {
+                report.value.counter = report.value.counter.wrapping_add(1)
+            }
             _ => return None,
         }
         Some(forged)

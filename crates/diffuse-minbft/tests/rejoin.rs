@@ -106,7 +106,7 @@ fn a_forged_rejoin_report_is_refused_and_blamed() {
     let Message::RejoinReport(mut forged) = report(&mut r0, 2, &rejoin) else {
         unreachable!("report returns a RejoinReport");
     };
-    forged.value.counter += 1; // no longer what r0's enclave signed
+    forged.value.counter = forged.value.counter.wrapping_add(1); // no longer what r0's enclave signed
 
     let actions = deliver(&mut r2, 1, genuine_from_r1);
     assert!(asks_to_rejoin(&mut r2), "one report of the f + 1 needed");

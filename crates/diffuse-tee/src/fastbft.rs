@@ -229,10 +229,38 @@ struct PackageBody {
 /// with `fan_out` children per node: the root's children are `0..fan_out`, those of
 /// position `i` are `fan_out * (i + 1) ..` (as in a heap whose index 0 is the
 /// primary).
+///
+/// A tree read from bytes goes through [`Tree::balanced`] too, so a decoded tree
+/// always has sizes within bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "TreeShape", into = "TreeShape")]
 pub struct Tree {
     len: usize,
     fan_out: usize,
+}
+
+/// A [`Tree`] as encoded, before its bounds are checked.
+#[derive(Serialize, Deserialize)]
+struct TreeShape {
+    len: usize,
+    fan_out: usize,
+}
+
+impl TryFrom<TreeShape> for Tree {
+    type Error = FastBftError;
+
+    fn try_from(shape: TreeShape) -> Result<Tree, FastBftError> {
+        Tree::balanced(shape.len, shape.fan_out)
+    }
+}
+
+impl From<Tree> for TreeShape {
+    fn from(tree: Tree) -> TreeShape {
+        TreeShape {
+            len: tree.len,
+            fan_out: tree.fan_out,
+        }
+    }
 }
 
 impl Tree {
@@ -810,6 +838,20 @@ impl FastBftComponent for SoftwareEnclave {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_decoded_tree_is_checked_like_a_built_one() {
+        let tree = Tree::balanced(7, 2).unwrap();
+        let bytes = codec::encode_payload(&tree);
+        assert_eq!(codec::decode_payload::<Tree>(&bytes).unwrap(), tree);
+        for (len, fan_out) in [(0, 2), (7, 0), (7, MAX_FAN_OUT + 1), (MAX_PEERS + 1, 2)] {
+            let bytes = codec::encode_payload(&TreeShape { len, fan_out });
+            assert!(
+                codec::decode_payload::<Tree>(&bytes).is_err(),
+                "len {len}, fan-out {fan_out}"
+            );
+        }
+    }
 
     #[test]
     fn a_balanced_tree_has_one_parent_per_member_and_consistent_children() {
