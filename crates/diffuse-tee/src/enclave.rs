@@ -408,6 +408,11 @@ impl SoftwareEnclave {
     }
 
     /// The enclave's signing key (enclave code only).
+    /// The configured peers (their enclave keys) and the reset threshold `f + 1`.
+    pub(crate) fn peer_set(&self) -> Option<(&BTreeSet<[u8; 32]>, usize)> {
+        self.peers.as_ref().map(|p| (&p.keys, p.threshold))
+    }
+
     pub(crate) fn secret_key(&self) -> &SecretKey {
         &self.key
     }

@@ -401,6 +401,18 @@ pub trait FastBftComponent: TrustedComponent {
         commitment: &Signed<SecretCommitment>,
     ) -> Result<(), FastBftError>;
 
+    /// Any replica but the primary: checks the primary's certificate for `c =
+    /// c_latest + 1` in the current view and increments `c_latest`, releasing
+    /// nothing. This is how a replica steps over a counter value whose secret was
+    /// never opened (a PREPARE in flight when the primary reconfigured the tree), so
+    /// that it can take the next one. It keeps the invariant the shares rely on:
+    /// an enclave at `c_latest` has been shown the primary's certificate of every
+    /// counter value up to `c_latest` in its view.
+    fn follow_counter(
+        &mut self,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError>;
+
     /// `(c_latest, v)`.
     fn fastbft_counter(&self) -> (u64, u64);
 }
@@ -623,6 +635,15 @@ impl FastBftComponent for SoftwareEnclave {
                 "the active replicas are distinct and exclude the primary",
             ));
         }
+        if let Some((peers, threshold)) = self.peer_set() {
+            // Once configured, a view has exactly f + 1 active replicas, all peers:
+            // fewer would let a primary open secrets with a smaller coalition.
+            if actives.len() != threshold || !distinct.iter().all(|k| peers.contains(k)) {
+                return Err(FastBftError::Invalid(
+                    "the active replicas are f + 1 configured peers",
+                ));
+            }
+        }
         let view = self
             .fastbft
             .view
@@ -827,6 +848,25 @@ impl FastBftComponent for SoftwareEnclave {
             return Err(FastBftError::WrongSecret);
         }
         self.fastbft.counter = commitment.counter;
+        Ok(())
+    }
+
+    fn follow_counter(
+        &mut self,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError> {
+        self.fastbft_unlocked()?;
+        let primary = match &self.fastbft.role {
+            Role::Active { primary, .. } | Role::Passive { primary } => *primary,
+            Role::None | Role::Primary { .. } => {
+                return Err(FastBftError::WrongRole("a backup"));
+            }
+        };
+        if !certificate.verify(&primary) {
+            return Err(FastBftError::BadSignature);
+        }
+        self.check_next(certificate.counter, certificate.view)?;
+        self.fastbft.counter = certificate.counter;
         Ok(())
     }
 

@@ -489,3 +489,69 @@ fn fastbft_state_is_not_sealed_yet() {
         "documented in docs/tee.md: FastBFT state restarts empty after a resume"
     );
 }
+
+#[test]
+fn follow_counter_steps_over_an_unopened_counter_value_in_order_only() {
+    let mut cluster = Cluster::new(5, 2);
+    let prepared = cluster.primary.preprocessing(2).unwrap();
+    let first = cluster.primary.request_counter(&digest("in flight")).unwrap();
+    let second = cluster.primary.request_counter(&digest("next")).unwrap();
+    let active = &mut cluster.actives[0];
+    assert!(matches!(
+        active.follow_counter(&second),
+        Err(FastBftError::WrongCounter { .. })
+    ));
+    active.follow_counter(&first).unwrap();
+    assert_eq!(
+        active.verify_counter(&first, &prepared[0].packages[0]),
+        Err(FastBftError::WrongCounter {
+            expected: 2,
+            got: 1
+        }),
+        "a followed counter value releases no share afterwards"
+    );
+    active
+        .verify_counter(&second, &prepared[1].packages[0])
+        .unwrap();
+    let passive = &mut cluster.passives[0];
+    let mut forged = first.clone();
+    forged.value.message = digest("forged");
+    assert_eq!(
+        passive.follow_counter(&forged),
+        Err(FastBftError::BadSignature)
+    );
+    passive.follow_counter(&first).unwrap();
+    passive.follow_counter(&second).unwrap();
+    assert_eq!(passive.fastbft_counter(), (2, 1));
+    assert_eq!(
+        cluster.primary.follow_counter(&first),
+        Err(FastBftError::WrongRole("a backup"))
+    );
+}
+
+#[test]
+fn a_configured_primary_needs_exactly_f_plus_one_peers_as_actives() {
+    let mut enclaves: Vec<SoftwareEnclave> = (0..5)
+        .map(|i| SoftwareEnclave::create(platform(40 + i)))
+        .collect();
+    let keys: Vec<PublicKey> = enclaves.iter().map(|e| e.public_key()).collect();
+    for enclave in &mut enclaves {
+        enclave.configure(keys.clone(), 3).unwrap();
+    }
+    let primary = &mut enclaves[0];
+    let outsider = SoftwareEnclave::create(platform(99)).public_key();
+    assert!(matches!(
+        primary.be_primary(&keys[1..3], Tree::balanced(2, 2).unwrap()),
+        Err(FastBftError::Invalid(_))
+    ));
+    assert!(matches!(
+        primary.be_primary(
+            &[keys[1], keys[2], outsider],
+            Tree::balanced(3, 2).unwrap()
+        ),
+        Err(FastBftError::Invalid(_))
+    ));
+    primary
+        .be_primary(&keys[1..4], Tree::balanced(3, 2).unwrap())
+        .unwrap();
+}
