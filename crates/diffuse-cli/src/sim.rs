@@ -3,6 +3,7 @@
 use clap::Args;
 use diffuse_core::suite::ProtocolSuite;
 use diffuse_sim::{
+    Tolerance,
     FaultMix, RunConfig, SweepConfig, behaviour_names, liveness_bound_ns, run_one, sweep,
 };
 use indicatif::{ProgressBar, ProgressStyle};
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 )]
 pub struct SimArgs {
     /// The protocol to simulate.
-    #[arg(long, default_value = "pbft", value_parser = ["pbft", "minbft"])]
+    #[arg(long, default_value = "pbft", value_parser = ["pbft", "minbft", "fastbft"])]
     protocol: String,
     /// Number of replicas (default: the smallest cluster that tolerates one fault,
     /// 4 for PBFT and 3 for MinBFT).
@@ -54,6 +55,7 @@ pub fn run(args: SimArgs) -> ExitCode {
     match args.protocol.as_str() {
         "pbft" => run_protocol::<diffuse_pbft::Pbft>(args),
         "minbft" => run_protocol::<diffuse_minbft::MinBft>(args),
+        "fastbft" => run_protocol::<diffuse_fastbft::FastBft>(args),
         other => {
             eprintln!("error: unknown protocol {other}");
             ExitCode::from(2)
@@ -68,7 +70,7 @@ fn run_protocol<P: ProtocolSuite>(mut args: SimArgs) -> ExitCode {
         print_list::<P>(&behaviours);
         return ExitCode::SUCCESS;
     }
-    let mixes = match parse_mixes(&args.faults, &behaviours) {
+    let mixes = match parse_mixes(&args.faults, &behaviours, Tolerance::of::<P>()) {
         Ok(mixes) => mixes,
         Err(unknown) => {
             eprintln!("error: unknown fault mix {unknown:?}; run `diffuse sim --list`");
@@ -212,12 +214,23 @@ fn smallest_cluster<P: ProtocolSuite>() -> Option<usize> {
     (1..=16).find(|&n| P::quorum(n).is_ok_and(|quorum| quorum.f() >= 1))
 }
 
-fn parse_mixes(text: &str, behaviours: &[&str]) -> Result<Vec<FaultMix>, String> {
+/// The mixes named in `text` (`all`: every mix the protocol can be judged under).
+fn parse_mixes(
+    text: &str,
+    behaviours: &[&str],
+    tolerance: Tolerance,
+) -> Result<Vec<FaultMix>, String> {
     if text == "all" {
-        return Ok(FaultMix::all(behaviours));
+        let mut mixes = FaultMix::all(behaviours);
+        mixes.retain(|mix| mix.applies_to(tolerance));
+        return Ok(mixes);
     }
     text.split(',')
-        .map(|name| FaultMix::parse(name.trim(), behaviours).ok_or_else(|| name.to_string()))
+        .map(|name| {
+            FaultMix::parse(name.trim(), behaviours)
+                .filter(|mix| mix.applies_to(tolerance))
+                .ok_or_else(|| name.to_string())
+        })
         .collect()
 }
 

@@ -202,6 +202,15 @@ pub trait ProtocolSuite: 'static {
     /// simulator then crashes at most `f` minus the Byzantine count distinct replicas.
     const REBOOT_IS_A_FAULT: bool = false;
 
+    /// Whether the protocol replaces a faulty primary (a view change). If not, the
+    /// simulator keeps the first primary (replica 0) correct: never Byzantine, never
+    /// crashed or restarted.
+    const REPLACES_PRIMARY: bool = true;
+
+    /// Whether a replica that restarts (crash or scheduled) takes part again. If
+    /// not, the simulator offers no `crash` or `restart` mix and draws no crashes.
+    const SURVIVES_RESTARTS: bool = true;
+
     /// The quorum system for `n` replicas.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError>;
 

@@ -181,6 +181,13 @@ impl TeeHost {
         Some(live.call(call))
     }
 
+    /// Every replica's enclave key, once the first replica has booted (clients of
+    /// FastBFT check the primary's enclave certificates with them). `None` before,
+    /// and on a real machine, where they come from the attested enclave list.
+    pub fn enclave_keys(&self) -> Option<Vec<PublicKey>> {
+        self.machines().as_ref().map(|c| c.enclave_keys.clone())
+    }
+
     fn machines(&self) -> MutexGuard<'_, Option<Cluster>> {
         self.cluster
             .lock()

@@ -27,6 +27,6 @@ pub mod workload;
 pub mod world;
 
 pub use checkers::{Checker, Violation};
-pub use scenario::FaultMix;
+pub use scenario::{FaultMix, Tolerance};
 pub use sweep::{SweepConfig, SweepReport, run_one, sweep};
 pub use world::{RunConfig, RunReport, SetupError, behaviour_names, liveness_bound_ns};

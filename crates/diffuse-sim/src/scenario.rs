@@ -33,7 +33,43 @@ pub enum FaultMix {
     Mixed,
 }
 
+/// What a protocol survives, as far as drawing scenarios goes (from its
+/// [`diffuse_core::suite::ProtocolSuite`] constants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tolerance {
+    /// A reboot without a scheduled shutdown counts against `f` until the replica
+    /// is back in.
+    pub reboot_is_a_fault: bool,
+    /// A faulty primary is replaced; if not, replica 0 stays correct and up.
+    pub replaces_primary: bool,
+    /// Restarted replicas take part again; if not, nothing restarts.
+    pub survives_restarts: bool,
+}
+
+impl Tolerance {
+    /// The tolerance of protocol `P`.
+    pub fn of<P: diffuse_core::suite::ProtocolSuite>() -> Tolerance {
+        Tolerance {
+            reboot_is_a_fault: P::REBOOT_IS_A_FAULT,
+            replaces_primary: P::REPLACES_PRIMARY,
+            survives_restarts: P::SURVIVES_RESTARTS,
+        }
+    }
+
+    /// Everything: what PBFT survives.
+    pub const FULL: Tolerance = Tolerance {
+        reboot_is_a_fault: false,
+        replaces_primary: true,
+        survives_restarts: true,
+    };
+}
+
 impl FaultMix {
+    /// Whether a protocol with `tolerance` can be judged under this mix.
+    pub fn applies_to(&self, tolerance: Tolerance) -> bool {
+        tolerance.survives_restarts || !matches!(self, FaultMix::Crash | FaultMix::Restart)
+    }
+
     /// The mix's command-line name.
     pub fn name(&self) -> &str {
         match self {
@@ -167,9 +203,10 @@ impl Scenario {
         f: usize,
         behaviours: &[&str],
         client_behaviours: &[&str],
-        reboot_is_a_fault: bool,
+        tolerance: Tolerance,
         rng: &mut SimRng,
     ) -> Scenario {
+        let reboot_is_a_fault = tolerance.reboot_is_a_fault;
         let gst_ns = rng.between(500, 3000) * MS;
         let hostile = !matches!(mix, FaultMix::None);
         let network = if hostile {
@@ -198,7 +235,7 @@ impl Scenario {
         let byzantine = if client_mix {
             BTreeMap::new()
         } else {
-            Self::draw_byzantine(mix, n, f, behaviours, rng)
+            Self::draw_byzantine(mix, n, f, behaviours, tolerance.replaces_primary, rng)
         };
         let partitions = if matches!(
             mix,
@@ -210,10 +247,13 @@ impl Scenario {
         } else {
             Vec::new()
         };
-        let crashes = if matches!(mix, FaultMix::Crash | FaultMix::Mixed) {
+        let crashes = if !tolerance.survives_restarts {
+            Vec::new()
+        } else if matches!(mix, FaultMix::Crash | FaultMix::Mixed) {
             let mut correct: Vec<ReplicaId> = (0..n as u16)
                 .map(ReplicaId)
                 .filter(|r| !byzantine.contains_key(r))
+                .filter(|r| tolerance.replaces_primary || r.0 != 0)
                 .collect();
             if reboot_is_a_fault {
                 // Crashed replicas are faults until they rejoin: keep the total at f.
@@ -305,6 +345,7 @@ impl Scenario {
         n: usize,
         f: usize,
         behaviours: &[&str],
+        replaces_primary: bool,
         rng: &mut SimRng,
     ) -> BTreeMap<ReplicaId, String> {
         let mut byzantine = BTreeMap::new();
@@ -318,7 +359,9 @@ impl Scenario {
         // The first primary is faulty in most runs: that is where the interesting
         // attacks are (equivocation, stalling, bad NEW-VIEWs after it rotates back).
         let mut candidates: Vec<ReplicaId> = (0..n as u16).map(ReplicaId).collect();
-        if count > 0 && rng.chance(3, 4) {
+        if !replaces_primary {
+            candidates.retain(|r| r.0 != 0);
+        } else if count > 0 && rng.chance(3, 4) {
             candidates.retain(|r| r.0 != 0);
             byzantine.insert(ReplicaId(0), Self::behaviour_for(mix, behaviours, rng));
         }

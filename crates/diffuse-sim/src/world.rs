@@ -197,7 +197,7 @@ impl<P: ProtocolSuite> Simulation<P> {
             quorum.f(),
             &replica_behaviours,
             &client_behaviours,
-            P::REBOOT_IS_A_FAULT,
+            crate::scenario::Tolerance::of::<P>(),
             &mut rng,
         );
         let replica_secrets: Vec<SecretKey> = (0..config.n)

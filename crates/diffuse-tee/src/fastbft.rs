@@ -636,11 +636,12 @@ impl FastBftComponent for SoftwareEnclave {
             ));
         }
         if let Some((peers, threshold)) = self.peer_set() {
-            // Once configured, a view has exactly f + 1 active replicas, all peers:
-            // fewer would let a primary open secrets with a smaller coalition.
-            if actives.len() != threshold || !distinct.iter().all(|k| peers.contains(k)) {
+            // Once configured, the primary and exactly f peers are the f + 1 active
+            // replicas (threshold = f + 1): fewer would let a primary open secrets
+            // with a smaller coalition.
+            if actives.len() + 1 != threshold || !distinct.iter().all(|k| peers.contains(k)) {
                 return Err(FastBftError::Invalid(
-                    "the active replicas are f + 1 configured peers",
+                    "the active replicas are the primary and f configured peers",
                 ));
             }
         }

@@ -530,7 +530,7 @@ fn follow_counter_steps_over_an_unopened_counter_value_in_order_only() {
 }
 
 #[test]
-fn a_configured_primary_needs_exactly_f_plus_one_peers_as_actives() {
+fn a_configured_primary_takes_exactly_f_peers_as_actives() {
     let mut enclaves: Vec<SoftwareEnclave> = (0..5)
         .map(|i| SoftwareEnclave::create(platform(40 + i)))
         .collect();
@@ -540,18 +540,16 @@ fn a_configured_primary_needs_exactly_f_plus_one_peers_as_actives() {
     }
     let primary = &mut enclaves[0];
     let outsider = SoftwareEnclave::create(platform(99)).public_key();
+    // n = 5, f = 2: the primary and two peers are the f + 1 = 3 active replicas.
     assert!(matches!(
-        primary.be_primary(&keys[1..3], Tree::balanced(2, 2).unwrap()),
+        primary.be_primary(&keys[1..4], Tree::balanced(3, 2).unwrap()),
         Err(FastBftError::Invalid(_))
     ));
     assert!(matches!(
-        primary.be_primary(
-            &[keys[1], keys[2], outsider],
-            Tree::balanced(3, 2).unwrap()
-        ),
+        primary.be_primary(&[keys[1], outsider], Tree::balanced(2, 2).unwrap()),
         Err(FastBftError::Invalid(_))
     ));
     primary
-        .be_primary(&keys[1..4], Tree::balanced(3, 2).unwrap())
+        .be_primary(&keys[1..3], Tree::balanced(2, 2).unwrap())
         .unwrap();
 }

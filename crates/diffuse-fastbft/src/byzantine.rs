@@ -1,0 +1,249 @@
+//! FastBFT-specific Byzantine behaviours for the simulator, all of them of
+//! non-primary replicas (the primary is correct until view changes are built).
+//!
+//! Each runs on top of an honest replica and rewrites its traffic. An active
+//! replica can spoil or withhold its part of a secret, and lie about its children;
+//! any replica can send forged UPDATEs and REPLYs. None of it may break safety;
+//! the tree rebuilds restore liveness without a view change.
+
+use crate::message::{ClientReply, Message, Suspect, TreeConfig, Update};
+use crate::options::FastBftOptions;
+use diffuse_apps::kv::KvResult;
+use diffuse_core::codec::{Blob, BoundedVec};
+use diffuse_core::ids::{NodeId, ReplicaId};
+use diffuse_core::suite::{Behaviour, Coalition, Entropy, Named, Outgoing, ReplicaSetup};
+use diffuse_pbft::message::Batch;
+use diffuse_tee::{Share, Tree};
+use std::collections::BTreeSet;
+
+/// The FastBFT-specific behaviours.
+pub const BEHAVIOURS: &[Named] = &[
+    Named {
+        name: "wrong-share",
+        description: "as an active replica, sends random aggregates up the tree: its parent must catch it and the primary rebuild the tree",
+    },
+    Named {
+        name: "silent-active",
+        description: "sends nothing at all: as an active replica its parent times out and the primary replaces it",
+    },
+    Named {
+        name: "false-accuse",
+        description: "as an active replica with children, accuses its first child of every round it takes part in: the primary moves it to a leaf",
+    },
+    Named {
+        name: "withhold-reply-share",
+        description: "as an active replica, opens PREPAREs but withholds its aggregate of every COMMIT's secret",
+    },
+    Named {
+        name: "forge-update",
+        description: "on each PREPARE it sees, sends every other backup a forged UPDATE (an empty batch at that sequence number, random secrets) and every client of the batch a forged REPLY",
+    },
+];
+
+/// Builds the behaviour `name` for the replica of `setup`.
+pub fn build(
+    name: &str,
+    setup: &ReplicaSetup<FastBftOptions>,
+    _coalition: &Coalition,
+) -> Option<Box<dyn Behaviour<Message>>> {
+    let me = setup.id;
+    let n = setup.keys.n();
+    match name {
+        "wrong-share" => Some(Box::new(WrongShare)),
+        "silent-active" => Some(Box::new(Silent)),
+        "false-accuse" => Some(Box::new(FalseAccuse { me, config: None })),
+        "withhold-reply-share" => Some(Box::new(WithholdReplyShare {
+            commits: BTreeSet::new(),
+        })),
+        "forge-update" => Some(Box::new(ForgeUpdate { me, n })),
+        _ => None,
+    }
+}
+
+fn random_share(entropy: &mut dyn Entropy) -> Share {
+    let mut bytes = [0u8; 32];
+    for chunk in bytes.chunks_mut(8) {
+        chunk.copy_from_slice(&entropy.next_u64().to_le_bytes());
+    }
+    Share(bytes)
+}
+
+struct WrongShare;
+
+impl Behaviour<Message> for WrongShare {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        mut message: Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if let Message::Share(share) = &mut message {
+            share.aggregate = random_share(entropy);
+        }
+        out.push(Outgoing::now(to, message));
+    }
+}
+
+struct Silent;
+
+impl Behaviour<Message> for Silent {
+    fn outgoing(
+        &mut self,
+        _to: NodeId,
+        _message: Message,
+        _entropy: &mut dyn Entropy,
+        _out: &mut Vec<Outgoing<Message>>,
+    ) {
+    }
+}
+
+struct FalseAccuse {
+    me: ReplicaId,
+    config: Option<TreeConfig>,
+}
+
+impl FalseAccuse {
+    fn first_child(&self) -> Option<ReplicaId> {
+        let config = self.config.as_ref()?;
+        let i = config.actives.iter().position(|r| *r == self.me)?;
+        let tree = Tree::balanced(config.actives.len(), usize::from(config.fan_out)).ok()?;
+        tree.children(i).next().map(|c| config.actives[c])
+    }
+}
+
+impl Behaviour<Message> for FalseAccuse {
+    fn incoming(
+        &mut self,
+        from: NodeId,
+        message: &Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        let round = match message {
+            Message::NewTree(new_tree) => {
+                self.config = Some(new_tree.config.clone());
+                None
+            }
+            Message::Prepare(p) => Some((p.cert.view, p.cert.counter)),
+            Message::Commit(c) => Some((c.cert.view, c.cert.counter)),
+            _ => None,
+        };
+        if let (Some((epoch, counter)), Some(accused)) = (round, self.first_child()) {
+            let suspect = Suspect {
+                epoch,
+                counter,
+                accused,
+            };
+            out.push(Outgoing::now(from, Message::Suspect(suspect)));
+        }
+        true
+    }
+}
+
+struct WithholdReplyShare {
+    commits: BTreeSet<(u64, u64)>,
+}
+
+impl Behaviour<Message> for WithholdReplyShare {
+    fn outgoing(
+        &mut self,
+        to: NodeId,
+        message: Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        if let Message::Share(share) = &message
+            && self.commits.contains(&(share.epoch, share.counter))
+        {
+            return;
+        }
+        out.push(Outgoing::now(to, message));
+    }
+
+    fn incoming(
+        &mut self,
+        _from: NodeId,
+        message: &Message,
+        _entropy: &mut dyn Entropy,
+        _out: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        if let Message::Commit(commit) = message {
+            self.commits.insert((commit.cert.view, commit.cert.counter));
+            while self.commits.len() > 1024 {
+                self.commits.pop_first();
+            }
+        }
+        true
+    }
+}
+
+struct ForgeUpdate {
+    me: ReplicaId,
+    n: usize,
+}
+
+impl Behaviour<Message> for ForgeUpdate {
+    fn incoming(
+        &mut self,
+        _from: NodeId,
+        message: &Message,
+        entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        let Message::Prepare(prepare) = message else {
+            return true;
+        };
+        let opened = |entropy: &mut dyn Entropy| crate::message::Opened {
+            commitment: diffuse_core::crypto::Signed {
+                value: diffuse_tee::SecretCommitment {
+                    secret_hash: diffuse_core::crypto::Digest([7; 32]),
+                    counter: prepare.cert.counter,
+                    view: prepare.cert.view,
+                },
+                signature: prepare.cert.signature,
+            },
+            secret: random_share(entropy),
+        };
+        let update = Update {
+            seq: prepare.seq,
+            batch: Batch::default(),
+            results_root: diffuse_core::crypto::Digest([9; 32]),
+            prepare_cert: prepare.cert.clone(),
+            prepared: opened(entropy),
+            commit_cert: prepare.cert.clone(),
+            replied: opened(entropy),
+        };
+        for r in (1..self.n as u16).map(ReplicaId) {
+            if r != self.me {
+                out.push(Outgoing::now(r.into(), Message::Update(update.clone())));
+            }
+        }
+        let Ok(value) = Blob::try_from_vec(b"forged".to_vec()) else {
+            return true;
+        };
+        let Ok(result) = Blob::try_from_vec(KvResult::Value(Some(value)).encode()) else {
+            return true;
+        };
+        for request in prepare.batch.requests.iter() {
+            let reply = ClientReply {
+                client: request.client,
+                timestamp: request.timestamp,
+                result: result.clone(),
+                seq: prepare.seq,
+                index: 0,
+                len: 1,
+                request_path: BoundedVec::new(),
+                result_path: BoundedVec::new(),
+                batch_root: diffuse_core::crypto::Digest([1; 32]),
+                results_root: diffuse_core::crypto::Digest([2; 32]),
+                prepare_cert: prepare.cert.clone(),
+                prepared: opened(entropy),
+                commit_cert: prepare.cert.clone(),
+                replied: opened(entropy),
+            };
+            out.push(Outgoing::now(request.client.into(), Message::Reply(reply)));
+        }
+        true
+    }
+}

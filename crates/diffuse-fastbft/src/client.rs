@@ -1,0 +1,176 @@
+//! The FastBFT client: sign a request, send it to the primary, and accept the one
+//! REPLY whose certificates and opened secrets prove it (§4.2, "Reply"):
+//!
+//! 1. the request is leaf `index` of the batch root, and the result is leaf
+//!    `index` of the results root (Merkle paths);
+//! 2. the primary's enclave bound the batch root to `(c, e)` (PREPARE certificate)
+//!    and the secret of `(c, e)` is open: every active replica agreed to execute it;
+//! 3. the enclave bound the batch and results roots to `(c', e')` (COMMIT
+//!    certificate) and that secret is open too: every active replica executed the
+//!    batch and got these results.
+//!
+//! The certificates are checked against the enclave key of the primary only, so
+//! a faulty replica's own enclave cannot vouch for anything.
+
+use crate::merkle;
+use crate::message::{ClientReply, Message, commit_digest, prepare_digest, request_leaf, result_leaf};
+use crate::options::{FastBftOptions, Mutant};
+use diffuse_core::codec::Blob;
+use diffuse_core::crypto::SecretKey;
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
+use diffuse_core::protocol::{Action, Actions, Input, InvokeError};
+use diffuse_core::suite::ClientSetup;
+use diffuse_pbft::ClientTimer;
+use diffuse_pbft::message::{Request, RequestBody};
+use std::time::Duration;
+
+type Out = Actions<Message, ClientTimer>;
+
+/// A FastBFT client with at most one outstanding request.
+pub struct FastBftClient {
+    id: ClientId,
+    secret: SecretKey,
+    options: FastBftOptions,
+    next_timestamp: u64,
+    outstanding: Option<(Request, u32)>,
+}
+
+impl FastBftClient {
+    /// Builds a client.
+    pub fn new(setup: ClientSetup<FastBftOptions>) -> Self {
+        Self {
+            id: setup.id,
+            secret: setup.secret,
+            options: setup.options,
+            next_timestamp: setup.first_timestamp.max(1),
+            outstanding: None,
+        }
+    }
+
+    /// The primary (replica 0 until view changes are built).
+    fn primary(&self) -> ReplicaId {
+        ReplicaId(0)
+    }
+
+    fn retransmit_delay(&self, retransmissions: u32) -> Duration {
+        let base = self.options.base.client_retransmit;
+        (base * (1u32 << retransmissions.min(8))).min(self.options.base.client_retransmit_max.max(base))
+    }
+
+    /// Whether `reply` proves the result of `request`.
+    fn proves(&self, reply: &ClientReply, request: &Request) -> bool {
+        if self.options.is(Mutant::ClientTrustsReplies) {
+            return true;
+        }
+        let Some(primary) = self
+            .options
+            .tee
+            .enclave_keys()
+            .and_then(|keys| keys.get(self.primary().index()).copied())
+        else {
+            return false;
+        };
+        let (index, len) = (reply.index as usize, reply.len as usize);
+        merkle::verify(&reply.batch_root, &request_leaf(request), index, len, &reply.request_path)
+            && merkle::verify(
+                &reply.results_root,
+                &result_leaf(request.client, request.timestamp, Some(&reply.result)),
+                index,
+                len,
+                &reply.result_path,
+            )
+            && reply.prepare_cert.message == prepare_digest(reply.seq, &reply.batch_root)
+            && reply.commit_cert.message
+                == commit_digest(reply.seq, &reply.batch_root, &reply.results_root)
+            && reply.prepare_cert.verify(&primary)
+            && reply.commit_cert.verify(&primary)
+            && reply.prepared.opens(&reply.prepare_cert, &primary)
+            && reply.replied.opens(&reply.commit_cert, &primary)
+    }
+
+    fn on_reply(&mut self, from: NodeId, reply: ClientReply, out: &mut Out) {
+        let Some((request, _)) = &self.outstanding else {
+            return;
+        };
+        if reply.client != self.id || reply.timestamp != request.timestamp {
+            return;
+        }
+        if !self.options.is(Mutant::ClientTrustsReplies) && from != NodeId::Replica(self.primary()) {
+            return out.fault(from, "reply-from-non-primary");
+        }
+        if !self.proves(&reply, request) {
+            return out.fault(from, "unproven-reply");
+        }
+        let timestamp = request.timestamp;
+        self.outstanding = None;
+        out.cancel_timer(ClientTimer::Retransmit);
+        out.0.push(Action::Complete {
+            timestamp,
+            result: reply.result.into_inner(),
+        });
+    }
+}
+
+impl diffuse_core::protocol::Client for FastBftClient {
+    type Message = Message;
+    type Timer = ClientTimer;
+
+    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out, InvokeError> {
+        if self.outstanding.is_some() {
+            return Err(InvokeError::Busy);
+        }
+        let limit = self.options.base.max_operation_bytes;
+        if operation.len() > limit {
+            return Err(InvokeError::TooLarge {
+                size: operation.len(),
+                limit,
+            });
+        }
+        let operation = Blob::try_from_vec(operation).map_err(|op| InvokeError::TooLarge {
+            size: op.len(),
+            limit,
+        })?;
+        let timestamp = self.next_timestamp;
+        self.next_timestamp += 1;
+        let request = Request::signed_only(
+            RequestBody {
+                client: self.id,
+                timestamp,
+                operation,
+            },
+            &self.secret,
+        );
+        let mut out = Out::new();
+        out.send(self.primary(), Message::Request(request.clone()));
+        out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));
+        self.outstanding = Some((request, 0));
+        Ok(out)
+    }
+
+    fn handle(&mut self, input: Input<Message, ClientTimer>) -> Out {
+        let mut out = Out::new();
+        match input {
+            Input::Start(_) => {}
+            Input::Message {
+                from,
+                message: Message::Reply(reply),
+            } => self.on_reply(from, reply, &mut out),
+            Input::Message { from, .. } => out.fault(from, "unexpected-message-to-client"),
+            Input::Timer(ClientTimer::Retransmit) => {
+                if let Some((request, retransmissions)) = &mut self.outstanding {
+                    *retransmissions += 1;
+                    let (request, retransmissions) = (request.clone(), *retransmissions);
+                    // No view change yet: the primary is the only one who can order.
+                    out.send(self.primary(), Message::Request(request));
+                    out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(retransmissions));
+                }
+            }
+        }
+        out
+    }
+
+    fn is_busy(&self) -> bool {
+        self.outstanding.is_some()
+    }
+}
+

@@ -1,0 +1,158 @@
+//! FastBFT (Liu, Li, Karame, Asokan: "Scalable Byzantine Consensus via
+//! Hardware-assisted Secret Sharing", IEEE TC 2019): `n = 2f + 1` replicas with a
+//! trusted component each; `f + 1` active replicas in a tree rooted at the primary
+//! open a secret per counter value by XORing their shares upwards, so a request
+//! costs `O(n)` messages and no public-key operation on the tree.
+//!
+//! **Status** (`docs/protocols/fastbft.md`): the normal case (preprocessing pool,
+//! batching, PREPARE / COMMIT / REPLY with tree aggregation and checks, UPDATEs
+//! to the passive replicas, one verified REPLY per client) and failure detection
+//! (per-child timers, SUSPECT, NEW-TREE with a passive replica in place of the
+//! accused and the accuser at a leaf, FETCH to catch up). Not built yet: the view
+//! change, the fallback, checkpoints, REJOIN, persistence, and the runtime
+//! (`diffuse sim` only).
+
+pub mod byzantine;
+pub mod client;
+pub mod merkle;
+pub mod message;
+pub mod options;
+pub mod replica;
+
+pub use client::FastBftClient;
+pub use message::Message;
+pub use options::{FastBftOptions, Mutant};
+pub use replica::{FastBftReplica, Timer};
+
+use diffuse_core::app::Application;
+use diffuse_core::quorum::{QuorumError, QuorumSystem};
+use diffuse_core::suite::{
+    Behaviour, ClientSetup, Coalition, Entropy, Named, ProtocolSuite, ReplicaSetup,
+};
+use diffuse_minbft::TeeHost;
+use diffuse_pbft::{ClientTimer, Pbft};
+use std::time::Duration;
+
+/// FastBFT as a [`ProtocolSuite`] for the simulator.
+pub struct FastBft;
+
+/// Parses a positive integer option.
+fn positive(section: &toml::Table, key: &str) -> Result<Option<u64>, String> {
+    match section.get(key) {
+        None => Ok(None),
+        Some(toml::Value::Integer(v)) if *v > 0 => Ok(Some(*v as u64)),
+        Some(_) => Err(format!("options.{key} must be a positive integer")),
+    }
+}
+
+impl ProtocolSuite for FastBft {
+    type Message = Message;
+    type Timer = Timer;
+    type ClientTimer = ClientTimer;
+    type Options = FastBftOptions;
+    type Replica = FastBftReplica;
+    type Client = FastBftClient;
+
+    const NAME: &'static str = "fastbft";
+
+    const REBOOT_IS_A_FAULT: bool = true;
+
+    const REPLACES_PRIMARY: bool = false;
+
+    const SURVIVES_RESTARTS: bool = false;
+
+    /// `n = 2f + 1` exactly, as MinBFT.
+    fn quorum(n: usize) -> Result<QuorumSystem, QuorumError> {
+        diffuse_minbft::MinBft::quorum(n)
+    }
+
+    fn default_options() -> FastBftOptions {
+        FastBftOptions {
+            base: Pbft::default_options(),
+            fan_out: 2,
+            preprocess_ahead: 64,
+            share_timeout: Duration::from_millis(200),
+            failure_threshold: 16,
+            tee: TeeHost::simulated([0; 32]),
+            mutant: None,
+        }
+    }
+
+    fn configured_options(section: &toml::Table) -> Result<FastBftOptions, String> {
+        let mut base_section = section.clone();
+        for key in ["fan_out", "preprocess_ahead", "share_timeout_ms", "failure_threshold"] {
+            base_section.remove(key);
+        }
+        let mut options = FastBftOptions {
+            base: Pbft::configured_options(&base_section)?,
+            ..Self::default_options()
+        };
+        if let Some(v) = positive(section, "fan_out")? {
+            options.fan_out = v as usize;
+        }
+        if let Some(v) = positive(section, "preprocess_ahead")? {
+            options.preprocess_ahead = v as usize;
+        }
+        if let Some(v) = positive(section, "share_timeout_ms")? {
+            options.share_timeout = Duration::from_millis(v);
+        }
+        if let Some(v) = positive(section, "failure_threshold")? {
+            options.failure_threshold = v;
+        }
+        options.validate()?;
+        Ok(options)
+    }
+
+    fn simulation_options(entropy: &mut dyn Entropy) -> FastBftOptions {
+        let base = Pbft::simulation_options(entropy);
+        let mut seed = [0u8; 32];
+        for chunk in seed.chunks_mut(8) {
+            chunk.copy_from_slice(&entropy.next_u64().to_le_bytes());
+        }
+        let pick = |e: &mut dyn Entropy, values: &[u64]| values[e.below(values.len() as u64) as usize];
+        FastBftOptions {
+            base,
+            fan_out: pick(entropy, &[1, 2, 3]) as usize,
+            preprocess_ahead: pick(entropy, &[4, 16, 64]) as usize,
+            share_timeout: Duration::from_millis(pick(entropy, &[40, 100])),
+            failure_threshold: 16,
+            tee: TeeHost::simulated(seed),
+            mutant: None,
+        }
+    }
+
+    fn mutants() -> &'static [Named] {
+        const NAMES: [Named; 3] = [Mutant::ALL[0].1, Mutant::ALL[1].1, Mutant::ALL[2].1];
+        &NAMES
+    }
+
+    fn apply_mutant(options: &mut FastBftOptions, name: &str) -> bool {
+        match Mutant::from_name(name) {
+            Some(mutant) => {
+                options.mutant = Some(mutant);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn replica(setup: ReplicaSetup<FastBftOptions>, app: Box<dyn Application>) -> FastBftReplica {
+        FastBftReplica::new(setup, app)
+    }
+
+    fn client(setup: ClientSetup<FastBftOptions>) -> FastBftClient {
+        FastBftClient::new(setup)
+    }
+
+    fn behaviours() -> &'static [Named] {
+        byzantine::BEHAVIOURS
+    }
+
+    fn behaviour(
+        name: &str,
+        setup: &ReplicaSetup<FastBftOptions>,
+        coalition: &Coalition,
+    ) -> Option<Box<dyn Behaviour<Message>>> {
+        byzantine::build(name, setup, coalition)
+    }
+}

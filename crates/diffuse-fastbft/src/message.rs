@@ -1,0 +1,277 @@
+//! FastBFT's wire messages (`docs/protocols/fastbft.md`, "Messages").
+//!
+//! Every certificate is the primary's enclave's `⟨x, (c, e)⟩` over a digest that
+//! names what it orders ([`prepare_digest`], [`commit_digest`],
+//! [`new_tree_digest`]); `e` is the enclave view, which FastBFT calls the *epoch*: it
+//! changes whenever the primary rebuilds the tree. An [`Opened`] secret proves that
+//! every active replica's enclave released its share for that certificate.
+
+use crate::merkle::{self, Path};
+use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
+use diffuse_core::crypto::{Digest, PublicKey, Signed};
+use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq};
+use diffuse_core::service::MAX_RESULT_BYTES;
+use diffuse_pbft::message::{Batch, Request, RequestBody};
+use diffuse_tee::fastbft::{MAX_PREPROCESSING, Package};
+use diffuse_tee::{CounterCertificate, SecretCommitment, Share, WrappedViewKey, secret_hash};
+use serde::{Deserialize, Serialize};
+
+/// The primary's enclave certificate of one counter value.
+pub type Cert = Signed<CounterCertificate>;
+
+/// A stream position: `(epoch, counter)`.
+pub type Position = (u64, u64);
+
+/// The position a certificate takes.
+pub fn position(cert: &Cert) -> Position {
+    (cert.view, cert.counter)
+}
+
+/// What a PREPARE certificate binds: the batch at `seq`.
+pub fn prepare_digest(seq: Seq, batch_root: &Digest) -> Digest {
+    Digest::of_value("diffuse/fastbft/prepare", &(seq.0, batch_root))
+}
+
+/// What a COMMIT certificate binds: the batch at `seq` and its results.
+pub fn commit_digest(seq: Seq, batch_root: &Digest, results_root: &Digest) -> Digest {
+    Digest::of_value("diffuse/fastbft/commit", &(seq.0, batch_root, results_root))
+}
+
+/// What a NEW-TREE certificate binds: the next epoch's tree.
+pub fn new_tree_digest(config: &TreeConfig) -> Digest {
+    Digest::of_value("diffuse/fastbft/new-tree", config)
+}
+
+/// The Merkle leaf of a request: its signed body.
+pub fn request_leaf(body: &RequestBody) -> Digest {
+    Digest::of_value("diffuse/fastbft/request-leaf", body)
+}
+
+/// The Merkle leaf of a request's result (`None`: a stale duplicate, not run).
+pub fn result_leaf(client: ClientId, timestamp: u64, result: Option<&[u8]>) -> Digest {
+    Digest::of_value(
+        "diffuse/fastbft/result-leaf",
+        &(client.0, timestamp, result),
+    )
+}
+
+/// The root over a batch's requests.
+pub fn batch_root(batch: &Batch) -> Digest {
+    let leaves: Vec<Digest> = batch.requests.iter().map(|r| request_leaf(r)).collect();
+    merkle::root(&leaves)
+}
+
+/// A secret opened by the tree, with the primary's commitment to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Opened {
+    /// `⟨h_c, (c, e)⟩` signed by the primary's enclave.
+    pub commitment: Signed<SecretCommitment>,
+    /// `s_c`.
+    pub secret: Share,
+}
+
+impl Opened {
+    /// Whether this opens the secret of `cert`'s counter value, committed by the
+    /// enclave with key `primary`.
+    pub fn opens(&self, cert: &Cert, primary: &PublicKey) -> bool {
+        (self.commitment.counter, self.commitment.view) == (cert.counter, cert.view)
+            && secret_hash(&self.secret, cert.counter, cert.view) == self.commitment.secret_hash
+            && self.commitment.verify(primary)
+    }
+}
+
+/// The active replicas of an epoch besides the primary (`f` of them: with the
+/// primary at the root they are the paper's `f + 1`), in tree order, and the
+/// tree's fan-out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeConfig {
+    /// The epoch this configuration starts.
+    pub epoch: u64,
+    /// The active replicas: position `i` of the share tree is `actives[i]`.
+    pub actives: BoundedVec<ReplicaId, MAX_REPLICAS>,
+    /// Children per node.
+    pub fan_out: u16,
+}
+
+/// PREPARE: the batch at `seq`, bound to the next counter value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    /// The batch's sequence number.
+    pub seq: Seq,
+    /// The requests.
+    pub batch: Batch,
+    /// `⟨prepare_digest(seq, root), (c, e)⟩`.
+    pub cert: Cert,
+}
+
+/// COMMIT: the PREPARE's secret opened, the results, and the next counter value
+/// bound to them. Carries the batch when it re-commits a batch prepared in an
+/// earlier epoch (the new actives may never have seen it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Commit {
+    /// The batch's sequence number.
+    pub seq: Seq,
+    /// The Merkle root of the batch.
+    pub batch_root: Digest,
+    /// The Merkle root of the results.
+    pub results_root: Digest,
+    /// The PREPARE's certificate.
+    pub prepare_cert: Cert,
+    /// Its secret, opened.
+    pub prepared: Opened,
+    /// The batch, when re-committed in a later epoch.
+    pub batch: Option<Batch>,
+    /// `⟨commit_digest(seq, root, results), (c, e)⟩`.
+    pub cert: Cert,
+}
+
+/// REPLY to the passive replicas (and to any replica catching up): a batch, both
+/// opened secrets and the results root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// The batch's sequence number.
+    pub seq: Seq,
+    /// The requests.
+    pub batch: Batch,
+    /// The Merkle root of the results.
+    pub results_root: Digest,
+    /// The PREPARE's certificate and opened secret.
+    pub prepare_cert: Cert,
+    /// The PREPARE's secret.
+    pub prepared: Opened,
+    /// The COMMIT's certificate.
+    pub commit_cert: Cert,
+    /// The COMMIT's secret (the reply phase).
+    pub replied: Opened,
+}
+
+/// REPLY to a client: its result, the paths that tie request and result to the
+/// certified roots, and both opened secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReply {
+    /// The client.
+    pub client: ClientId,
+    /// The request's timestamp.
+    pub timestamp: u64,
+    /// The result.
+    pub result: Blob<MAX_RESULT_BYTES>,
+    /// The batch's sequence number.
+    pub seq: Seq,
+    /// The request's index in the batch.
+    pub index: u32,
+    /// The batch's size.
+    pub len: u32,
+    /// The request's Merkle path to the batch root.
+    pub request_path: Path,
+    /// The result's Merkle path to the results root.
+    pub result_path: Path,
+    /// The batch root.
+    pub batch_root: Digest,
+    /// The results root.
+    pub results_root: Digest,
+    /// The PREPARE's certificate.
+    pub prepare_cert: Cert,
+    /// Its opened secret.
+    pub prepared: Opened,
+    /// The COMMIT's certificate.
+    pub commit_cert: Cert,
+    /// Its opened secret.
+    pub replied: Opened,
+}
+
+/// A subtree aggregate `ŝ_j` on its way up the tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareUp {
+    /// The epoch.
+    pub epoch: u64,
+    /// The counter value whose secret it is part of.
+    pub counter: u64,
+    /// The XOR of the sender's share and its children's aggregates.
+    pub aggregate: Share,
+}
+
+/// SUSPECT: the sender's child `accused` sent no valid aggregate for `counter`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspect {
+    /// The epoch.
+    pub epoch: u64,
+    /// The counter value of the round.
+    pub counter: u64,
+    /// The child the sender suspects.
+    pub accused: ReplicaId,
+}
+
+/// NEW-TREE: the primary ends an epoch with a certificate over the next tree, and
+/// hands the new view keys to the new active replicas' enclaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTree {
+    /// The next epoch's tree.
+    pub config: TreeConfig,
+    /// `⟨new_tree_digest(config), (c, e)⟩`: the last counter value of epoch `e`.
+    pub cert: Cert,
+    /// The view keys, wrapped for the active replicas' enclaves, in tree order.
+    pub keys: BoundedVec<WrappedViewKey, MAX_REPLICAS>,
+}
+
+/// Preprocessed packages for one active replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packages {
+    /// The epoch.
+    pub epoch: u64,
+    /// `ϱ_c^i` for consecutive counter values.
+    pub packages: BoundedVec<Package, MAX_PREPROCESSING>,
+}
+
+/// FETCH: the sender's enclave is at `counter - 1` in `epoch` and is missing what
+/// comes next (stream messages, or its packages if `packages`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fetch {
+    /// The epoch.
+    pub epoch: u64,
+    /// The first counter value missing.
+    pub counter: u64,
+    /// The sender is an active replica without the package for `counter`.
+    pub packages: bool,
+}
+
+/// Everything FastBFT sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// A client request.
+    Request(Request),
+    /// PREPARE.
+    Prepare(Prepare),
+    /// An aggregate up the tree.
+    Share(ShareUp),
+    /// COMMIT.
+    Commit(Commit),
+    /// REPLY to passive replicas.
+    Update(Update),
+    /// REPLY to a client.
+    Reply(ClientReply),
+    /// SUSPECT.
+    Suspect(Suspect),
+    /// NEW-TREE.
+    NewTree(NewTree),
+    /// Preprocessed packages.
+    Packages(Packages),
+    /// FETCH.
+    Fetch(Fetch),
+}
+
+impl WireMessage for Message {
+    fn kind(&self) -> &'static str {
+        match self {
+            Message::Request(_) => "request",
+            Message::Prepare(_) => "prepare",
+            Message::Share(_) => "share",
+            Message::Commit(_) => "commit",
+            Message::Update(_) => "update",
+            Message::Reply(_) => "reply",
+            Message::Suspect(_) => "suspect",
+            Message::NewTree(_) => "new-tree",
+            Message::Packages(_) => "packages",
+            Message::Fetch(_) => "fetch",
+        }
+    }
+}

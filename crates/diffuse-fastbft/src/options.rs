@@ -1,0 +1,109 @@
+//! FastBFT's options: PBFT's batching and client knobs, the share tree, the
+//! preprocessing pool, failure detection, the machine the enclave comes from, and
+//! the mutants.
+
+use diffuse_core::suite::Named;
+use diffuse_minbft::TeeHost;
+use diffuse_pbft::PbftOptions;
+use std::time::Duration;
+
+/// A deliberately broken FastBFT that the simulator's checkers must catch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mutant {
+    /// Parents (the primary included) XOR their children's aggregates without
+    /// checking them against the enclave's hashes: one wrong share spoils the
+    /// secret, and the correct replicas then blame the correct primary.
+    ParentSkipsAggregateCheck,
+    /// Replicas apply a REPLY (UPDATE) without checking its certificates and
+    /// opened secrets: a faulty replica's forged UPDATE makes them execute a batch
+    /// that was never ordered.
+    ReplicaTrustsUpdates,
+    /// Clients accept a REPLY without checking its certificates, paths and secrets:
+    /// a faulty replica's forged REPLY completes an operation with a made-up result.
+    ClientTrustsReplies,
+}
+
+impl Mutant {
+    /// Every mutant with its name.
+    pub const ALL: [(Mutant, Named); 3] = [
+        (
+            Mutant::ParentSkipsAggregateCheck,
+            Named {
+                name: "parent-skips-aggregate-check",
+                description: "parents XOR children's aggregates unchecked (run with --faults wrong-share)",
+            },
+        ),
+        (
+            Mutant::ReplicaTrustsUpdates,
+            Named {
+                name: "replica-trusts-updates",
+                description: "replicas apply UPDATEs unchecked (run with --faults forge-update)",
+            },
+        ),
+        (
+            Mutant::ClientTrustsReplies,
+            Named {
+                name: "client-trusts-replies",
+                description: "clients accept REPLYs unchecked (run with --faults forge-update)",
+            },
+        ),
+    ];
+
+    /// The mutant called `name`.
+    pub fn from_name(name: &str) -> Option<Mutant> {
+        Self::ALL
+            .iter()
+            .find(|(_, named)| named.name == name)
+            .map(|(m, _)| *m)
+    }
+}
+
+/// FastBFT's options.
+#[derive(Debug, Clone)]
+pub struct FastBftOptions {
+    /// Batching (`batch_max_requests`, `batch_delay`), the stall check
+    /// (`status_interval`), and the client's retransmission: as PBFT.
+    pub base: PbftOptions,
+    /// Children per node of the share tree.
+    pub fan_out: usize,
+    /// Counter values the primary keeps preprocessed ahead of the next one.
+    pub preprocess_ahead: usize,
+    /// How long a parent waits for a child's aggregate, per level below the parent.
+    pub share_timeout: Duration,
+    /// Detected failures (tree rebuilds) after which the fallback protocol would
+    /// start; the fallback is not built yet, so crossing it is only reported.
+    pub failure_threshold: u64,
+    /// Where the enclaves come from.
+    pub tee: TeeHost,
+    /// A deliberate bug, for checker tests.
+    pub mutant: Option<Mutant>,
+}
+
+impl FastBftOptions {
+    /// Whether the mutant `m` is active.
+    pub fn is(&self, m: Mutant) -> bool {
+        self.mutant == Some(m)
+    }
+
+    /// Checks the FastBFT-specific knobs.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.fan_out == 0 || self.fan_out > diffuse_tee::fastbft::MAX_FAN_OUT {
+            return Err(format!(
+                "fan_out must be 1 to {}",
+                diffuse_tee::fastbft::MAX_FAN_OUT
+            ));
+        }
+        if self.preprocess_ahead < 4
+            || self.preprocess_ahead > diffuse_tee::fastbft::MAX_PREPROCESSING
+        {
+            return Err(format!(
+                "preprocess_ahead must be 4 to {}",
+                diffuse_tee::fastbft::MAX_PREPROCESSING
+            ));
+        }
+        if self.share_timeout.is_zero() {
+            return Err("share_timeout must be positive".into());
+        }
+        self.base.validate().map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,546 @@
+//! The primary (Fig. 4, lines 1–7, 23–35): a pool of preprocessed counter values,
+//! batching, PREPARE, COMMIT once the PREPARE's secret opens, REPLY once the
+//! COMMIT's does, NEW-TREE on a detected failure, and FETCH answers.
+//!
+//! One batch is between PREPARE and COMMIT at a time (more wait in the batch being
+//! filled), so a batch's two certificates take consecutive counter values unless a
+//! NEW-TREE falls between them; reply rounds of earlier batches overlap freely.
+
+use super::rounds::Phase;
+use super::{Epoch, Executed, FastBftReplica, Out, Timer, client_reply};
+use crate::message::{
+    Cert, ClientReply, Commit, Fetch, Message, NewTree, Opened, Packages, Position, Prepare,
+    TreeConfig, Update, commit_digest, new_tree_digest, position, prepare_digest,
+    request_leaf,
+};
+use diffuse_core::codec::BoundedVec;
+use diffuse_core::crypto::{Digest, Signed};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
+use diffuse_pbft::message::{Batch, Request};
+use diffuse_tee::{FastBftComponent, Package, SecretCommitment, Tree};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Requests waiting for a batch, at most.
+const MAX_PENDING: usize = 16_384;
+/// Stream messages and UPDATEs kept for FETCH answers.
+const LOG_KEPT: usize = 4096;
+/// Stream messages sent in answer to one FETCH.
+const FETCH_ANSWER: usize = 32;
+
+/// A batch between PREPARE and its REPLY.
+#[derive(Debug)]
+struct InFlight {
+    batch: Batch,
+    leaves: Vec<Digest>,
+    prepared: Option<(Cert, Opened)>,
+    committed: Option<(Cert, Executed)>,
+}
+
+impl std::fmt::Debug for Executed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executed")
+            .field("results_root", &self.results_root)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A preprocessed counter value as the primary keeps it.
+#[derive(Debug)]
+struct Pooled {
+    commitment: Signed<SecretCommitment>,
+    root_hashes: Vec<Digest>,
+    /// `ϱ_c^i` per active replica, for FETCH answers.
+    packages: Vec<Package>,
+}
+
+/// The primary's own state.
+#[derive(Debug, Default)]
+pub(crate) struct PrimaryState {
+    pending: VecDeque<Request>,
+    queued: BTreeSet<(ClientId, u64)>,
+    batch_timer: bool,
+    next_seq: Seq,
+    /// The batch between PREPARE and COMMIT.
+    preparing: Option<Seq>,
+    in_flight: BTreeMap<Seq, InFlight>,
+    pool: BTreeMap<u64, Pooled>,
+    /// Where each position's certificate went, for FETCH answers.
+    log: BTreeMap<Position, (Message, Option<Seq>)>,
+    updates: BTreeMap<Seq, Update>,
+    replies: BTreeMap<ClientId, ClientReply>,
+    passives: VecDeque<ReplicaId>,
+    pub(crate) failures: u64,
+}
+
+impl PrimaryState {
+    fn log(&mut self, at: Position, message: Message, seq: Option<Seq>) {
+        self.log.insert(at, (message, seq));
+        while self.log.len() > LOG_KEPT {
+            self.log.pop_first();
+        }
+    }
+}
+
+impl FastBftReplica {
+    fn state(&mut self) -> &mut PrimaryState {
+        self.primary
+            .as_mut()
+            .expect("primary-only code runs at the primary")
+    }
+
+    /// Genesis: the primary and replicas `1..=f` are the `f + 1` active replicas,
+    /// the other `f` are passive.
+    pub(super) fn start_as_primary(&mut self, out: &mut Out) {
+        let actives: Vec<ReplicaId> = (1..=self.f as u16).map(ReplicaId).collect();
+        let passives = (self.f as u16 + 1..self.n as u16).map(ReplicaId).collect();
+        self.primary = Some(PrimaryState {
+            next_seq: Seq(1),
+            passives,
+            ..PrimaryState::default()
+        });
+        self.install_tree(actives, out);
+    }
+
+    /// Ends the current epoch (or the genesis one) with a NEW-TREE for `actives`.
+    fn install_tree(&mut self, actives: Vec<ReplicaId>, out: &mut Out) {
+        let current = self.enclave_call(|e| e.fastbft_counter().1);
+        let config = TreeConfig {
+            epoch: current + 1,
+            actives: BoundedVec::truncating(actives),
+            fan_out: self.options.fan_out as u16,
+        };
+        let Ok(tree) = Tree::balanced(config.actives.len(), self.options.fan_out) else {
+            self.halted = true;
+            return;
+        };
+        let keys: Vec<_> = config
+            .actives
+            .iter()
+            .map(|r| self.enclave_keys[r.index()])
+            .collect();
+        let digest = new_tree_digest(&config);
+        let made = self.enclave_call(|e| {
+            let cert = e.request_counter(&digest)?;
+            let wrapped = e.be_primary(&keys, tree)?;
+            Ok::<_, diffuse_tee::FastBftError>((cert, wrapped))
+        });
+        let Ok((cert, wrapped)) = made else {
+            // The enclave refused (locked, exhausted): this primary can do nothing.
+            self.halted = true;
+            return;
+        };
+        let new_tree = NewTree {
+            config: config.clone(),
+            cert,
+            keys: BoundedVec::truncating(wrapped),
+        };
+        for (at, _) in std::mem::take(&mut self.rounds) {
+            out.cancel_timer(Timer::Round(at.0, at.1));
+        }
+        let at = position(&new_tree.cert);
+        out.broadcast(Message::NewTree(new_tree.clone()));
+        let state = self.state();
+        state.log(at, Message::NewTree(new_tree), None);
+        state.pool.clear();
+        self.epoch = Some(Epoch { config, tree });
+        self.refill(out);
+        self.resume_in_flight(out);
+        self.propose(false, out);
+    }
+
+    /// After a NEW-TREE: re-commits the batches whose REPLY did not open, and
+    /// re-prepares the one whose PREPARE did not.
+    fn resume_in_flight(&mut self, out: &mut Out) {
+        let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
+        self.state().preparing = None;
+        for seq in seqs {
+            let Some(flight) = self.state().in_flight.get(&seq) else {
+                continue;
+            };
+            if flight.committed.is_some() {
+                self.send_commit(seq, true, out);
+            } else if flight.prepared.is_some() {
+                self.commit_ready(out);
+            } else {
+                self.send_prepare(seq, out);
+            }
+        }
+    }
+
+    /// Keeps `preprocess_ahead` counter values preprocessed past the enclave's.
+    fn refill(&mut self, out: &mut Out) {
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        let (counter, _) = self.enclave_call(|e| e.fastbft_counter());
+        let ahead = self.options.preprocess_ahead as u64;
+        let state = self.state();
+        state.pool = state.pool.split_off(&counter.saturating_sub(8));
+        let prepared = state.pool.last_key_value().map_or(counter, |(c, _)| *c);
+        let have = prepared.saturating_sub(counter);
+        if have >= ahead / 2 {
+            return;
+        }
+        let wanted = (ahead - have) as usize;
+        let Ok(batch) = self.enclave_call(|e| e.preprocessing(wanted)) else {
+            return;
+        };
+        let mut per_active: Vec<Vec<Package>> = vec![Vec::new(); epoch.config.actives.len()];
+        let state = self.state();
+        for prepared in batch {
+            for (i, package) in prepared.packages.iter().enumerate() {
+                if let Some(list) = per_active.get_mut(i) {
+                    list.push(package.clone());
+                }
+            }
+            state.pool.insert(
+                prepared.commitment.counter,
+                Pooled {
+                    commitment: prepared.commitment,
+                    root_hashes: prepared.root_children_hashes,
+                    packages: prepared.packages,
+                },
+            );
+        }
+        for (replica, packages) in epoch.config.actives.iter().zip(per_active) {
+            out.send(
+                *replica,
+                Message::Packages(Packages {
+                    epoch: epoch.config.epoch,
+                    packages: BoundedVec::truncating(packages),
+                }),
+            );
+        }
+    }
+
+    pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
+        if from != NodeId::Client(request.client) {
+            return out.fault(from, "request-for-another-client");
+        }
+        let Some(key) = self.keys.client(request.client) else {
+            return;
+        };
+        if request.operation.len() > self.options.base.max_operation_bytes
+            || !request.signature_is_valid(key)
+        {
+            return out.fault(from, "bad-request");
+        }
+        if request.timestamp <= self.service.last_timestamp(request.client) {
+            if let Some(reply) = self.state().replies.get(&request.client)
+                && reply.timestamp == request.timestamp
+            {
+                let reply = reply.clone();
+                out.send(from, Message::Reply(reply));
+            }
+            return;
+        }
+        let state = self.state();
+        if state.pending.len() >= MAX_PENDING
+            || !state.queued.insert((request.client, request.timestamp))
+        {
+            return;
+        }
+        state.pending.push_back(request);
+        self.propose(false, out);
+    }
+
+    pub(super) fn on_batch_timer(&mut self, out: &mut Out) {
+        if self.primary.is_some() {
+            self.state().batch_timer = false;
+            self.propose(true, out);
+        }
+    }
+
+    /// Starts the next batch if none is between PREPARE and COMMIT.
+    fn propose(&mut self, timer_fired: bool, out: &mut Out) {
+        let max = self.options.base.batch_max_requests.max(1);
+        let delay = self.options.base.batch_delay;
+        let state = self.state();
+        if state.preparing.is_some() || state.pending.is_empty() {
+            return;
+        }
+        if state.pending.len() < max && !delay.is_zero() && !timer_fired {
+            if !state.batch_timer {
+                state.batch_timer = true;
+                out.set_timer(Timer::Batch, delay);
+            }
+            return;
+        }
+        let take = state.pending.len().min(max);
+        let requests: Vec<Request> = state.pending.drain(..take).collect();
+        let seq = state.next_seq;
+        state.next_seq = seq.next();
+        let batch = Batch {
+            requests: BoundedVec::truncating(requests),
+        };
+        let leaves = batch.requests.iter().map(|r| request_leaf(r)).collect();
+        state.in_flight.insert(
+            seq,
+            InFlight {
+                batch,
+                leaves,
+                prepared: None,
+                committed: None,
+            },
+        );
+        self.send_prepare(seq, out);
+    }
+
+    fn send_prepare(&mut self, seq: Seq, out: &mut Out) {
+        self.refill(out);
+        let Some(flight) = self.state().in_flight.get(&seq) else {
+            return;
+        };
+        let batch = flight.batch.clone();
+        let digest = prepare_digest(seq, &crate::merkle::root(&flight.leaves));
+        let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
+            self.halted = true;
+            return;
+        };
+        let at = position(&cert);
+        let prepare = Prepare { seq, batch, cert };
+        self.to_actives(Message::Prepare(prepare.clone()), out);
+        let state = self.state();
+        state.preparing = Some(seq);
+        state.log(at, Message::Prepare(prepare), Some(seq));
+        self.start_pooled_round(at, Phase::Prepare, out);
+    }
+
+    fn to_actives(&self, message: Message, out: &mut Out) {
+        if let Some(epoch) = &self.epoch {
+            for replica in epoch.config.actives.iter() {
+                out.send(*replica, message.clone());
+            }
+        }
+    }
+
+    fn start_pooled_round(&mut self, at: Position, phase: Phase, out: &mut Out) {
+        let Some(pooled) = self.state().pool.get(&at.1) else {
+            // Not preprocessed (the enclave refused): nothing can open this round;
+            // a child's timeout will rebuild the tree.
+            return;
+        };
+        let (hash, hashes) = (pooled.commitment.secret_hash, pooled.root_hashes.clone());
+        self.start_root_round(at, phase, hash, hashes, out);
+    }
+
+    /// The root of the round of `at` has the secret.
+    pub(super) fn secret_opened(&mut self, at: Position, phase: Phase, secret: diffuse_tee::Share, out: &mut Out) {
+        let Some(pooled) = self.state().pool.get(&at.1) else {
+            return;
+        };
+        let opened = Opened {
+            commitment: pooled.commitment.clone(),
+            secret,
+        };
+        let Some(seq) = self.state().log.get(&at).and_then(|(_, seq)| *seq) else {
+            return;
+        };
+        match phase {
+            Phase::Prepare => {
+                let state = self.state();
+                let cert = match state.log.get(&at) {
+                    Some((Message::Prepare(p), _)) => p.cert.clone(),
+                    _ => return,
+                };
+                if let Some(flight) = state.in_flight.get_mut(&seq) {
+                    flight.prepared = Some((cert, opened));
+                }
+                if state.preparing == Some(seq) {
+                    state.preparing = None;
+                }
+                self.commit_ready(out);
+                self.propose(false, out);
+            }
+            Phase::Reply => self.reply(seq, opened, out),
+        }
+    }
+
+    /// Executes and COMMITs the next batch whose PREPARE opened.
+    fn commit_ready(&mut self, out: &mut Out) {
+        loop {
+            let seq = self.executed.next();
+            let Some(flight) = self.state().in_flight.get(&seq) else {
+                return;
+            };
+            if flight.prepared.is_none() || flight.committed.is_some() {
+                return;
+            }
+            let batch = flight.batch.clone();
+            let executed = self.execute(seq, &batch, out);
+            for request in batch.requests.iter() {
+                self.state().queued.remove(&(request.client, request.timestamp));
+            }
+            if let Some(flight) = self.state().in_flight.get_mut(&seq)
+                && let Some((prepare_cert, _)) = &flight.prepared
+            {
+                // A placeholder: `send_commit` puts the COMMIT's certificate here.
+                flight.committed = Some((prepare_cert.clone(), executed));
+            }
+            self.send_commit(seq, false, out);
+        }
+    }
+
+    /// Certifies and sends the COMMIT of `seq` (with the batch after a NEW-TREE).
+    fn send_commit(&mut self, seq: Seq, with_batch: bool, out: &mut Out) {
+        self.refill(out);
+        let Some(flight) = self.state().in_flight.get(&seq) else {
+            return;
+        };
+        let (Some((prepare_cert, prepared)), Some((_, executed))) = (&flight.prepared, &flight.committed) else {
+            return;
+        };
+        let root = crate::merkle::root(&flight.leaves);
+        let digest = commit_digest(seq, &root, &executed.results_root);
+        let (prepare_cert, prepared, results_root) =
+            (prepare_cert.clone(), prepared.clone(), executed.results_root);
+        let batch = with_batch.then(|| flight.batch.clone());
+        let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
+            self.halted = true;
+            return;
+        };
+        let at = position(&cert);
+        let commit = Commit {
+            seq,
+            batch_root: root,
+            results_root,
+            prepare_cert,
+            prepared,
+            batch,
+            cert: cert.clone(),
+        };
+        self.to_actives(Message::Commit(commit.clone()), out);
+        let state = self.state();
+        if let Some(flight) = state.in_flight.get_mut(&seq)
+            && let Some((commit_cert, _)) = &mut flight.committed
+        {
+            *commit_cert = cert;
+        }
+        state.log(at, Message::Commit(commit), Some(seq));
+        self.start_pooled_round(at, Phase::Reply, out);
+    }
+
+    /// The COMMIT's secret opened: REPLY to the clients and UPDATE to the others.
+    fn reply(&mut self, seq: Seq, replied: Opened, out: &mut Out) {
+        let Some(flight) = self.state().in_flight.remove(&seq) else {
+            return;
+        };
+        let (Some((prepare_cert, prepared)), Some((commit_cert, executed))) =
+            (flight.prepared, flight.committed)
+        else {
+            return;
+        };
+        let update = Update {
+            seq,
+            batch: flight.batch.clone(),
+            results_root: executed.results_root,
+            prepare_cert: prepare_cert.clone(),
+            prepared: prepared.clone(),
+            commit_cert: commit_cert.clone(),
+            replied: replied.clone(),
+        };
+        let actives: BTreeSet<ReplicaId> = self
+            .epoch
+            .as_ref()
+            .map(|e| e.config.actives.iter().copied().collect())
+            .unwrap_or_default();
+        for r in (0..self.n as u16).map(ReplicaId) {
+            if r != self.id && !actives.contains(&r) {
+                out.send(r, Message::Update(update.clone()));
+            }
+        }
+        for index in 0..flight.batch.requests.len() {
+            if let Some(reply) = client_reply(
+                seq,
+                &flight.batch,
+                &executed,
+                index,
+                (&prepare_cert, &prepared),
+                (&commit_cert, &replied),
+                &flight.leaves,
+            ) {
+                out.send(reply.client, Message::Reply(reply.clone()));
+                self.state().replies.insert(reply.client, reply);
+            }
+        }
+        let state = self.state();
+        state.updates.insert(seq, update);
+        while state.updates.len() > LOG_KEPT {
+            state.updates.pop_first();
+        }
+    }
+
+    /// A failure detected in the tree: `accused` goes passive, a passive replica
+    /// takes its place, and the accuser moves to a leaf (§4.3).
+    pub(super) fn rebuild_tree(&mut self, accused: ReplicaId, accuser: ReplicaId, out: &mut Out) {
+        let Some(epoch) = &self.epoch else {
+            return;
+        };
+        let mut actives = epoch.config.actives.to_vec();
+        let Some(slot) = actives.iter().position(|r| *r == accused) else {
+            return;
+        };
+        let state = self.state();
+        let Some(replacement) = state.passives.pop_front() else {
+            return;
+        };
+        state.passives.push_back(accused);
+        state.failures += 1;
+        actives[slot] = replacement;
+        if let Some(from) = actives.iter().position(|r| *r == accuser) {
+            let last = actives.len() - 1;
+            actives.swap(from, last);
+        }
+        self.install_tree(actives, out);
+    }
+
+    /// Answers a replica that is missing stream messages or packages.
+    pub(super) fn on_fetch(&mut self, from: NodeId, fetch: Fetch, out: &mut Out) {
+        let NodeId::Replica(replica) = from else {
+            return;
+        };
+        let Some(epoch) = self.epoch.clone() else {
+            return;
+        };
+        if fetch.packages {
+            if let Some(i) = epoch.index_of(replica)
+                && fetch.epoch == epoch.number()
+            {
+                let packages: Vec<Package> = self
+                    .state()
+                    .pool
+                    .range(fetch.counter..)
+                    .filter_map(|(_, p)| p.packages.get(i).cloned())
+                    .collect();
+                out.send(
+                    replica,
+                    Message::Packages(Packages {
+                        epoch: epoch.number(),
+                        packages: BoundedVec::truncating(packages),
+                    }),
+                );
+            }
+            return;
+        }
+        let state = self.state();
+        let mut sent_updates = BTreeSet::new();
+        let mut answers = Vec::new();
+        for (_, (message, seq)) in state
+            .log
+            .range((fetch.epoch, fetch.counter)..)
+            .take(FETCH_ANSWER)
+        {
+            match seq.and_then(|s| state.updates.get(&s).map(|u| (s, u))) {
+                Some((s, update)) => {
+                    if sent_updates.insert(s) {
+                        answers.push(Message::Update(update.clone()));
+                    }
+                }
+                None => answers.push(message.clone()),
+            }
+        }
+        for answer in answers {
+            out.send(replica, answer);
+        }
+    }
+}

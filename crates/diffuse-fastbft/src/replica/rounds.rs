@@ -1,0 +1,294 @@
+//! Opening one secret over the tree (Fig. 4, lines 9–36): each active replica
+//! XORs its share with its children's aggregates, each checked against the hash
+//! its enclave released, and passes the result to its parent; the primary XORs
+//! its children's aggregates into the secret.
+//!
+//! Failure detection (§4.3): a parent waits for each child for `share_timeout`
+//! per level below it, so the deepest parent times out first; on a timeout or a
+//! wrong aggregate it sends SUSPECT to the primary (and to its own parent, which
+//! then stops waiting for the accuser: its subtree is reported already). The
+//! primary acts on the first valid SUSPECT of an epoch by rebuilding the tree.
+
+use super::{FastBftReplica, Out, Timer};
+use crate::message::{Message, Position, ShareUp, Suspect};
+use crate::options::Mutant;
+use diffuse_core::crypto::Digest;
+use diffuse_core::ids::{NodeId, ReplicaId};
+use diffuse_tee::{OpenedShare, Share, Tree, aggregate_hash};
+
+/// Which secret of a batch a round opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    /// The PREPARE's: the batch is committed once it opens.
+    Prepare,
+    /// The COMMIT's: every active replica executed the batch with these results.
+    Reply,
+}
+
+/// One secret being opened at this replica.
+#[derive(Debug, Clone)]
+pub(crate) struct Round {
+    pub(crate) phase: Phase,
+    /// `h_c` as the enclave released it (the primary's own commitment at the root).
+    pub(crate) secret_hash: Digest,
+    /// This replica's children, their expected aggregate hashes, and what arrived.
+    children: Vec<ReplicaId>,
+    hashes: Vec<Digest>,
+    received: Vec<Option<Share>>,
+    /// Children that reported a SUSPECT about their own child: not accused here.
+    excused: Vec<bool>,
+    /// The XOR so far (this replica's share, or zero at the primary).
+    aggregate: Share,
+    /// `None` at the primary.
+    parent: Option<ReplicaId>,
+    done: bool,
+    accused: bool,
+}
+
+impl Round {
+    fn complete(&self) -> bool {
+        self.received.iter().all(Option::is_some)
+    }
+}
+
+/// Levels below tree position `i` (0 for a leaf).
+fn height(tree: &Tree, i: usize) -> u32 {
+    tree.children(i)
+        .map(|c| 1 + height(tree, c))
+        .max()
+        .unwrap_or(0)
+}
+
+impl FastBftReplica {
+    /// Starts the round of `at` at an active replica, with what its enclave released.
+    pub(super) fn start_round(
+        &mut self,
+        at: Position,
+        phase: Phase,
+        opened: OpenedShare,
+        out: &mut Out,
+    ) {
+        let Some(epoch) = &self.epoch else {
+            return;
+        };
+        let Some(i) = epoch.index_of(self.id) else {
+            return;
+        };
+        let children: Vec<ReplicaId> = epoch
+            .tree
+            .children(i)
+            .map(|c| epoch.config.actives[c])
+            .collect();
+        let parent = Some(
+            epoch
+                .tree
+                .parent(i)
+                .map_or(self.primary_id(), |p| epoch.config.actives[p]),
+        );
+        let levels = height(&epoch.tree, i);
+        self.open_round(
+            at,
+            Round {
+                phase,
+                secret_hash: opened.secret_hash,
+                received: vec![None; children.len()],
+                excused: vec![false; children.len()],
+                hashes: opened.children_hashes,
+                children,
+                aggregate: opened.share,
+                parent,
+                done: false,
+                accused: false,
+            },
+            levels,
+            out,
+        );
+    }
+
+    /// Starts the round of `at` at the primary: its children are the root's.
+    pub(super) fn start_root_round(
+        &mut self,
+        at: Position,
+        phase: Phase,
+        secret_hash: Digest,
+        hashes: Vec<Digest>,
+        out: &mut Out,
+    ) {
+        let Some(epoch) = &self.epoch else {
+            return;
+        };
+        let children: Vec<ReplicaId> = epoch
+            .tree
+            .root_children()
+            .map(|c| epoch.config.actives[c])
+            .collect();
+        let levels = 1 + epoch
+            .tree
+            .root_children()
+            .map(|c| height(&epoch.tree, c))
+            .max()
+            .unwrap_or(0);
+        self.open_round(
+            at,
+            Round {
+                phase,
+                secret_hash,
+                received: vec![None; children.len()],
+                excused: vec![false; children.len()],
+                hashes,
+                children,
+                aggregate: Share::default(),
+                parent: None,
+                done: false,
+                accused: false,
+            },
+            levels,
+            out,
+        );
+    }
+
+    fn open_round(&mut self, at: Position, round: Round, levels: u32, out: &mut Out) {
+        let leaf = round.children.is_empty();
+        self.rounds.insert(at, round);
+        // Keep the rounds of the last few counter values only.
+        while self.rounds.len() > 64 {
+            if let Some((old, _)) = self.rounds.pop_first() {
+                out.cancel_timer(Timer::Round(old.0, old.1));
+            }
+        }
+        if leaf {
+            self.finish_round(at, out);
+        } else {
+            out.set_timer(
+                Timer::Round(at.0, at.1),
+                self.options.share_timeout * levels.max(1),
+            );
+        }
+    }
+
+    pub(super) fn on_share(&mut self, from: NodeId, share: ShareUp, out: &mut Out) {
+        let NodeId::Replica(child) = from else {
+            return;
+        };
+        let at = (share.epoch, share.counter);
+        let check = !self.options.is(Mutant::ParentSkipsAggregateCheck);
+        let Some(round) = self.rounds.get_mut(&at) else {
+            return;
+        };
+        let Some(k) = round.children.iter().position(|c| *c == child) else {
+            return;
+        };
+        if round.done || round.received[k].is_some() {
+            return;
+        }
+        if check && aggregate_hash(&share.aggregate, at.1, at.0) != round.hashes[k] {
+            out.fault(child, "wrong-aggregate");
+            return self.suspect(at, child, out);
+        }
+        round.received[k] = Some(share.aggregate);
+        if round.complete() {
+            self.finish_round(at, out);
+        }
+    }
+
+    fn finish_round(&mut self, at: Position, out: &mut Out) {
+        let Some(round) = self.rounds.get_mut(&at) else {
+            return;
+        };
+        round.done = true;
+        let aggregate = round
+            .received
+            .iter()
+            .flatten()
+            .fold(round.aggregate, |acc, s| acc.xor(s));
+        let (phase, parent) = (round.phase, round.parent);
+        out.cancel_timer(Timer::Round(at.0, at.1));
+        match parent {
+            Some(parent) => out.send(
+                parent,
+                Message::Share(ShareUp {
+                    epoch: at.0,
+                    counter: at.1,
+                    aggregate,
+                }),
+            ),
+            None => self.secret_opened(at, phase, aggregate, out),
+        }
+    }
+
+    pub(super) fn on_round_timeout(&mut self, at: Position, out: &mut Out) {
+        let Some(round) = self.rounds.get(&at) else {
+            return;
+        };
+        if round.done || round.accused {
+            return;
+        }
+        let late = round
+            .children
+            .iter()
+            .zip(round.received.iter().zip(&round.excused))
+            .find(|(_, (got, excused))| got.is_none() && !**excused)
+            .map(|(child, _)| *child);
+        if let Some(child) = late {
+            self.suspect(at, child, out);
+        }
+    }
+
+    /// Reports `child` as failed in the round of `at`.
+    fn suspect(&mut self, at: Position, child: ReplicaId, out: &mut Out) {
+        let Some(round) = self.rounds.get_mut(&at) else {
+            return;
+        };
+        if round.accused {
+            return;
+        }
+        round.accused = true;
+        match round.parent {
+            None => self.rebuild_tree(child, self.id, out),
+            Some(parent) => {
+                let suspect = Suspect {
+                    epoch: at.0,
+                    counter: at.1,
+                    accused: child,
+                };
+                out.send(self.primary_id(), Message::Suspect(suspect));
+                if parent != self.primary_id() {
+                    out.send(parent, Message::Suspect(suspect));
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_suspect(&mut self, from: NodeId, suspect: Suspect, out: &mut Out) {
+        let NodeId::Replica(accuser) = from else {
+            return;
+        };
+        if self.is_primary() {
+            return self.on_suspect_at_primary(accuser, suspect, out);
+        }
+        // A child reports its own child: stop waiting for the accuser.
+        let at = (suspect.epoch, suspect.counter);
+        if let Some(round) = self.rounds.get_mut(&at)
+            && let Some(k) = round.children.iter().position(|c| *c == accuser)
+        {
+            round.excused[k] = true;
+        }
+    }
+
+    fn on_suspect_at_primary(&mut self, accuser: ReplicaId, suspect: Suspect, out: &mut Out) {
+        let Some(epoch) = &self.epoch else {
+            return;
+        };
+        if suspect.epoch != epoch.number() {
+            return;
+        }
+        let (Some(i), Some(j)) = (epoch.index_of(accuser), epoch.index_of(suspect.accused))
+        else {
+            return;
+        };
+        if epoch.tree.parent(j) != Some(i) {
+            return;
+        }
+        self.rebuild_tree(suspect.accused, accuser, out);
+    }
+}
