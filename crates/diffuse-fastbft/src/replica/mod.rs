@@ -49,6 +49,8 @@ pub enum Timer {
     Stall,
     /// The children of the round at `(epoch, counter)` are late.
     Round(u64, u64),
+    /// The primary rebuilds the tree of this epoch (after a back-off).
+    Rebuild(u64),
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -144,6 +146,9 @@ pub struct FastBftReplica {
     executed: Seq,
     results: BTreeMap<Seq, Digest>,
     stall_armed: bool,
+    /// The position last fetched from, so that a gap is fetched once per position
+    /// and then on the stall timer.
+    fetched_at: Option<Position>,
     package_waits: u32,
     primary: Option<PrimaryState>,
     halted: bool,
@@ -178,6 +183,7 @@ impl FastBftReplica {
             executed: Seq(0),
             results: BTreeMap::new(),
             stall_armed: false,
+            fetched_at: None,
             package_waits: 0,
             primary: None,
             halted: false,
@@ -297,6 +303,10 @@ impl FastBftReplica {
         if packages.epoch < epoch {
             return;
         }
+        if packages.epoch > epoch && self.fetched_at != Some((epoch, next)) {
+            // Packages of a later epoch: this replica missed the NEW-TREE.
+            self.fetch(false, out);
+        }
         let Some(me) = self.enclave_keys.get(self.id.index()).copied() else {
             return;
         };
@@ -351,10 +361,30 @@ impl FastBftReplica {
                 }
             }
         }
-        if !self.held.is_empty() && !self.stall_armed {
-            self.stall_armed = true;
-            out.set_timer(Timer::Stall, self.options.base.status_interval);
+        if !self.held.is_empty() {
+            let next = self.next_position();
+            if self.fetched_at != Some(next) && !self.held.contains_key(&next) {
+                // A gap: ask at once (and again on the stall timer if it stays).
+                self.fetch(false, out);
+            }
+            if !self.stall_armed {
+                self.stall_armed = true;
+                out.set_timer(Timer::Stall, self.options.base.status_interval);
+            }
         }
+    }
+
+    fn fetch(&mut self, packages: bool, out: &mut Out) {
+        let (epoch, counter) = self.next_position();
+        self.fetched_at = Some((epoch, counter));
+        out.send(
+            self.primary_id(),
+            Message::Fetch(crate::message::Fetch {
+                epoch,
+                counter,
+                packages,
+            }),
+        );
     }
 
     fn on_stall(&mut self, out: &mut Out) {
@@ -362,19 +392,12 @@ impl FastBftReplica {
         if self.held.is_empty() {
             return;
         }
-        let (epoch, counter) = self.next_position();
-        let waiting_for_package = self.held.contains_key(&(epoch, counter)) && self.is_active();
+        let next = self.next_position();
+        let waiting_for_package = self.held.contains_key(&next) && self.is_active();
         if waiting_for_package {
             self.package_waits += 1;
         }
-        out.send(
-            self.primary_id(),
-            Message::Fetch(crate::message::Fetch {
-                epoch,
-                counter,
-                packages: waiting_for_package,
-            }),
-        );
+        self.fetch(waiting_for_package, out);
         self.drain(out);
         if !self.stall_armed {
             self.stall_armed = true;
@@ -702,6 +725,7 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::Round(epoch, counter)) => {
                 self.on_round_timeout((epoch, counter), &mut out)
             }
+            Input::Timer(Timer::Rebuild(epoch)) => self.on_rebuild_timer(epoch, &mut out),
         }
         out
     }

@@ -70,6 +70,10 @@ pub(crate) struct PrimaryState {
     replies: BTreeMap<ClientId, ClientReply>,
     passives: VecDeque<ReplicaId>,
     pub(crate) failures: u64,
+    /// Tree rebuilds since a secret last opened.
+    rebuilds_without_progress: u32,
+    /// The failure reported in this epoch, waiting for the rebuild timer.
+    suspected: Option<(ReplicaId, ReplicaId)>,
 }
 
 impl PrimaryState {
@@ -142,6 +146,7 @@ impl FastBftReplica {
         let state = self.state();
         state.log(at, Message::NewTree(new_tree), None);
         state.pool.clear();
+        state.suspected = None;
         self.epoch = Some(Epoch { config, tree });
         self.refill(out);
         self.resume_in_flight(out);
@@ -333,6 +338,7 @@ impl FastBftReplica {
             commitment: pooled.commitment.clone(),
             secret,
         };
+        self.state().rebuilds_without_progress = 0;
         let Some(seq) = self.state().log.get(&at).and_then(|(_, seq)| *seq) else {
             return;
         };
@@ -470,6 +476,35 @@ impl FastBftReplica {
         }
     }
 
+    /// A failure reported in the current epoch (the first one counts). The first
+    /// rebuild after progress is immediate; while rebuilds bring no progress, each
+    /// waits twice as long as the last (from `share_timeout`, at most 64 times
+    /// it), so that replicas that fell behind can catch up before they are judged.
+    pub(super) fn suspected(&mut self, accused: ReplicaId, accuser: ReplicaId, out: &mut Out) {
+        let Some(epoch) = self.epoch.as_ref().map(|e| e.number()) else {
+            return;
+        };
+        let timeout = self.options.share_timeout;
+        let state = self.state();
+        if state.suspected.is_some() {
+            return;
+        }
+        state.suspected = Some((accused, accuser));
+        match state.rebuilds_without_progress {
+            0 => self.on_rebuild_timer(epoch, out),
+            k => out.set_timer(Timer::Rebuild(epoch), timeout * (1u32 << k.min(6))),
+        }
+    }
+
+    pub(super) fn on_rebuild_timer(&mut self, epoch: u64, out: &mut Out) {
+        if self.primary.is_none() || self.epoch.as_ref().map(|e| e.number()) != Some(epoch) {
+            return;
+        }
+        if let Some((accused, accuser)) = self.state().suspected.take() {
+            self.rebuild_tree(accused, accuser, out);
+        }
+    }
+
     /// A failure detected in the tree: `accused` goes passive, a passive replica
     /// takes its place, and the accuser moves to a leaf (§4.3).
     pub(super) fn rebuild_tree(&mut self, accused: ReplicaId, accuser: ReplicaId, out: &mut Out) {
@@ -486,6 +521,7 @@ impl FastBftReplica {
         };
         state.passives.push_back(accused);
         state.failures += 1;
+        state.rebuilds_without_progress = state.rebuilds_without_progress.saturating_add(1);
         actives[slot] = replacement;
         if let Some(from) = actives.iter().position(|r| *r == accuser) {
             let last = actives.len() - 1;

@@ -244,7 +244,7 @@ impl FastBftReplica {
         }
         round.accused = true;
         match round.parent {
-            None => self.rebuild_tree(child, self.id, out),
+            None => self.suspected(child, self.id, out),
             Some(parent) => {
                 let suspect = Suspect {
                     epoch: at.0,
@@ -289,6 +289,6 @@ impl FastBftReplica {
         if epoch.tree.parent(j) != Some(i) {
             return;
         }
-        self.rebuild_tree(suspect.accused, accuser, out);
+        self.suspected(suspect.accused, accuser, out);
     }
 }
