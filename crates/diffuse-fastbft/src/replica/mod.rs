@@ -140,6 +140,8 @@ pub struct FastBftReplica {
     held: BTreeMap<Position, Item>,
     packages: BTreeMap<Position, Package>,
     rounds: BTreeMap<Position, Round>,
+    /// Aggregates that arrived before this replica opened the round they are for.
+    early_shares: BTreeMap<(Position, ReplicaId), diffuse_tee::Share>,
     commits: BTreeMap<Seq, Committed>,
     /// Batches seen in PREPAREs, by sequence number, until they run.
     batches: BTreeMap<Seq, Batch>,
@@ -178,6 +180,7 @@ impl FastBftReplica {
             held: BTreeMap::new(),
             packages: BTreeMap::new(),
             rounds: BTreeMap::new(),
+            early_shares: BTreeMap::new(),
             commits: BTreeMap::new(),
             batches: BTreeMap::new(),
             executed: Seq(0),

@@ -16,6 +16,9 @@ use diffuse_core::crypto::Digest;
 use diffuse_core::ids::{NodeId, ReplicaId};
 use diffuse_tee::{OpenedShare, Share, Tree, aggregate_hash};
 
+/// Aggregates kept for rounds not opened yet, at most.
+const MAX_EARLY_SHARES: usize = 1024;
+
 /// Which secret of a batch a round opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -149,7 +152,25 @@ impl FastBftReplica {
 
     fn open_round(&mut self, at: Position, round: Round, levels: u32, out: &mut Out) {
         let leaf = round.children.is_empty();
+        let children = round.children.clone();
         self.rounds.insert(at, round);
+        self.early_shares = self.early_shares.split_off(&(at, ReplicaId(0)));
+        for child in children {
+            if let Some(aggregate) = self.early_shares.remove(&(at, child)) {
+                self.on_share(
+                    NodeId::Replica(child),
+                    ShareUp {
+                        epoch: at.0,
+                        counter: at.1,
+                        aggregate,
+                    },
+                    out,
+                );
+            }
+        }
+        if self.rounds.get(&at).is_none_or(|r| r.done) {
+            return;
+        }
         // Keep the rounds of the last few counter values only.
         while self.rounds.len() > 64 {
             if let Some((old, _)) = self.rounds.pop_first() {
@@ -173,6 +194,14 @@ impl FastBftReplica {
         let at = (share.epoch, share.counter);
         let check = !self.options.is(Mutant::ParentSkipsAggregateCheck);
         let Some(round) = self.rounds.get_mut(&at) else {
+            // Not opened here yet (this replica is behind): keep it for then.
+            let ahead = at.1.saturating_sub(self.next_position().1);
+            if at >= self.next_position()
+                && ahead <= diffuse_tee::fastbft::MAX_PREPROCESSING as u64
+                && self.early_shares.len() < MAX_EARLY_SHARES
+            {
+                self.early_shares.insert((at, child), share.aggregate);
+            }
             return;
         };
         let Some(k) = round.children.iter().position(|c| *c == child) else {
