@@ -3,8 +3,7 @@
 use clap::Args;
 use diffuse_core::suite::ProtocolSuite;
 use diffuse_sim::{
-    Tolerance,
-    FaultMix, RunConfig, SweepConfig, behaviour_names, liveness_bound_ns, run_one, sweep,
+    FaultMix, RunConfig, SweepConfig, Tolerance, behaviour_names, liveness_bound_ns, run_one, sweep,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use std::process::ExitCode;

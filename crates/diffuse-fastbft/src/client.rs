@@ -13,7 +13,9 @@
 //! a faulty replica's own enclave cannot vouch for anything.
 
 use crate::merkle;
-use crate::message::{ClientReply, Message, commit_digest, prepare_digest, request_leaf, result_leaf};
+use crate::message::{
+    ClientReply, Message, commit_digest, prepare_digest, request_leaf, result_leaf,
+};
 use crate::options::{FastBftOptions, Mutant};
 use diffuse_core::codec::Blob;
 use diffuse_core::crypto::SecretKey;
@@ -54,7 +56,8 @@ impl FastBftClient {
 
     fn retransmit_delay(&self, retransmissions: u32) -> Duration {
         let base = self.options.base.client_retransmit;
-        (base * (1u32 << retransmissions.min(8))).min(self.options.base.client_retransmit_max.max(base))
+        (base * (1u32 << retransmissions.min(8)))
+            .min(self.options.base.client_retransmit_max.max(base))
     }
 
     /// Whether `reply` proves the result of `request`.
@@ -71,15 +74,19 @@ impl FastBftClient {
             return false;
         };
         let (index, len) = (reply.index as usize, reply.len as usize);
-        merkle::verify(&reply.batch_root, &request_leaf(request), index, len, &reply.request_path)
-            && merkle::verify(
-                &reply.results_root,
-                &result_leaf(request.client, request.timestamp, Some(&reply.result)),
-                index,
-                len,
-                &reply.result_path,
-            )
-            && reply.prepare_cert.message == prepare_digest(reply.seq, &reply.batch_root)
+        merkle::verify(
+            &reply.batch_root,
+            &request_leaf(request),
+            index,
+            len,
+            &reply.request_path,
+        ) && merkle::verify(
+            &reply.results_root,
+            &result_leaf(request.client, request.timestamp, Some(&reply.result)),
+            index,
+            len,
+            &reply.result_path,
+        ) && reply.prepare_cert.message == prepare_digest(reply.seq, &reply.batch_root)
             && reply.commit_cert.message
                 == commit_digest(reply.seq, &reply.batch_root, &reply.results_root)
             && reply.prepare_cert.verify(&primary)
@@ -95,7 +102,8 @@ impl FastBftClient {
         if reply.client != self.id || reply.timestamp != request.timestamp {
             return;
         }
-        if !self.options.is(Mutant::ClientTrustsReplies) && from != NodeId::Replica(self.primary()) {
+        if !self.options.is(Mutant::ClientTrustsReplies) && from != NodeId::Replica(self.primary())
+        {
             return out.fault(from, "reply-from-non-primary");
         }
         if !self.proves(&reply, request) {
@@ -162,7 +170,10 @@ impl diffuse_core::protocol::Client for FastBftClient {
                     let (request, retransmissions) = (request.clone(), *retransmissions);
                     // No view change yet: the primary is the only one who can order.
                     out.send(self.primary(), Message::Request(request));
-                    out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(retransmissions));
+                    out.set_timer(
+                        ClientTimer::Retransmit,
+                        self.retransmit_delay(retransmissions),
+                    );
                 }
             }
         }
@@ -173,4 +184,3 @@ impl diffuse_core::protocol::Client for FastBftClient {
         self.outstanding.is_some()
     }
 }
-

@@ -80,7 +80,12 @@ impl ProtocolSuite for FastBft {
 
     fn configured_options(section: &toml::Table) -> Result<FastBftOptions, String> {
         let mut base_section = section.clone();
-        for key in ["fan_out", "preprocess_ahead", "share_timeout_ms", "failure_threshold"] {
+        for key in [
+            "fan_out",
+            "preprocess_ahead",
+            "share_timeout_ms",
+            "failure_threshold",
+        ] {
             base_section.remove(key);
         }
         let mut options = FastBftOptions {
@@ -109,7 +114,8 @@ impl ProtocolSuite for FastBft {
         for chunk in seed.chunks_mut(8) {
             chunk.copy_from_slice(&entropy.next_u64().to_le_bytes());
         }
-        let pick = |e: &mut dyn Entropy, values: &[u64]| values[e.below(values.len() as u64) as usize];
+        let pick =
+            |e: &mut dyn Entropy, values: &[u64]| values[e.below(values.len() as u64) as usize];
         FastBftOptions {
             base,
             fan_out: pick(entropy, &[1, 2, 3]) as usize,

@@ -494,7 +494,10 @@ fn fastbft_state_is_not_sealed_yet() {
 fn follow_counter_steps_over_an_unopened_counter_value_in_order_only() {
     let mut cluster = Cluster::new(5, 2);
     let prepared = cluster.primary.preprocessing(2).unwrap();
-    let first = cluster.primary.request_counter(&digest("in flight")).unwrap();
+    let first = cluster
+        .primary
+        .request_counter(&digest("in flight"))
+        .unwrap();
     let second = cluster.primary.request_counter(&digest("next")).unwrap();
     let active = &mut cluster.actives[0];
     assert!(matches!(

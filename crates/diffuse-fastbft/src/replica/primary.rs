@@ -10,8 +10,7 @@ use super::rounds::Phase;
 use super::{Epoch, Executed, FastBftReplica, Out, Timer, client_reply};
 use crate::message::{
     Cert, ClientReply, Commit, Fetch, Message, NewTree, Opened, Packages, Position, Prepare,
-    TreeConfig, Update, commit_digest, new_tree_digest, position, prepare_digest,
-    request_leaf,
+    TreeConfig, Update, commit_digest, new_tree_digest, position, prepare_digest, request_leaf,
 };
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::{Digest, Signed};
@@ -330,7 +329,13 @@ impl FastBftReplica {
     }
 
     /// The root of the round of `at` has the secret.
-    pub(super) fn secret_opened(&mut self, at: Position, phase: Phase, secret: diffuse_tee::Share, out: &mut Out) {
+    pub(super) fn secret_opened(
+        &mut self,
+        at: Position,
+        phase: Phase,
+        secret: diffuse_tee::Share,
+        out: &mut Out,
+    ) {
         let Some(pooled) = self.state().pool.get(&at.1) else {
             return;
         };
@@ -375,7 +380,9 @@ impl FastBftReplica {
             let batch = flight.batch.clone();
             let executed = self.execute(seq, &batch, out);
             for request in batch.requests.iter() {
-                self.state().queued.remove(&(request.client, request.timestamp));
+                self.state()
+                    .queued
+                    .remove(&(request.client, request.timestamp));
             }
             if let Some(flight) = self.state().in_flight.get_mut(&seq)
                 && let Some((prepare_cert, _)) = &flight.prepared
@@ -393,13 +400,18 @@ impl FastBftReplica {
         let Some(flight) = self.state().in_flight.get(&seq) else {
             return;
         };
-        let (Some((prepare_cert, prepared)), Some((_, executed))) = (&flight.prepared, &flight.committed) else {
+        let (Some((prepare_cert, prepared)), Some((_, executed))) =
+            (&flight.prepared, &flight.committed)
+        else {
             return;
         };
         let root = crate::merkle::root(&flight.leaves);
         let digest = commit_digest(seq, &root, &executed.results_root);
-        let (prepare_cert, prepared, results_root) =
-            (prepare_cert.clone(), prepared.clone(), executed.results_root);
+        let (prepare_cert, prepared, results_root) = (
+            prepare_cert.clone(),
+            prepared.clone(),
+            executed.results_root,
+        );
         let batch = with_batch.then(|| flight.batch.clone());
         let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
             self.halted = true;

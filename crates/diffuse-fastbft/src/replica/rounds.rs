@@ -311,8 +311,7 @@ impl FastBftReplica {
         if suspect.epoch != epoch.number() {
             return;
         }
-        let (Some(i), Some(j)) = (epoch.index_of(accuser), epoch.index_of(suspect.accused))
-        else {
+        let (Some(i), Some(j)) = (epoch.index_of(accuser), epoch.index_of(suspect.accused)) else {
             return;
         };
         if epoch.tree.parent(j) != Some(i) {

@@ -1,0 +1,139 @@
+//! FastBFT in the simulator over many seeds, with every checker (linearizability,
+//! agreement, state, liveness, blame): the normal case, network faults, the
+//! non-primary Byzantine behaviours, and the mutants the checkers must catch.
+
+use diffuse_core::suite::ProtocolSuite;
+use diffuse_fastbft::FastBft;
+use diffuse_sim::{FaultMix, RunConfig, RunReport, Tolerance, behaviour_names, run_one};
+
+fn run_traced(n: usize, seed: u64, mix: FaultMix, mutant: Option<&str>, trace: bool) -> RunReport {
+    run_one::<FastBft>(&RunConfig {
+        n,
+        seed,
+        mix,
+        mutant: mutant.map(str::to_string),
+        trace,
+    })
+    .expect("valid configuration")
+}
+
+fn run_with(n: usize, seed: u64, mix: FaultMix, mutant: Option<&str>) -> RunReport {
+    run_traced(n, seed, mix, mutant, false)
+}
+
+/// A run that must pass every checker.
+fn clean(n: usize, seed: u64, mix: FaultMix) -> RunReport {
+    let report = run_with(n, seed, mix.clone(), None);
+    assert!(
+        report.violations.is_empty(),
+        "n = {n} seed {seed} ({}): {:?}",
+        mix.name(),
+        report.violations
+    );
+    report
+}
+
+fn mix(name: &str) -> FaultMix {
+    FaultMix::parse(name, &behaviour_names::<FastBft>()).expect("known mix")
+}
+
+/// NEW-TREE messages beyond the genesis one (sent to the `n - 1` others).
+fn rebuilds(report: &RunReport, n: usize) -> u64 {
+    let sent = report
+        .metrics
+        .by_kind
+        .get("new-tree")
+        .map_or(0, |(m, _)| *m);
+    sent.saturating_sub(n as u64 - 1)
+}
+
+#[test]
+fn fastbft_orders_requests_without_faults() {
+    for n in [3, 5, 7] {
+        for seed in 0..10 {
+            let report = run_traced(n, seed, FaultMix::None, None, true);
+            assert!(report.violations.is_empty(), "{:?}", report.violations);
+            assert!(report.metrics.completed_ops > 0, "n = {n} seed {seed}");
+            assert!(
+                !rebuilt(&report),
+                "n = {n} seed {seed}: no failure, no new tree"
+            );
+        }
+    }
+}
+
+/// Every mix FastBFT can be judged under (no view change and no REJOIN yet: the
+/// primary stays correct, nothing restarts).
+#[test]
+fn fastbft_passes_every_checker_under_every_mix() {
+    let names = behaviour_names::<FastBft>();
+    let mixes: Vec<FaultMix> = FaultMix::all(&names)
+        .into_iter()
+        .filter(|m| m.applies_to(Tolerance::of::<FastBft>()))
+        .collect();
+    assert!(
+        !mixes
+            .iter()
+            .any(|m| matches!(m, FaultMix::Crash | FaultMix::Restart))
+    );
+    for (n, seeds) in [(3, 0..6), (5, 100..103), (7, 200..201)] {
+        for seed in seeds {
+            for mix in &mixes {
+                clean(n, seed, mix.clone());
+            }
+        }
+    }
+}
+
+/// A silent or spoiling active replica is replaced by a passive one: requests
+/// complete (the liveness checker) and the primary rebuilt the tree to get there.
+#[test]
+fn a_failed_active_replica_is_replaced_without_a_view_change() {
+    for behaviour in ["silent-active", "wrong-share", "withhold-reply-share"] {
+        let mut rebuilds = 0;
+        for seed in 0..6 {
+            let report = run_traced(3, seed, mix(behaviour), None, true);
+            assert!(report.violations.is_empty(), "{:?}", report.violations);
+            assert!(report.metrics.completed_ops > 0);
+            assert_eq!(report.metrics.views_installed, 0);
+            rebuilds += usize::from(rebuilt(&report));
+        }
+        assert!(rebuilds > 0, "{behaviour}: no tree was ever rebuilt");
+    }
+}
+
+/// A false accuser moves to a leaf, where it has no child left to accuse.
+#[test]
+fn a_false_accuser_ends_at_a_leaf() {
+    for seed in 0..10 {
+        let report = clean(5, seed, mix("false-accuse"));
+        assert!(report.metrics.completed_ops > 0);
+    }
+}
+
+#[test]
+fn every_mutant_is_caught() {
+    let cases = [
+        ("parent-skips-aggregate-check", "wrong-share"),
+        ("replica-trusts-updates", "forge-update"),
+        ("client-trusts-replies", "forge-update"),
+    ];
+    for named in FastBft::mutants() {
+        let (mutant, mix_name) = cases
+            .iter()
+            .find(|(m, _)| *m == named.name)
+            .unwrap_or_else(|| panic!("mutant {} has no detection case", named.name));
+        let caught = (0..20).any(|seed| {
+            !run_with(3, seed, mix(mix_name), Some(mutant))
+                .violations
+                .is_empty()
+        });
+        assert!(caught, "mutant {mutant} survived 20 seeds");
+    }
+}
+
+#[test]
+fn fastbft_needs_n_equal_to_2f_plus_1() {
+    assert!(FastBft::quorum(3).is_ok());
+    assert!(FastBft::quorum(4).is_err());
+}
