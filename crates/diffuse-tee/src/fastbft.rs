@@ -23,8 +23,9 @@
 use crate::enclave::{MAX_PEERS, SoftwareEnclave, TrustedComponent};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
-use diffuse_core::codec::{self, Blob, BoundedVec};
+use diffuse_core::codec::Blob;
 use diffuse_core::crypto::{Digest, KeyAgreement, PublicKey, Signable, Signed};
+use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, UnboundKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::ops::Range;
@@ -109,6 +110,8 @@ impl std::fmt::Debug for Share {
     }
 }
 
+const AGGREGATE_LABEL: &str = "diffuse/tee/fastbft/aggregate";
+
 /// `h_c = H(s_c, c, v)`: the commitment to the secret bound to `(c, v)`.
 pub fn secret_hash(secret: &Share, counter: u64, view: u64) -> Digest {
     bound_hash("diffuse/tee/fastbft/secret", secret, counter, view)
@@ -118,7 +121,7 @@ pub fn secret_hash(secret: &Share, counter: u64, view: u64) -> Digest {
 /// and its descendants') must match. Bound to `(c, v)` too, so that an aggregate of
 /// one counter value is never accepted for another.
 pub fn aggregate_hash(aggregate: &Share, counter: u64, view: u64) -> Digest {
-    bound_hash("diffuse/tee/fastbft/aggregate", aggregate, counter, view)
+    bound_hash(AGGREGATE_LABEL, aggregate, counter, view)
 }
 
 fn bound_hash(label: &str, value: &Share, counter: u64, view: u64) -> Digest {
@@ -127,6 +130,21 @@ fn bound_hash(label: &str, value: &Share, counter: u64, view: u64) -> Digest {
     bytes[32..40].copy_from_slice(&counter.to_be_bytes());
     bytes[40..].copy_from_slice(&view.to_be_bytes());
     Digest::of(label, &bytes)
+}
+
+/// [`aggregate_hash`] for the hot loop of `preprocessing`: exactly
+/// `Digest::of(AGGREGATE_LABEL, value || c || v)`, hashed from one stack buffer
+/// (`Digest::of` is BLAKE3 of `len(label) || label || bytes`).
+fn aggregate_hash_fast(value: &Share, counter: u64, view: u64) -> Digest {
+    const LABEL: &[u8] = AGGREGATE_LABEL.as_bytes();
+    const PREFIX: usize = 8 + LABEL.len();
+    let mut bytes = [0u8; PREFIX + 48];
+    bytes[..8].copy_from_slice(&(LABEL.len() as u64).to_le_bytes());
+    bytes[8..PREFIX].copy_from_slice(LABEL);
+    bytes[PREFIX..PREFIX + 32].copy_from_slice(&value.0);
+    bytes[PREFIX + 32..PREFIX + 40].copy_from_slice(&counter.to_be_bytes());
+    bytes[PREFIX + 40..].copy_from_slice(&view.to_be_bytes());
+    Digest(*blake3::hash(&bytes).as_bytes())
 }
 
 /// `⟨x, (c, v)⟩_σp`: the primary's enclave binds `message` to counter value `c`
@@ -214,14 +232,101 @@ pub struct OpenedShare {
     pub secret_hash: Digest,
 }
 
-/// What the sealed package holds.
-#[derive(Serialize, Deserialize)]
+/// What the sealed package holds, decoded: a fixed layout (no codec), parsed back
+/// strictly by [`PackageBody::decode`]:
+///
+/// `share (32) || c (8, big-endian) || v (8, big-endian) || k (1) || k child hashes
+/// (32 each) || h_c (32)`, with `k <= MAX_FAN_OUT` and nothing after `h_c`.
+#[derive(Debug, PartialEq, Eq)]
 struct PackageBody {
     share: Share,
     counter: u64,
     view: u64,
-    children: BoundedVec<Digest, MAX_FAN_OUT>,
+    children: Vec<Digest>,
     secret_hash: Digest,
+}
+
+/// The plaintext of a package without children.
+const BODY_FIXED_BYTES: usize = 32 + 8 + 8 + 1 + 32;
+/// The largest package plaintext.
+const BODY_MAX_BYTES: usize = BODY_FIXED_BYTES + 32 * MAX_FAN_OUT;
+/// The ChaCha20-Poly1305 tag.
+const TAG_BYTES: usize = 16;
+const _: () = assert!(BODY_MAX_BYTES + TAG_BYTES <= MAX_PACKAGE_BYTES);
+const _: () = assert!(MAX_FAN_OUT <= u8::MAX as usize);
+
+impl PackageBody {
+    /// Writes the plaintext into `out` and returns its length; `None` if there are
+    /// more than [`MAX_FAN_OUT`] children.
+    fn encode(
+        out: &mut [u8; BODY_MAX_BYTES],
+        share: &Share,
+        counter: u64,
+        view: u64,
+        children: &[Digest],
+        secret_hash: &Digest,
+    ) -> Option<usize> {
+        if children.len() > MAX_FAN_OUT {
+            return None;
+        }
+        out[..32].copy_from_slice(&share.0);
+        out[32..40].copy_from_slice(&counter.to_be_bytes());
+        out[40..48].copy_from_slice(&view.to_be_bytes());
+        out[48] = children.len() as u8;
+        let mut at = 49;
+        for child in children {
+            out[at..at + 32].copy_from_slice(&child.0);
+            at += 32;
+        }
+        out[at..at + 32].copy_from_slice(&secret_hash.0);
+        Some(at + 32)
+    }
+
+    /// Parses a plaintext written by [`PackageBody::encode`]; any other length or a
+    /// child count over [`MAX_FAN_OUT`] is refused.
+    fn decode(bytes: &[u8]) -> Result<PackageBody, FastBftError> {
+        let bad = FastBftError::BadEncryption;
+        let (share, rest) = bytes.split_first_chunk::<32>().ok_or(bad.clone())?;
+        let (counter, rest) = rest.split_first_chunk::<8>().ok_or(bad.clone())?;
+        let (view, rest) = rest.split_first_chunk::<8>().ok_or(bad.clone())?;
+        let (&count, rest) = rest.split_first().ok_or(bad.clone())?;
+        let count = usize::from(count);
+        if count > MAX_FAN_OUT || rest.len() != 32 * count + 32 {
+            return Err(bad);
+        }
+        let (children, secret_hash) = rest.split_at(32 * count);
+        let children = children
+            .chunks_exact(32)
+            .map(|chunk| chunk.try_into().map(Digest))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| bad.clone())?;
+        let secret_hash = secret_hash.try_into().map(Digest).map_err(|_| bad)?;
+        Ok(PackageBody {
+            share: Share(*share),
+            counter: u64::from_be_bytes(*counter),
+            view: u64::from_be_bytes(*view),
+            children,
+            secret_hash,
+        })
+    }
+}
+
+/// The AEAD key of packages for one active replica: ChaCha20-Poly1305 (RFC 8439)
+/// under its view key.
+fn package_key(view_key: &[u8; 32]) -> Result<LessSafeKey, FastBftError> {
+    UnboundKey::new(&CHACHA20_POLY1305, view_key)
+        .map(LessSafeKey::new)
+        .map_err(|_| FastBftError::Invalid("a view key is a ChaCha20-Poly1305 key"))
+}
+
+/// Per-call scratch space of `preprocessing`, reused across its counter values.
+#[derive(Default)]
+struct Scratch {
+    /// One XOF read per counter value: the secret, then the random shares.
+    random: Vec<[u8; 32]>,
+    shares: Vec<Share>,
+    aggregates: Vec<Share>,
+    hashes: Vec<Digest>,
 }
 
 /// The share tree of a view: `len` active replicas (positions `0..len`, in the order
@@ -477,10 +582,10 @@ fn package_aad(counter: u64, view: u64, recipient: &PublicKey) -> [u8; 64] {
 
 /// The nonce of the package for counter value `c`: a view key is fresh per view and
 /// recipient, and a counter value is prepared at most once per view.
-fn package_nonce(counter: u64) -> Nonce {
+fn package_nonce(counter: u64) -> ring::aead::Nonce {
     let mut nonce = [0u8; 12];
     nonce[..8].copy_from_slice(&counter.to_be_bytes());
-    nonce.into()
+    ring::aead::Nonce::assume_unique_for_key(nonce)
 }
 
 /// Random bytes drawn inside the enclave: one platform draw seeds a BLAKE3 stream.
@@ -491,10 +596,9 @@ impl Randomness {
         Randomness(blake3::Hasher::new_keyed(&seed).finalize_xof())
     }
 
-    fn share(&mut self) -> Share {
-        let mut bytes = [0u8; 32];
-        self.0.fill(&mut bytes);
-        Share(bytes)
+    /// Fills `out` with random 32-byte values in one read of the stream.
+    fn fill(&mut self, out: &mut [[u8; 32]]) {
+        self.0.fill(out.as_flattened_mut());
     }
 }
 
@@ -536,72 +640,91 @@ impl SoftwareEnclave {
         }
     }
 
+    /// Binds a fresh secret to `(counter, view)` and seals one package per active
+    /// replica under `actives`' package keys (in tree order).
     fn prepare_one(
         &self,
         counter: u64,
         view: u64,
-        actives: &[(PublicKey, [u8; 32])],
+        actives: &[(PublicKey, LessSafeKey)],
         tree: &Tree,
         randomness: &mut Randomness,
-    ) -> Preprocessed {
-        let secret = randomness.share();
+        scratch: &mut Scratch,
+    ) -> Result<Preprocessed, FastBftError> {
+        let len = actives.len();
+        let Scratch {
+            random,
+            shares,
+            aggregates,
+            hashes,
+        } = scratch;
+        // One read of the stream: the secret, then the shares of all but the last
+        // active replica.
+        random.clear();
+        random.resize(len, [0u8; 32]);
+        randomness.fill(random);
+        let (secret, random_shares) = random
+            .split_first()
+            .ok_or(FastBftError::Invalid("a tree has at least one member"))?;
+        let secret = Share(*secret);
         let secret_hash = secret_hash(&secret, counter, view);
         // s = s_1 XOR ... XOR s_len: all shares random but the last.
-        let mut shares: Vec<Share> = Vec::with_capacity(actives.len());
+        shares.clear();
         let mut rest = secret;
-        for _ in 1..actives.len() {
-            let share = randomness.share();
+        for bytes in random_shares {
+            let share = Share(*bytes);
             rest = rest.xor(&share);
             shares.push(share);
         }
         shares.push(rest);
         // Subtree aggregates, bottom-up: children have higher positions.
-        let mut aggregates = shares.clone();
-        for i in (0..actives.len()).rev() {
+        aggregates.clear();
+        aggregates.extend_from_slice(shares);
+        for i in (0..len).rev() {
             for child in tree.children(i) {
                 aggregates[i] = aggregates[i].xor(&aggregates[child]);
             }
         }
-        let hashes: Vec<Digest> = aggregates
-            .iter()
-            .map(|a| aggregate_hash(a, counter, view))
-            .collect();
+        hashes.clear();
+        hashes.extend(
+            aggregates
+                .iter()
+                .map(|a| aggregate_hash_fast(a, counter, view)),
+        );
         debug_assert_eq!(
             tree.root_children()
                 .fold(Share::default(), |acc, j| acc.xor(&aggregates[j])),
             secret,
             "the root's children's aggregates make the secret"
         );
-        let packages = actives
-            .iter()
-            .enumerate()
-            .map(|(i, (recipient, view_key))| {
-                let body = PackageBody {
-                    share: shares[i],
-                    counter,
-                    view,
-                    children: BoundedVec::truncating(tree.children(i).map(|j| hashes[j]).collect()),
-                    secret_hash,
-                };
-                let ciphertext = ChaCha20Poly1305::new(view_key.into())
-                    .encrypt(
-                        &package_nonce(counter),
-                        Payload {
-                            msg: &codec::encode_payload(&body),
-                            aad: &package_aad(counter, view, recipient),
-                        },
-                    )
-                    .expect("ChaCha20-Poly1305 encrypts any message of this size");
-                Package {
-                    counter,
-                    view,
-                    recipient: *recipient,
-                    ciphertext: Blob::try_from_vec(ciphertext)
-                        .expect("MAX_FAN_OUT keeps a package within MAX_PACKAGE_BYTES"),
-                }
-            })
-            .collect();
-        Preprocessed {
+        let mut packages = Vec::with_capacity(len);
+        let mut body = [0u8; BODY_MAX_BYTES];
+        for (i, ((recipient, key), share)) in actives.iter().zip(shares.iter()).enumerate() {
+            let children = hashes.get(tree.children(i)).ok_or(FastBftError::Invalid(
+                "one active replica per tree position",
+            ))?;
+            let body_len =
+                PackageBody::encode(&mut body, share, counter, view, children, &secret_hash)
+                    .ok_or(FastBftError::Invalid("at most MAX_FAN_OUT children"))?;
+            let mut ciphertext = Vec::with_capacity(body_len + TAG_BYTES);
+            ciphertext.extend_from_slice(&body[..body_len]);
+            let tag = key
+                .seal_in_place_separate_tag(
+                    package_nonce(counter),
+                    Aad::from(package_aad(counter, view, recipient)),
+                    &mut ciphertext,
+                )
+                .map_err(|_| FastBftError::Invalid("a package fits ChaCha20-Poly1305"))?;
+            ciphertext.extend_from_slice(tag.as_ref());
+            packages.push(Package {
+                counter,
+                view,
+                recipient: *recipient,
+                ciphertext: Blob::try_from_vec(ciphertext)
+                    .map_err(|_| FastBftError::Invalid("a package fits MAX_PACKAGE_BYTES"))?,
+            });
+        }
+        Ok(Preprocessed {
             commitment: Signed::sign(
                 SecretCommitment {
                     secret_hash,
@@ -610,9 +733,14 @@ impl SoftwareEnclave {
                 },
                 self.secret_key(),
             ),
-            root_children_hashes: tree.root_children().map(|j| hashes[j]).collect(),
+            root_children_hashes: hashes
+                .get(tree.root_children())
+                .ok_or(FastBftError::Invalid(
+                    "one active replica per tree position",
+                ))?
+                .to_vec(),
             packages,
-        }
+        })
     }
 }
 
@@ -764,10 +892,16 @@ impl FastBftComponent for SoftwareEnclave {
                 "at most MAX_PREPROCESSING counter values ahead",
             ));
         }
+        // Key setup once per active replica and call, not per package.
+        let keys = actives
+            .iter()
+            .map(|(recipient, view_key)| Ok((*recipient, package_key(view_key)?)))
+            .collect::<Result<Vec<_>, FastBftError>>()?;
         let mut randomness = Randomness::new(self.random_bytes());
+        let mut scratch = Scratch::default();
         let batch = (first + 1..=last)
-            .map(|c| self.prepare_one(c, view, actives, tree, &mut randomness))
-            .collect();
+            .map(|c| self.prepare_one(c, view, &keys, tree, &mut randomness, &mut scratch))
+            .collect::<Result<Vec<_>, FastBftError>>()?;
         if let Role::Primary { prepared, .. } = &mut self.fastbft.role {
             *prepared = last;
         }
@@ -807,17 +941,24 @@ impl FastBftComponent for SoftwareEnclave {
         if !certificate.verify(primary) {
             return Err(FastBftError::BadSignature);
         }
-        let plaintext = ChaCha20Poly1305::new(view_key.into())
-            .decrypt(
-                &package_nonce(package.counter),
-                Payload {
-                    msg: &package.ciphertext,
-                    aad: &package_aad(package.counter, package.view, &self.public_key()),
-                },
+        // A package longer than the largest one sealed cannot open.
+        let mut buffer = [0u8; BODY_MAX_BYTES + TAG_BYTES];
+        let sealed = buffer
+            .get_mut(..package.ciphertext.len())
+            .ok_or(FastBftError::BadEncryption)?;
+        sealed.copy_from_slice(&package.ciphertext);
+        let plaintext = package_key(view_key)?
+            .open_in_place(
+                package_nonce(package.counter),
+                Aad::from(package_aad(
+                    package.counter,
+                    package.view,
+                    &self.public_key(),
+                )),
+                sealed,
             )
             .map_err(|_| FastBftError::BadEncryption)?;
-        let body: PackageBody =
-            codec::decode_payload(&plaintext).map_err(|_| FastBftError::BadEncryption)?;
+        let body = PackageBody::decode(plaintext)?;
         if (body.counter, body.view) != (certificate.counter, certificate.view)
             || (package.counter, package.view) != (body.counter, body.view)
         {
@@ -827,7 +968,7 @@ impl FastBftComponent for SoftwareEnclave {
         self.fastbft.counter = certificate.counter;
         Ok(OpenedShare {
             share: body.share,
-            children_hashes: body.children.into_inner(),
+            children_hashes: body.children,
             secret_hash: body.secret_hash,
         })
     }
@@ -879,6 +1020,233 @@ impl FastBftComponent for SoftwareEnclave {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::enclave::TrustedComponent;
+    use crate::platform::SoftwarePlatform;
+    use diffuse_core::codec;
+    use diffuse_core::crypto::SecretKey;
+    use std::sync::Arc;
+
+    fn body(children: usize) -> Vec<u8> {
+        let hashes: Vec<Digest> = (0..children).map(|i| Digest([i as u8 + 1; 32])).collect();
+        let mut out = [0u8; BODY_MAX_BYTES];
+        let len = PackageBody::encode(&mut out, &Share([7; 32]), 5, 1, &hashes, &Digest([9; 32]))
+            .unwrap();
+        out[..len].to_vec()
+    }
+
+    /// An active enclave in view 1 under `primary`, with `view_key`.
+    fn active_enclave(primary: &SecretKey, view_key: [u8; 32]) -> SoftwareEnclave {
+        let mut enclave = SoftwareEnclave::create(Arc::new(SoftwarePlatform::new([3; 32])));
+        enclave.fastbft = FastBftState {
+            counter: 0,
+            view: 1,
+            role: Role::Active {
+                primary: primary.public(),
+                view_key,
+            },
+        };
+        enclave
+    }
+
+    /// `plaintext` sealed as the package for `(1, 1)` to `recipient`.
+    fn seal(view_key: &[u8; 32], recipient: &PublicKey, plaintext: &[u8]) -> Package {
+        let mut ciphertext = plaintext.to_vec();
+        let tag = package_key(view_key)
+            .unwrap()
+            .seal_in_place_separate_tag(
+                package_nonce(1),
+                Aad::from(package_aad(1, 1, recipient)),
+                &mut ciphertext,
+            )
+            .unwrap();
+        ciphertext.extend_from_slice(tag.as_ref());
+        Package {
+            counter: 1,
+            view: 1,
+            recipient: *recipient,
+            ciphertext: Blob::try_from_vec(ciphertext).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_package_body_round_trips_and_any_other_plaintext_is_refused() {
+        for children in 0..=MAX_FAN_OUT {
+            let bytes = body(children);
+            assert_eq!(bytes.len(), BODY_FIXED_BYTES + 32 * children);
+            let decoded = PackageBody::decode(&bytes).unwrap();
+            assert_eq!(decoded.share, Share([7; 32]));
+            assert_eq!((decoded.counter, decoded.view), (5, 1));
+            assert_eq!(decoded.children.len(), children);
+            assert_eq!(decoded.secret_hash, Digest([9; 32]));
+            // Every truncation and any trailing byte.
+            for len in 0..bytes.len() {
+                assert_eq!(
+                    PackageBody::decode(&bytes[..len]),
+                    Err(FastBftError::BadEncryption)
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(
+                PackageBody::decode(&longer),
+                Err(FastBftError::BadEncryption)
+            );
+            // A child count that does not match the length.
+            for count in [children + 1, children.wrapping_sub(1), 255] {
+                let mut garbled = bytes.clone();
+                garbled[48] = count as u8;
+                assert_eq!(
+                    PackageBody::decode(&garbled),
+                    Err(FastBftError::BadEncryption),
+                    "{children} children, count {count}"
+                );
+            }
+        }
+        // More than MAX_FAN_OUT children, with the length to match.
+        let mut too_many = vec![0u8; BODY_FIXED_BYTES + 32 * (MAX_FAN_OUT + 1)];
+        too_many[48] = (MAX_FAN_OUT + 1) as u8;
+        assert_eq!(
+            PackageBody::decode(&too_many),
+            Err(FastBftError::BadEncryption)
+        );
+        let mut out = [0u8; BODY_MAX_BYTES];
+        let hashes = vec![Digest::default(); MAX_FAN_OUT + 1];
+        assert_eq!(
+            PackageBody::encode(
+                &mut out,
+                &Share::default(),
+                1,
+                1,
+                &hashes,
+                &Digest::default()
+            ),
+            None
+        );
+        // Arbitrary bytes of every length: a typed error or a body, never a panic.
+        for len in 0..=BODY_MAX_BYTES + 1 {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 31 + len) as u8).collect();
+            let _ = PackageBody::decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn a_well_sealed_package_with_a_garbled_plaintext_is_refused() {
+        let primary = SecretKey::from_seed([1; 32]);
+        let view_key = [5u8; 32];
+        let mut enclave = active_enclave(&primary, view_key);
+        let me = enclave.public_key();
+        let certificate = Signed::sign(
+            CounterCertificate {
+                message: Digest::default(),
+                counter: 1,
+                view: 1,
+            },
+            &primary,
+        );
+        let valid = {
+            let mut out = [0u8; BODY_MAX_BYTES];
+            let len = PackageBody::encode(
+                &mut out,
+                &Share([7; 32]),
+                1,
+                1,
+                &[Digest([1; 32]), Digest([2; 32])],
+                &Digest([9; 32]),
+            )
+            .unwrap();
+            out[..len].to_vec()
+        };
+        let mut plaintexts: Vec<Vec<u8>> = (0..valid.len()).map(|l| valid[..l].to_vec()).collect();
+        let mut longer = valid.clone();
+        longer.push(0);
+        plaintexts.push(longer);
+        let mut miscounted = valid.clone();
+        miscounted[48] = 3;
+        plaintexts.push(miscounted);
+        plaintexts.push(vec![0xff; BODY_MAX_BYTES]);
+        for plaintext in &plaintexts {
+            assert_eq!(
+                enclave.verify_counter(&certificate, &seal(&view_key, &me, plaintext)),
+                Err(FastBftError::BadEncryption),
+                "plaintext of {} bytes",
+                plaintext.len()
+            );
+        }
+        // Longer than any package sealed: refused before decryption.
+        let mut oversized = seal(&view_key, &me, &valid);
+        oversized.ciphertext = Blob::try_from_vec(vec![0; MAX_PACKAGE_BYTES]).unwrap();
+        assert_eq!(
+            enclave.verify_counter(&certificate, &oversized),
+            Err(FastBftError::BadEncryption)
+        );
+        // A body bound to another (c, v) than the certificate and the package.
+        let mut other_counter = valid.clone();
+        other_counter[32..40].copy_from_slice(&2u64.to_be_bytes());
+        assert_eq!(
+            enclave.verify_counter(&certificate, &seal(&view_key, &me, &other_counter)),
+            Err(FastBftError::PackageMismatch)
+        );
+        assert_eq!(enclave.fastbft_counter(), (0, 1));
+        let opened = enclave
+            .verify_counter(&certificate, &seal(&view_key, &me, &valid))
+            .unwrap();
+        assert_eq!(opened.share, Share([7; 32]));
+        assert_eq!(opened.children_hashes, [Digest([1; 32]), Digest([2; 32])]);
+        assert_eq!(opened.secret_hash, Digest([9; 32]));
+        assert_eq!(enclave.fastbft_counter(), (1, 1));
+    }
+
+    #[test]
+    fn packages_are_rfc_8439_chacha20_poly1305() {
+        // `ring` seals what `chacha20poly1305` opens, and the other way round.
+        let view_key = [5u8; 32];
+        let recipient = SecretKey::from_seed([2; 32]).public();
+        let plaintext = body(2);
+        let package = seal(&view_key, &recipient, &plaintext);
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&1u64.to_be_bytes());
+        let other = ChaCha20Poly1305::new(&view_key.into());
+        let aad = package_aad(1, 1, &recipient);
+        let opened = other
+            .decrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &package.ciphertext,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        assert_eq!(opened, plaintext);
+        let mut sealed = other
+            .encrypt(
+                &Nonce::from(nonce),
+                Payload {
+                    msg: &plaintext,
+                    aad: &aad,
+                },
+            )
+            .unwrap();
+        assert_eq!(sealed, package.ciphertext.to_vec());
+        let opened = package_key(&view_key)
+            .unwrap()
+            .open_in_place(package_nonce(1), Aad::from(aad), &mut sealed)
+            .unwrap();
+        assert_eq!(opened, plaintext.as_slice());
+    }
+
+    #[test]
+    fn the_fast_aggregate_hash_is_the_aggregate_hash() {
+        for (i, (c, v)) in [(0, 0), (1, 1), (u64::MAX, 7), (42, u64::MAX)]
+            .into_iter()
+            .enumerate()
+        {
+            let share = Share([i as u8 * 37; 32]);
+            assert_eq!(
+                aggregate_hash_fast(&share, c, v),
+                aggregate_hash(&share, c, v)
+            );
+        }
+    }
 
     #[test]
     fn a_decoded_tree_is_checked_like_a_built_one() {
