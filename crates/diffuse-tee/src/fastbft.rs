@@ -29,6 +29,7 @@ use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, UnboundKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// The widest fan-out of a share tree.
 pub const MAX_FAN_OUT: usize = 16;
@@ -110,41 +111,36 @@ impl std::fmt::Debug for Share {
     }
 }
 
-const AGGREGATE_LABEL: &str = "diffuse/tee/fastbft/aggregate";
-
 /// `h_c = H(s_c, c, v)`: the commitment to the secret bound to `(c, v)`.
 pub fn secret_hash(secret: &Share, counter: u64, view: u64) -> Digest {
-    bound_hash("diffuse/tee/fastbft/secret", secret, counter, view)
+    Digest::of(
+        "diffuse/tee/fastbft/secret",
+        &bound_bytes(secret, counter, view),
+    )
 }
 
 /// `ĥ_j = H(ŝ_j, c, v)`: the hash a subtree aggregate `ŝ_j` (the XOR of `j`'s share
 /// and its descendants') must match. Bound to `(c, v)` too, so that an aggregate of
 /// one counter value is never accepted for another.
+///
+/// Keyed BLAKE3 of `ŝ_j || c || v` under a key derived from its own context string
+/// (domain-separated from [`secret_hash`] and every `Digest::of`): one BLAKE3
+/// compression, as `preprocessing` computes one per active replica and counter value.
 pub fn aggregate_hash(aggregate: &Share, counter: u64, view: u64) -> Digest {
-    bound_hash(AGGREGATE_LABEL, aggregate, counter, view)
+    static KEY: OnceLock<[u8; 32]> = OnceLock::new();
+    let key = KEY.get_or_init(|| blake3::derive_key(AGGREGATE_CONTEXT, &[]));
+    Digest(*blake3::keyed_hash(key, &bound_bytes(aggregate, counter, view)).as_bytes())
 }
 
-fn bound_hash(label: &str, value: &Share, counter: u64, view: u64) -> Digest {
+const AGGREGATE_CONTEXT: &str = "diffuse 2026 tee fastbft subtree aggregate hash";
+
+/// `value || c || v`, big-endian.
+fn bound_bytes(value: &Share, counter: u64, view: u64) -> [u8; 48] {
     let mut bytes = [0u8; 48];
     bytes[..32].copy_from_slice(&value.0);
     bytes[32..40].copy_from_slice(&counter.to_be_bytes());
     bytes[40..].copy_from_slice(&view.to_be_bytes());
-    Digest::of(label, &bytes)
-}
-
-/// [`aggregate_hash`] for the hot loop of `preprocessing`: exactly
-/// `Digest::of(AGGREGATE_LABEL, value || c || v)`, hashed from one stack buffer
-/// (`Digest::of` is BLAKE3 of `len(label) || label || bytes`).
-fn aggregate_hash_fast(value: &Share, counter: u64, view: u64) -> Digest {
-    const LABEL: &[u8] = AGGREGATE_LABEL.as_bytes();
-    const PREFIX: usize = 8 + LABEL.len();
-    let mut bytes = [0u8; PREFIX + 48];
-    bytes[..8].copy_from_slice(&(LABEL.len() as u64).to_le_bytes());
-    bytes[8..PREFIX].copy_from_slice(LABEL);
-    bytes[PREFIX..PREFIX + 32].copy_from_slice(&value.0);
-    bytes[PREFIX + 32..PREFIX + 40].copy_from_slice(&counter.to_be_bytes());
-    bytes[PREFIX + 40..].copy_from_slice(&view.to_be_bytes());
-    Digest(*blake3::hash(&bytes).as_bytes())
+    bytes
 }
 
 /// `⟨x, (c, v)⟩_σp`: the primary's enclave binds `message` to counter value `c`
@@ -670,13 +666,9 @@ impl SoftwareEnclave {
         let secret_hash = secret_hash(&secret, counter, view);
         // s = s_1 XOR ... XOR s_len: all shares random but the last.
         shares.clear();
-        let mut rest = secret;
-        for bytes in random_shares {
-            let share = Share(*bytes);
-            rest = rest.xor(&share);
-            shares.push(share);
-        }
-        shares.push(rest);
+        shares.extend(random_shares.iter().map(|bytes| Share(*bytes)));
+        let last = shares.iter().fold(secret, |rest, share| rest.xor(share));
+        shares.push(last);
         // Subtree aggregates, bottom-up: children have higher positions.
         aggregates.clear();
         aggregates.extend_from_slice(shares);
@@ -686,11 +678,7 @@ impl SoftwareEnclave {
             }
         }
         hashes.clear();
-        hashes.extend(
-            aggregates
-                .iter()
-                .map(|a| aggregate_hash_fast(a, counter, view)),
-        );
+        hashes.extend(aggregates.iter().map(|a| aggregate_hash(a, counter, view)));
         debug_assert_eq!(
             tree.root_children()
                 .fold(Share::default(), |acc, j| acc.xor(&aggregates[j])),
@@ -1235,17 +1223,14 @@ mod tests {
     }
 
     #[test]
-    fn the_fast_aggregate_hash_is_the_aggregate_hash() {
-        for (i, (c, v)) in [(0, 0), (1, 1), (u64::MAX, 7), (42, u64::MAX)]
+    fn secret_and_aggregate_hashes_are_separated_and_bound_to_c_and_v() {
+        let value = Share([7; 32]);
+        let hashes: BTreeSet<Digest> = [(1, 1), (2, 1), (1, 2)]
             .into_iter()
-            .enumerate()
-        {
-            let share = Share([i as u8 * 37; 32]);
-            assert_eq!(
-                aggregate_hash_fast(&share, c, v),
-                aggregate_hash(&share, c, v)
-            );
-        }
+            .flat_map(|(c, v)| [secret_hash(&value, c, v), aggregate_hash(&value, c, v)])
+            .chain([aggregate_hash(&Share([8; 32]), 1, 1)])
+            .collect();
+        assert_eq!(hashes.len(), 7);
     }
 
     #[test]
