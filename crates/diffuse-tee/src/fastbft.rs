@@ -566,13 +566,16 @@ fn wrap_aad(view: u64, sender: &PublicKey, recipient: &PublicKey) -> Vec<u8> {
     aad
 }
 
-fn package_aad(counter: u64, view: u64, recipient: &PublicKey) -> [u8; 64] {
-    let mut aad = [0u8; 64];
-    let label = PACKAGE_AAD.as_bytes();
-    aad[..label.len()].copy_from_slice(label);
-    aad[16..24].copy_from_slice(&counter.to_be_bytes());
-    aad[24..32].copy_from_slice(&view.to_be_bytes());
-    aad[32..].copy_from_slice(&recipient.to_bytes());
+/// The associated data of a package: `PACKAGE_AAD || c || v || recipient`.
+const PACKAGE_AAD_BYTES: usize = PACKAGE_AAD.len() + 8 + 8 + 32;
+
+fn package_aad(counter: u64, view: u64, recipient: &PublicKey) -> [u8; PACKAGE_AAD_BYTES] {
+    const LABEL: usize = PACKAGE_AAD.len();
+    let mut aad = [0u8; PACKAGE_AAD_BYTES];
+    aad[..LABEL].copy_from_slice(PACKAGE_AAD.as_bytes());
+    aad[LABEL..LABEL + 8].copy_from_slice(&counter.to_be_bytes());
+    aad[LABEL + 8..LABEL + 16].copy_from_slice(&view.to_be_bytes());
+    aad[LABEL + 16..].copy_from_slice(&recipient.to_bytes());
     aad
 }
 
@@ -1182,6 +1185,17 @@ mod tests {
         assert_eq!(opened.children_hashes, [Digest([1; 32]), Digest([2; 32])]);
         assert_eq!(opened.secret_hash, Digest([9; 32]));
         assert_eq!(enclave.fastbft_counter(), (1, 1));
+    }
+
+    #[test]
+    fn the_package_aad_keeps_the_whole_label() {
+        let recipient = SecretKey::from_seed([2; 32]).public();
+        let aad = package_aad(1, 2, &recipient);
+        assert!(aad.starts_with(PACKAGE_AAD.as_bytes()));
+        let rest = &aad[PACKAGE_AAD.len()..];
+        assert_eq!(rest[..8], 1u64.to_be_bytes());
+        assert_eq!(rest[8..16], 2u64.to_be_bytes());
+        assert_eq!(rest[16..], recipient.to_bytes());
     }
 
     #[test]
