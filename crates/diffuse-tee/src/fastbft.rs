@@ -290,7 +290,7 @@ impl PackageBody {
         if count > MAX_FAN_OUT || rest.len() != 32 * count + 32 {
             return Err(bad);
         }
-        let (children, secret_hash) = rest.split_at(32 * count);
+        let (children, secret_hash) = rest.split_at_checked(32 * count).ok_or(bad.clone())?;
         let children = children
             .chunks_exact(32)
             .map(|chunk| chunk.try_into().map(Digest))
