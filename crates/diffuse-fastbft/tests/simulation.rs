@@ -111,6 +111,15 @@ fn a_false_accuser_ends_at_a_leaf() {
     }
 }
 
+/// Sweep seeds where five false accusers at n = 11 took turns at the inner
+/// positions of the tree: every accuser now goes to the leaves.
+#[test]
+fn false_accusers_taking_turns_do_not_stall_the_tree() {
+    for seed in [260, 296] {
+        clean(11, seed, mix("false-accuse"));
+    }
+}
+
 #[test]
 fn every_mutant_is_caught() {
     let cases = [

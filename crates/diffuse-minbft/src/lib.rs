@@ -5,12 +5,9 @@
 //!
 //! **Status:** the normal case (batching, PREPARE / COMMIT with UIs, per-sender
 //! continuity with bounded hold-back and retransmission, execution, replies),
-//! checkpoints with log truncation, state transfer with stream re-anchoring, and
-//! the view change (VIEW-CHANGE with the sender's whole certified log since its
-//! anchor, NEW-VIEW recomputed by every replica, NEW-VIEW-ACK proofs). Recovery
-//! after a restart and REJOIN are designed in `docs/protocols/minbft.md` and not
-//! written yet: a replica that restarts stays out. It is therefore not offered on
-//! the command line yet.
+//! checkpoints with log truncation, state transfer with stream re-anchoring, the
+//! view change, REJOIN after an unscheduled reboot, and sealing at a scheduled
+//! shutdown; in the simulator and on the runtime (`docs/protocols/minbft.md`).
 
 pub mod byzantine;
 pub mod evidence;

@@ -19,11 +19,11 @@
 mod primary;
 mod rounds;
 
+use crate::merkle;
 use crate::message::{
     Cert, ClientReply, Commit, Message, NewTree, Opened, Position, Prepare, TreeConfig, Update,
     batch_root, commit_digest, new_tree_digest, position, prepare_digest, result_leaf,
 };
-use crate::merkle;
 use crate::options::{FastBftOptions, Mutant};
 use diffuse_core::app::Application;
 use diffuse_core::config::ClusterKeys;
@@ -68,11 +68,11 @@ const PACKAGE_PATIENCE: u32 = 2;
 /// Something that takes a stream position.
 #[derive(Debug, Clone)]
 enum Item {
-    Prepare(Prepare),
-    Commit(Commit),
-    NewTree(NewTree),
+    Prepare(Box<Prepare>),
+    Commit(Box<Commit>),
+    NewTree(Box<NewTree>),
     /// A position whose secret an UPDATE opened.
-    Opened(Cert, Opened),
+    Opened(Box<(Cert, Opened)>),
 }
 
 impl Item {
@@ -81,7 +81,7 @@ impl Item {
             Item::Prepare(p) => position(&p.cert),
             Item::Commit(c) => position(&c.cert),
             Item::NewTree(t) => position(&t.cert),
-            Item::Opened(cert, _) => position(cert),
+            Item::Opened(opened) => position(&opened.0),
         }
     }
 }
@@ -281,9 +281,9 @@ impl FastBftReplica {
             {
                 out.fault(from, "stream-message-from-non-primary");
             }
-            Message::Prepare(prepare) => self.offer(Item::Prepare(prepare), out),
-            Message::Commit(commit) => self.offer(Item::Commit(commit), out),
-            Message::NewTree(new_tree) => self.offer(Item::NewTree(new_tree), out),
+            Message::Prepare(prepare) => self.offer(Item::Prepare(Box::new(prepare)), out),
+            Message::Commit(commit) => self.offer(Item::Commit(Box::new(commit)), out),
+            Message::NewTree(new_tree) => self.offer(Item::NewTree(Box::new(new_tree)), out),
             Message::Update(update) => self.on_update(from, update, out),
             Message::Share(share) => self.on_share(from, share, out),
             Message::Suspect(suspect) => self.on_suspect(from, suspect, out),
@@ -417,13 +417,15 @@ impl FastBftReplica {
     fn step(&mut self, item: Item, out: &mut Out) -> Step {
         match item {
             Item::NewTree(new_tree) => {
-                self.enter_epoch(new_tree, out);
+                self.enter_epoch(*new_tree, out);
                 Step::Done
             }
-            Item::Prepare(prepare) => self.step_prepare(prepare, out),
-            Item::Commit(commit) => self.step_commit(commit, out),
-            Item::Opened(cert, opened) => {
-                let stepped = self.enclave_call(|e| e.update_counter(&opened.secret, &opened.commitment));
+            Item::Prepare(prepare) => self.step_prepare(*prepare, out),
+            Item::Commit(commit) => self.step_commit(*commit, out),
+            Item::Opened(opened) => {
+                let (cert, opened) = *opened;
+                let stepped =
+                    self.enclave_call(|e| e.update_counter(&opened.secret, &opened.commitment));
                 if stepped.is_err() {
                     // A forged or mismatched opening (an UPDATE trusted by the
                     // mutant): step over with the certificate if it is genuine.
@@ -479,9 +481,10 @@ impl FastBftReplica {
     fn check_config(&self, config: &TreeConfig) -> Option<Tree> {
         let mut seen = std::collections::BTreeSet::new();
         let valid = config.actives.len() == self.f
-            && config.actives.iter().all(|r| {
-                r.index() < self.n && *r != self.primary_id() && seen.insert(*r)
-            });
+            && config
+                .actives
+                .iter()
+                .all(|r| r.index() < self.n && *r != self.primary_id() && seen.insert(*r));
         if !valid {
             return None;
         }
@@ -511,7 +514,7 @@ impl FastBftReplica {
         if self.is_active() {
             let Some(package) = self.packages.remove(&at) else {
                 if self.package_waits < PACKAGE_PATIENCE {
-                    return Step::Wait(Item::Prepare(prepare));
+                    return Step::Wait(Item::Prepare(Box::new(prepare)));
                 }
                 self.follow(&prepare.cert);
                 self.remember_batch(prepare.seq, prepare.batch);
@@ -558,7 +561,8 @@ impl FastBftReplica {
                 diffuse_tee::secret_hash(&commit.prepared.secret, at.1, at.0) == round.secret_hash
             }
             None => {
-                commit.prepare_cert.verify(&primary) && commit.prepared.opens(&commit.prepare_cert, &primary)
+                commit.prepare_cert.verify(&primary)
+                    && commit.prepared.opens(&commit.prepare_cert, &primary)
             }
         }
     }
@@ -584,7 +588,7 @@ impl FastBftReplica {
         }
         if commit.seq > self.executed {
             // An earlier batch has not run here yet: wait for its UPDATE or COMMIT.
-            return Step::Wait(Item::Commit(commit));
+            return Step::Wait(Item::Commit(Box::new(commit)));
         }
         if self.results.get(&commit.seq) != Some(&commit.results_root) {
             if self.results.contains_key(&commit.seq) {
@@ -596,7 +600,7 @@ impl FastBftReplica {
         if self.is_active() {
             let Some(package) = self.packages.remove(&at) else {
                 if self.package_waits < PACKAGE_PATIENCE {
-                    return Step::Wait(Item::Commit(commit));
+                    return Step::Wait(Item::Commit(Box::new(commit)));
                 }
                 self.follow(&commit.cert);
                 return Step::Done;
@@ -621,8 +625,7 @@ impl FastBftReplica {
         };
         let root = batch_root(&update.batch);
         update.prepare_cert.message == prepare_digest(update.seq, &root)
-            && update.commit_cert.message
-                == commit_digest(update.seq, &root, &update.results_root)
+            && update.commit_cert.message == commit_digest(update.seq, &root, &update.results_root)
             && update.prepare_cert.verify(&primary)
             && update.commit_cert.verify(&primary)
             && update.prepared.opens(&update.prepare_cert, &primary)
@@ -642,8 +645,14 @@ impl FastBftReplica {
             }
         }
         self.add_commit(update.seq, update.batch, update.results_root, out);
-        self.offer(Item::Opened(update.prepare_cert, update.prepared), out);
-        self.offer(Item::Opened(update.commit_cert, update.replied), out);
+        self.offer(
+            Item::Opened(Box::new((update.prepare_cert, update.prepared))),
+            out,
+        );
+        self.offer(
+            Item::Opened(Box::new((update.commit_cert, update.replied))),
+            out,
+        );
     }
 
     /// Records a batch proven committed and runs whatever can run.
@@ -672,17 +681,17 @@ impl FastBftReplica {
         let mut leaves = Vec::with_capacity(batch.requests.len());
         let mut ran = 0;
         for request in batch.requests.iter() {
-            let result = match self.service.execute(
-                request.client,
-                request.timestamp,
-                &request.operation,
-            ) {
-                Execution::Executed(result) => {
-                    ran += 1;
-                    Some(result)
-                }
-                Execution::Stale => None,
-            };
+            let result =
+                match self
+                    .service
+                    .execute(request.client, request.timestamp, &request.operation)
+                {
+                    Execution::Executed(result) => {
+                        ran += 1;
+                        Some(result)
+                    }
+                    Execution::Stale => None,
+                };
             leaves.push(result_leaf(
                 request.client,
                 request.timestamp,

@@ -71,6 +71,8 @@ pub(crate) struct PrimaryState {
     pub(crate) failures: u64,
     /// Tree rebuilds since a secret last opened.
     rebuilds_without_progress: u32,
+    /// Replicas that accused a child at some point.
+    accusers: BTreeSet<ReplicaId>,
     /// The failure reported in this epoch, waiting for the rebuild timer.
     suspected: Option<(ReplicaId, ReplicaId)>,
 }
@@ -527,6 +529,7 @@ impl FastBftReplica {
         let Some(slot) = actives.iter().position(|r| *r == accused) else {
             return;
         };
+        let me = self.id;
         let state = self.state();
         let Some(replacement) = state.passives.pop_front() else {
             return;
@@ -535,10 +538,15 @@ impl FastBftReplica {
         state.failures += 1;
         state.rebuilds_without_progress = state.rebuilds_without_progress.saturating_add(1);
         actives[slot] = replacement;
-        if let Some(from) = actives.iter().position(|r| *r == accuser) {
-            let last = actives.len() - 1;
-            actives.swap(from, last);
+        if accuser != me {
+            state.accusers.insert(accuser);
         }
+        // Every replica that ever accused goes to the leaves (the accuser of this
+        // rebuild last), so that no accuser keeps a child to accuse while a leaf
+        // position is held by one that never did (§4.3 moves only the accuser; with
+        // several false accusers taking turns that can go on for ever).
+        let accusers = &state.accusers;
+        actives.sort_by_key(|r| (accusers.contains(r), *r == accuser));
         self.install_tree(actives, out);
     }
 
