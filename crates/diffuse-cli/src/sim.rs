@@ -241,14 +241,16 @@ fn print_list<P: ProtocolSuite>(behaviours: &[&str]) {
         "  {:<28} loss, duplication, reordering, delay spikes, partitions that heal",
         "network"
     );
-    println!(
-        "  {:<28} network faults plus crash and restart of correct replicas",
-        "crash"
-    );
-    println!(
-        "  {:<28} network faults plus scheduled restarts (clean shutdown, then start)",
-        "restart"
-    );
+    if P::SURVIVES_RESTARTS {
+        println!(
+            "  {:<28} network faults plus crash and restart of correct replicas",
+            "crash"
+        );
+        println!(
+            "  {:<28} network faults plus scheduled restarts (clean shutdown, then start)",
+            "restart"
+        );
+    }
     for named in diffuse_sim::behaviours::GENERIC_BEHAVIOURS
         .iter()
         .chain(P::behaviours())
