@@ -120,6 +120,14 @@ fn false_accusers_taking_turns_do_not_stall_the_tree() {
     }
 }
 
+/// A sweep seed (n = 5, `garbage`): a replica fetching the COMMIT of a batch that
+/// was re-committed after a NEW-TREE got the batch's final UPDATE, which carries
+/// the later COMMIT, and stayed stuck at the earlier position for ever.
+#[test]
+fn a_fetch_gets_the_certificate_of_the_position_it_asked_for() {
+    clean(5, 472, FaultMix::Byzantine("garbage".into()));
+}
+
 #[test]
 fn every_mutant_is_caught() {
     let cases = [

@@ -581,12 +581,19 @@ impl FastBftReplica {
         let state = self.state();
         let mut sent_updates = BTreeSet::new();
         let mut answers = Vec::new();
-        for (_, (message, seq)) in state
+        for (at, (message, seq)) in state
             .log
             .range((fetch.epoch, fetch.counter)..)
             .take(FETCH_ANSWER)
         {
-            match seq.and_then(|s| state.updates.get(&s).map(|u| (s, u))) {
+            // The UPDATE stands for this position only if it carries this very
+            // certificate: a batch re-committed after a NEW-TREE has older COMMITs.
+            let covering = seq
+                .and_then(|s| state.updates.get(&s).map(|u| (s, u)))
+                .filter(|(_, u)| {
+                    position(&u.prepare_cert) == *at || position(&u.commit_cert) == *at
+                });
+            match covering {
                 Some((s, update)) => {
                     if sent_updates.insert(s) {
                         answers.push(Message::Update(update.clone()));
