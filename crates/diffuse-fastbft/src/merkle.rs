@@ -22,6 +22,17 @@ fn node(left: &Digest, right: &Digest) -> Digest {
     Digest::of("diffuse/fastbft/merkle/node", &bytes)
 }
 
+/// The level above `level`: pairs hashed, an odd last node promoted.
+fn next_level(level: &[Digest]) -> Vec<Digest> {
+    level
+        .chunks(2)
+        .map(|pair| match pair {
+            [left, right] => node(left, right),
+            _ => pair[0],
+        })
+        .collect()
+}
+
 /// The root of `leaves` (a fixed digest for none).
 pub fn root(leaves: &[Digest]) -> Digest {
     if leaves.is_empty() {
@@ -29,14 +40,7 @@ pub fn root(leaves: &[Digest]) -> Digest {
     }
     let mut level = leaves.to_vec();
     while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [left, right] => node(left, right),
-                [single] => *single,
-                _ => unreachable!("chunks(2) yields one or two"),
-            })
-            .collect();
+        level = next_level(&level);
     }
     level[0]
 }
@@ -54,14 +58,7 @@ pub fn path(leaves: &[Digest], index: usize) -> Path {
         if sibling < level.len() {
             siblings.push(level[sibling]);
         }
-        level = level
-            .chunks(2)
-            .map(|pair| match pair {
-                [left, right] => node(left, right),
-                [single] => *single,
-                _ => unreachable!("chunks(2) yields one or two"),
-            })
-            .collect();
+        level = next_level(&level);
         at /= 2;
     }
     Path::truncating(siblings)

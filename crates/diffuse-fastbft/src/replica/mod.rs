@@ -272,7 +272,7 @@ impl FastBftReplica {
         let from_primary = from == NodeId::Replica(self.primary_id());
         match message {
             Message::Request(request) => {
-                if self.is_primary() {
+                if self.primary.is_some() {
                     self.on_request(from, request, out);
                 }
             }
@@ -293,7 +293,7 @@ impl FastBftReplica {
                 }
             }
             Message::Fetch(fetch) => {
-                if self.is_primary() {
+                if self.primary.is_some() {
                     self.on_fetch(from, fetch, out);
                 }
             }

@@ -293,7 +293,10 @@ impl FastBftReplica {
             return;
         };
         if self.is_primary() {
-            return self.on_suspect_at_primary(accuser, suspect, out);
+            if self.primary.is_some() {
+                self.on_suspect_at_primary(accuser, suspect, out);
+            }
+            return;
         }
         // A child reports its own child: stop waiting for the accuser.
         let at = (suspect.epoch, suspect.counter);
