@@ -127,6 +127,14 @@ fn a_fetch_gets_the_certificate_of_the_position_it_asked_for() {
     clean(5, 472, FaultMix::Byzantine("garbage".into()));
 }
 
+/// A CI sweep seed (n = 3, `silent-active`): the reply share of one batch came
+/// in more than eight counter values late, after the primary had dropped the
+/// secret's commitment from its pool, so the REPLY never went out.
+#[test]
+fn a_late_aggregate_still_opens_its_round() {
+    clean(3, 2191, mix("silent-active"));
+}
+
 #[test]
 fn every_mutant_is_caught() {
     let cases = [

@@ -180,8 +180,16 @@ impl FastBftReplica {
         };
         let (counter, _) = self.enclave_call(|e| e.fastbft_counter());
         let ahead = self.options.preprocess_ahead as u64;
+        // A used secret stays pooled while its round is open: the root needs its
+        // commitment when the (perhaps late) aggregate arrives.
+        let open: BTreeSet<u64> = self
+            .rounds
+            .iter()
+            .filter(|((e, _), round)| *e == epoch.config.epoch && !round.done)
+            .map(|((_, c), _)| *c)
+            .collect();
         let state = self.state();
-        state.pool = state.pool.split_off(&counter.saturating_sub(8));
+        state.pool.retain(|c, _| *c >= counter || open.contains(c));
         let prepared = state.pool.last_key_value().map_or(counter, |(c, _)| *c);
         let have = prepared.saturating_sub(counter);
         if have >= ahead / 2 {

@@ -18,6 +18,10 @@ use diffuse_tee::{OpenedShare, Share, Tree, aggregate_hash};
 
 /// Aggregates kept for rounds not opened yet, at most.
 const MAX_EARLY_SHARES: usize = 1024;
+/// Finished rounds kept to recognise duplicate shares.
+const KEPT_FINISHED_ROUNDS: usize = 64;
+/// Rounds kept in all; only past this do unfinished rounds go.
+const MAX_OPEN_ROUNDS: usize = diffuse_tee::fastbft::MAX_PREPROCESSING + KEPT_FINISHED_ROUNDS;
 
 /// Which secret of a batch a round opens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +48,7 @@ pub(crate) struct Round {
     aggregate: Share,
     /// `None` at the primary.
     parent: Option<ReplicaId>,
-    done: bool,
+    pub(super) done: bool,
     accused: bool,
 }
 
@@ -171,12 +175,7 @@ impl FastBftReplica {
         if self.rounds.get(&at).is_none_or(|r| r.done) {
             return;
         }
-        // Keep the rounds of the last few counter values only.
-        while self.rounds.len() > 64 {
-            if let Some((old, _)) = self.rounds.pop_first() {
-                out.cancel_timer(Timer::Round(old.0, old.1));
-            }
-        }
+        self.prune_rounds(out);
         if leaf {
             self.finish_round(at, out);
         } else {
@@ -184,6 +183,27 @@ impl FastBftReplica {
                 Timer::Round(at.0, at.1),
                 self.options.share_timeout * levels.max(1),
             );
+        }
+    }
+
+    /// Bounds the rounds kept. Finished rounds go first, oldest first: an
+    /// unfinished round is still waiting for a child, and dropping it would
+    /// drop its timer, so a lost share would never be noticed. Unfinished
+    /// rounds go only past [`MAX_OPEN_ROUNDS`], which a correct primary's
+    /// pipeline (bounded by the preprocessing pool) never reaches.
+    fn prune_rounds(&mut self, out: &mut Out) {
+        while self.rounds.len() > KEPT_FINISHED_ROUNDS {
+            let finished = self.rounds.iter().find(|(_, r)| r.done).map(|(at, _)| *at);
+            let victim = match finished {
+                Some(at) => at,
+                None if self.rounds.len() > MAX_OPEN_ROUNDS => match self.rounds.keys().next() {
+                    Some(at) => *at,
+                    None => return,
+                },
+                None => return,
+            };
+            self.rounds.remove(&victim);
+            out.cancel_timer(Timer::Round(victim.0, victim.1));
         }
     }
 
