@@ -18,7 +18,7 @@ pub struct BenchArgs {
     /// The protocol the cluster runs.
     #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT and FastBFT).
     #[arg(long)]
     n: Option<usize>,
     /// Concurrent closed-loop clients.
@@ -148,13 +148,7 @@ impl BenchCluster {
         options: &toml::Table,
     ) -> Result<BenchCluster, String> {
         // Check the options here, for a clear error instead of replicas that exit.
-        {
-            use diffuse_core::suite::ProtocolSuite as _;
-            match protocol {
-                "minbft" => diffuse_minbft::MinBft::configured_options(options).map(|_| ())?,
-                _ => diffuse_pbft::Pbft::configured_options(options).map(|_| ())?,
-            }
-        }
+        diffuse_node::protocols::check_options(protocol, options).map_err(|e| e.to_string())?;
         let dir = tempfile::Builder::new()
             .prefix("diffuse-bench-")
             .tempdir()

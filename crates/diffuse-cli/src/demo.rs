@@ -17,7 +17,7 @@ pub struct DemoArgs {
     /// The protocol the cluster runs.
     #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT and FastBFT).
     #[arg(long)]
     n: Option<usize>,
     /// Concurrent clients (each with one operation outstanding).
@@ -149,6 +149,14 @@ pub fn run(mut args: DemoArgs) -> ExitCode {
             eprintln!("error: {error}");
             return ExitCode::from(2);
         }
+    }
+    if args.chaos && !diffuse_node::protocols::survives_chaos(&args.protocol) {
+        eprintln!(
+            "error: --chaos kills and restarts replicas, the primary among them; {} has no \
+             view change and no REJOIN yet (docs/protocols/{}.md), so it cannot recover",
+            args.protocol, args.protocol
+        );
+        return ExitCode::from(2);
     }
     block_on(demo(args))
 }

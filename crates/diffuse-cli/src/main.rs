@@ -26,7 +26,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a local cluster (4 PBFT replicas by default, 3 with --protocol minbft)
+    /// Start a local cluster (4 PBFT replicas by default, 3 with --protocol minbft or fastbft)
     /// as child processes, run a key-value workload against it and report
     /// throughput and latency (--chaos: kill and restart replicas mid-run). No setup
     /// needed.

@@ -71,16 +71,12 @@ pub async fn shutdown_signal() {
 }
 
 /// The protocols the runtime commands can run.
-pub const PROTOCOLS: [&str; 2] = ["pbft", "minbft"];
+pub const PROTOCOLS: [&str; 3] = diffuse_node::protocols::NAMES;
 
 /// The smallest cluster of `protocol` that tolerates `f` faults (PBFT 3f + 1,
-/// MinBFT 2f + 1), from the protocol's own quorum system.
+/// MinBFT and FastBFT 2f + 1), from the protocol's own quorum system.
 pub fn smallest_cluster_for(protocol: &str, f: usize) -> Result<usize, String> {
-    use diffuse_core::suite::ProtocolSuite;
-    let tolerated = |n: usize| match protocol {
-        "minbft" => diffuse_minbft::MinBft::quorum(n).map(|q| q.f()),
-        _ => diffuse_pbft::Pbft::quorum(n).map(|q| q.f()),
-    };
+    let tolerated = |n: usize| diffuse_node::protocols::quorum(protocol, n).map(|q| q.f());
     if f == 0 || f > MAX_COMPARED_FAULTS {
         return Err(format!("f = {f}: expected 1 to {MAX_COMPARED_FAULTS}"));
     }
@@ -95,17 +91,16 @@ pub const MAX_COMPARED_FAULTS: usize = 33;
 
 /// The cluster size for `protocol`: `n` if given (checked against the protocol's
 /// fault model), else the smallest that tolerates one fault (4 for PBFT, 3 for
-/// MinBFT).
+/// MinBFT and FastBFT).
 pub fn cluster_size(protocol: &str, n: Option<usize>) -> Result<usize, String> {
-    use diffuse_core::suite::ProtocolSuite;
-    let quorum = |n: usize| match protocol {
-        "minbft" => diffuse_minbft::MinBft::quorum(n),
-        _ => diffuse_pbft::Pbft::quorum(n),
-    };
-    let n = n.unwrap_or(if protocol == "minbft" { 3 } else { 4 });
-    match quorum(n) {
+    let n = n.unwrap_or(if diffuse_node::protocols::is_hybrid(protocol) {
+        3
+    } else {
+        4
+    });
+    match diffuse_node::protocols::quorum(protocol, n) {
         Ok(q) if q.f() >= 1 => Ok(n),
         Ok(_) => Err(format!("{protocol} with n = {n} tolerates no fault")),
-        Err(error) => Err(format!("{protocol} with n = {n}: {error}")),
+        Err(error) => Err(error.to_string()),
     }
 }

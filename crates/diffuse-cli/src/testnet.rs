@@ -12,7 +12,7 @@ pub struct TestnetArgs {
     /// The protocol the cluster runs.
     #[arg(long, default_value = "pbft", value_parser = crate::runtime::PROTOCOLS)]
     protocol: String,
-    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT).
+    /// Number of replicas (default: 4 for PBFT, 3 for MinBFT and FastBFT).
     #[arg(long)]
     n: Option<usize>,
     /// Number of client identities to register.

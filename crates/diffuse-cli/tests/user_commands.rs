@@ -37,18 +37,31 @@ fn client(dir: &Path, args: &[&str]) -> Output {
 
 #[test]
 fn testnet_node_client_and_a_clean_stop() {
+    user_workflow("pbft", 4);
+}
+
+/// The same workflow for FastBFT: its clients check the primary enclave's
+/// certificates against the attested enclave list `diffuse testnet` writes.
+#[test]
+fn fastbft_testnet_node_client_and_a_clean_stop() {
+    user_workflow("fastbft", 3);
+}
+
+fn user_workflow(protocol: &str, n: usize) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("net");
-    let ports = diffuse_node::testnet::free_ports([127, 0, 0, 1].into(), 8).unwrap();
+    let ports = diffuse_node::testnet::free_ports([127, 0, 0, 1].into(), 2 * n).unwrap();
     // Consecutive ports are not guaranteed free; use explicit addresses instead.
-    let addresses: Vec<String> = ports[..4]
+    let addresses: Vec<String> = ports[..n]
         .iter()
         .map(|p| format!("127.0.0.1:{p}"))
         .collect();
     let made = diffuse(&[
         "testnet",
+        "--protocol",
+        protocol,
         "--n",
-        "4",
+        &n.to_string(),
         "--clients",
         "2",
         "--out",
@@ -56,13 +69,13 @@ fn testnet_node_client_and_a_clean_stop() {
         "--addresses",
         &addresses.join(","),
         "--metrics-port",
-        &ports[4].to_string(),
+        &ports[n].to_string(),
     ]);
     assert!(made.status.success(), "{}", text(&made.stderr));
     assert!(text(&made.stdout).contains("diffuse node --config"));
 
     let mut nodes = Nodes(Vec::new());
-    for i in 0..4 {
+    for i in 0..n {
         let config = out.join(format!("replica-{i}.toml"));
         let log = std::fs::File::create(out.join(format!("node-{i}.log"))).unwrap();
         nodes.0.push(
@@ -120,7 +133,7 @@ fn testnet_node_client_and_a_clean_stop() {
 
     // A broken configuration is a clear error, not a panic.
     let broken = out.join("broken.toml");
-    std::fs::write(&broken, "protocol = \"pbft\"\nid = 9\n").unwrap();
+    std::fs::write(&broken, format!("protocol = \"{protocol}\"\nid = 9\n")).unwrap();
     let refused = diffuse(&["node", "--config", broken.to_str().unwrap()]);
     assert_eq!(refused.status.code(), Some(2));
     assert!(
@@ -130,7 +143,7 @@ fn testnet_node_client_and_a_clean_stop() {
     );
 }
 
-/// `diffuse bench --compare`: both protocols, each on its smallest cluster for
+/// `diffuse bench --compare`: every protocol, each on its smallest cluster for
 /// `f = 1`, measured in one run and reported in one JSON object.
 #[test]
 fn bench_compares_protocols_in_one_run() {
@@ -139,7 +152,7 @@ fn bench_compares_protocols_in_one_run() {
     let args = [
         "bench",
         "--compare",
-        "pbft,minbft",
+        "pbft,minbft,fastbft",
         "--clients",
         "2",
         "--duration",
@@ -163,9 +176,10 @@ fn bench_compares_protocols_in_one_run() {
             )
         })
         .collect();
-    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert_eq!(runs.len(), 3, "{runs:?}");
     assert_eq!((runs[0].0.as_str(), runs[0].1), ("pbft", 4));
     assert_eq!((runs[1].0.as_str(), runs[1].1), ("minbft", 3));
+    assert_eq!((runs[2].0.as_str(), runs[2].1), ("fastbft", 3));
     assert!(runs.iter().all(|(_, _, ops)| *ops > 0), "{runs:?}");
     for file in ["compare.json", "compare.csv", "compare.svg"] {
         assert!(dir.path().join(file).exists(), "{file} written");

@@ -65,12 +65,7 @@ impl FastBftClient {
         if self.options.is(Mutant::ClientTrustsReplies) {
             return true;
         }
-        let Some(primary) = self
-            .options
-            .tee
-            .enclave_keys()
-            .and_then(|keys| keys.get(self.primary().index()).copied())
-        else {
+        let Some(primary) = self.options.tee.enclave_key(self.primary()) else {
             return false;
         };
         let (index, len) = (reply.index as usize, reply.len as usize);

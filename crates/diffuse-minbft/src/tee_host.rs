@@ -84,6 +84,8 @@ pub struct TeeHost {
     rollback_protection: bool,
     /// A real machine's enclave (the runtime's), used instead of simulated ones.
     provider: Option<Arc<dyn EnclaveProvider>>,
+    /// A client's view on a real machine: the attested enclave keys only.
+    attested: Option<Arc<[PublicKey]>>,
 }
 
 /// Where a replica's enclave comes from on a real machine: the runtime implements
@@ -122,6 +124,7 @@ impl TeeHost {
             cluster: Arc::new(Mutex::new(None)),
             rollback_protection: true,
             provider: None,
+            attested: None,
         }
     }
 
@@ -129,6 +132,15 @@ impl TeeHost {
     pub fn provided(provider: Arc<dyn EnclaveProvider>) -> TeeHost {
         TeeHost {
             provider: Some(provider),
+            ..TeeHost::simulated([0; 32])
+        }
+    }
+
+    /// A client on a real machine: it runs no enclave and knows every replica's
+    /// enclave key from the attested enclave list (`enclaves.toml`).
+    pub fn attested(enclave_keys: Vec<PublicKey>) -> TeeHost {
+        TeeHost {
+            attested: Some(enclave_keys.into()),
             ..TeeHost::simulated([0; 32])
         }
     }
@@ -181,11 +193,25 @@ impl TeeHost {
         Some(live.call(call))
     }
 
-    /// Every replica's enclave key, once the first replica has booted (clients of
-    /// FastBFT check the primary's enclave certificates with them). `None` before,
-    /// and on a real machine, where they come from the attested enclave list.
+    /// Every replica's enclave key: the attested ones given to
+    /// [`TeeHost::attested`], else the simulated cluster's once its first replica
+    /// has booted; `None` before, and for a replica on a real machine (which gets
+    /// them at boot).
     pub fn enclave_keys(&self) -> Option<Vec<PublicKey>> {
+        if let Some(keys) = &self.attested {
+            return Some(keys.to_vec());
+        }
         self.machines().as_ref().map(|c| c.enclave_keys.clone())
+    }
+
+    /// Replica `id`'s enclave key (see [`TeeHost::enclave_keys`]).
+    pub fn enclave_key(&self, id: ReplicaId) -> Option<PublicKey> {
+        if let Some(keys) = &self.attested {
+            return keys.get(id.index()).copied();
+        }
+        self.machines()
+            .as_ref()
+            .and_then(|c| c.enclave_keys.get(id.index()).copied())
     }
 
     fn machines(&self) -> MutexGuard<'_, Option<Cluster>> {

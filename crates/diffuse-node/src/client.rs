@@ -41,7 +41,7 @@ pub enum ClientError {
     #[error("{0}")]
     Invalid(String),
     /// The configuration names a protocol this build does not have.
-    #[error("unknown protocol `{0}` (available: pbft, minbft)")]
+    #[error("unknown protocol `{0}` (available: pbft, minbft, fastbft)")]
     UnknownProtocol(String),
     /// The replicas agreed on a result this client cannot decode.
     #[error("undecodable result: {0}")]
@@ -199,6 +199,8 @@ pub enum AnyClient {
     Pbft(Client<diffuse_pbft::Pbft>),
     /// MinBFT.
     MinBft(Client<diffuse_minbft::MinBft>),
+    /// FastBFT.
+    FastBft(Client<diffuse_fastbft::FastBft>),
 }
 
 impl AnyClient {
@@ -216,6 +218,20 @@ impl AnyClient {
                     .map_err(ClientError::Invalid)?;
                 Ok(AnyClient::MinBft(Client::connect(settings, options).await))
             }
+            "fastbft" => {
+                let mut options = diffuse_fastbft::FastBft::configured_options(&settings.options)
+                    .map_err(ClientError::Invalid)?;
+                let Some(enclaves_file) = &settings.enclaves_file else {
+                    return Err(ClientError::Invalid(
+                        "a FastBFT client needs `enclaves_file` (the attested enclave list)".into(),
+                    ));
+                };
+                let keys =
+                    crate::enclaves::EnclavesFile::load_keys(enclaves_file, settings.cluster.n())
+                        .map_err(|e| ClientError::Invalid(e.to_string()))?;
+                options.tee = diffuse_minbft::TeeHost::attested(keys);
+                Ok(AnyClient::FastBft(Client::connect(settings, options).await))
+            }
             other => Err(ClientError::UnknownProtocol(other.to_string())),
         }
     }
@@ -225,6 +241,7 @@ impl AnyClient {
         match self {
             AnyClient::Pbft(client) => client.invoke(operation).await,
             AnyClient::MinBft(client) => client.invoke(operation).await,
+            AnyClient::FastBft(client) => client.invoke(operation).await,
         }
     }
 }

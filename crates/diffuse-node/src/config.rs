@@ -180,10 +180,10 @@ pub struct NodeConfig {
     pub key_file: PathBuf,
     /// The cluster file.
     pub cluster_file: PathBuf,
-    /// Hybrid protocols (MinBFT): the attested enclave list.
+    /// Hybrid protocols (MinBFT, FastBFT): the attested enclave list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enclaves_file: Option<PathBuf>,
-    /// Hybrid protocols (MinBFT): this replica's counter store and sealed enclave
+    /// Hybrid protocols (MinBFT, FastBFT): this replica's counter store and sealed enclave
     /// state, kept apart from `data_dir` (restoring a database backup must not roll
     /// the counter back with it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,6 +286,10 @@ pub struct ClientConfig {
     /// How long one operation may take before it fails with a timeout.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// FastBFT: the attested enclave list (its clients check the primary
+    /// enclave's certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enclaves_file: Option<PathBuf>,
     /// Protocol options overriding the defaults (e.g. `client_retransmit_ms`).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub options: toml::Table,
@@ -308,6 +312,8 @@ pub struct ClientSettings {
     pub cluster: Cluster,
     /// Per-operation deadline.
     pub timeout: std::time::Duration,
+    /// The attested enclave list (FastBFT).
+    pub enclaves_file: Option<PathBuf>,
     /// Protocol option overrides (checked when the client is built).
     pub options: toml::Table,
 }
@@ -339,6 +345,7 @@ impl ClientConfig {
             secret,
             cluster,
             timeout: std::time::Duration::from_millis(config.timeout_ms.max(1)),
+            enclaves_file: config.enclaves_file.map(|f| relative_to(path, &f)),
             options: config.options,
         })
     }

@@ -13,6 +13,7 @@ pub mod enclaves;
 pub mod local;
 pub mod metrics;
 pub mod noise;
+pub mod protocols;
 pub mod replica;
 pub mod storage;
 pub mod tee;

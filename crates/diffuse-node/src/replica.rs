@@ -44,7 +44,7 @@ pub enum NodeError {
     #[error("invalid options: {0}")]
     Options(String),
     /// The protocol named in the configuration is not built in.
-    #[error("unknown protocol `{0}` (available: pbft, minbft)")]
+    #[error("unknown protocol `{0}` (available: pbft, minbft, fastbft)")]
     UnknownProtocol(String),
 }
 
@@ -63,26 +63,38 @@ pub async fn run_node(
             run_replica::<Pbft>(settings, options, app, shutdown).await
         }
         "minbft" => {
-            use diffuse_minbft::{MinBft, TeeHost};
+            use diffuse_minbft::MinBft;
             let mut options =
                 MinBft::configured_options(&settings.options).map_err(NodeError::Options)?;
-            let (Some(enclaves_file), Some(tee_dir)) = (&settings.enclaves_file, &settings.tee_dir)
-            else {
-                return Err(NodeError::Options(
-                    "MinBFT needs `enclaves_file` and `tee_dir` (see `diffuse testnet --protocol minbft`)"
-                        .into(),
-                ));
-            };
-            let keys =
-                crate::enclaves::EnclavesFile::load_keys(enclaves_file, settings.cluster.n())
-                    .map_err(|e| NodeError::Options(e.to_string()))?;
-            let enclave = crate::enclaves::DiskEnclave::new(settings.id, tee_dir.clone(), keys);
-            options.tee = TeeHost::provided(std::sync::Arc::new(enclave));
+            options.tee = disk_enclave(&settings)?;
             let app = Box::new(diffuse_apps::KvStore::default());
             run_replica::<MinBft>(settings, options, app, shutdown).await
         }
+        "fastbft" => {
+            use diffuse_fastbft::FastBft;
+            let mut options =
+                FastBft::configured_options(&settings.options).map_err(NodeError::Options)?;
+            options.tee = disk_enclave(&settings)?;
+            let app = Box::new(diffuse_apps::KvStore::default());
+            run_replica::<FastBft>(settings, options, app, shutdown).await
+        }
         other => Err(NodeError::UnknownProtocol(other.to_string())),
     }
+}
+
+/// A hybrid protocol's enclave: this replica's counter store and sealed state,
+/// and every replica's enclave key from the attested enclave list.
+fn disk_enclave(settings: &NodeSettings) -> Result<diffuse_minbft::TeeHost, NodeError> {
+    let (Some(enclaves_file), Some(tee_dir)) = (&settings.enclaves_file, &settings.tee_dir) else {
+        return Err(NodeError::Options(format!(
+            "{} needs `enclaves_file` and `tee_dir` (see `diffuse testnet --protocol {}`)",
+            settings.protocol, settings.protocol
+        )));
+    };
+    let keys = crate::enclaves::EnclavesFile::load_keys(enclaves_file, settings.cluster.n())
+        .map_err(|e| NodeError::Options(e.to_string()))?;
+    let enclave = crate::enclaves::DiskEnclave::new(settings.id, tee_dir.clone(), keys);
+    Ok(diffuse_minbft::TeeHost::provided(Arc::new(enclave)))
 }
 
 /// Runs a replica of protocol `S` until `shutdown` completes.
@@ -135,6 +147,7 @@ pub async fn run_replica<S: ProtocolSuite>(
         options,
     };
     let mut driver = Driver::<S> {
+        id: NodeId::Replica(settings.id),
         replica: S::replica(setup, app),
         store,
         transport,
@@ -212,6 +225,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 struct Driver<S: ProtocolSuite> {
+    id: NodeId,
     replica: S::Replica,
     store: Store,
     transport: Transport<S::Message>,
@@ -315,6 +329,9 @@ impl<S: ProtocolSuite> Driver<S> {
             Observation::ViewInstalled { view } => {
                 metrics.view.set(view.0 as i64);
                 tracing::info!(view = view.0, "view installed");
+            }
+            Observation::Fault { culprit, kind } if culprit == self.id => {
+                tracing::error!(kind, "this replica stopped taking part");
             }
             Observation::Fault { culprit, kind } => {
                 metrics.peer_faults.inc();

@@ -7,8 +7,8 @@
 //! DIR/client-<j>.toml       `diffuse client --config DIR/client-<j>.toml ...`
 //! DIR/keys/*.key            secret keys (mode 0600 on Unix)
 //! DIR/data/replica-<i>/     each replica's database, created on first start
-//! DIR/enclaves.toml         MinBFT: every replica's attested enclave
-//! DIR/tee/replica-<i>/      MinBFT: replica i's counter store and sealed enclave
+//! DIR/enclaves.toml         MinBFT, FastBFT: every replica's attested enclave
+//! DIR/tee/replica-<i>/      MinBFT, FastBFT: replica i's counter store and sealed enclave
 //! ```
 
 use crate::config::{ClientConfig, NodeConfig};
@@ -106,6 +106,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
     if spec.n == 0 || spec.replica_addresses.len() != spec.n {
         return Err(std::io::Error::other("one address per replica is needed"));
     }
+    let quorum = crate::protocols::quorum(&spec.protocol, spec.n).map_err(std::io::Error::other)?;
     std::fs::create_dir_all(dir.join("keys"))?;
     let replica_keys: Vec<SecretKey> =
         (0..spec.n).map(|_| fresh_key()).collect::<Result<_, _>>()?;
@@ -133,9 +134,9 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             .collect(),
     };
     write_new(&dir.join("cluster.toml"), &cluster.to_toml(), false)?;
-    let hybrid = spec.protocol == "minbft";
+    let hybrid = crate::protocols::is_hybrid(&spec.protocol);
     if hybrid {
-        provision_enclaves(dir, spec)?;
+        provision_enclaves(dir, spec, quorum.f())?;
     }
     let mut testnet = Testnet {
         dir: dir.to_path_buf(),
@@ -178,6 +179,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             key_file,
             cluster_file: PathBuf::from("cluster.toml"),
             timeout_ms: 10_000,
+            enclaves_file: (spec.protocol == "fastbft").then(|| PathBuf::from("enclaves.toml")),
             options: spec.options.clone(),
         };
         let path = client_config(dir, i);
@@ -187,17 +189,12 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
     Ok(testnet)
 }
 
-/// MinBFT: one enclave per replica in `DIR/tee/replica-<i>/`, attested in
-/// `DIR/enclaves.toml`, configured with the slot rules of the cluster's options.
-fn provision_enclaves(dir: &Path, spec: &TestnetSpec) -> std::io::Result<()> {
-    use diffuse_core::suite::ProtocolSuite;
-    use diffuse_minbft::MinBft;
-    let quorum = MinBft::quorum(spec.n).map_err(std::io::Error::other)?;
-    let options = MinBft::configured_options(&spec.options).map_err(std::io::Error::other)?;
-    let rules = diffuse_tee::SlotRules {
-        checkpoint_interval: options.base.checkpoint_interval,
-        window: options.base.window,
-    };
+/// Hybrid protocols: one enclave per replica in `DIR/tee/replica-<i>/`, attested in
+/// `DIR/enclaves.toml`, configured with the slot rules of the cluster's options and
+/// a reset threshold of `f + 1`.
+fn provision_enclaves(dir: &Path, spec: &TestnetSpec, f: usize) -> std::io::Result<()> {
+    let rules = crate::protocols::slot_rules(&spec.protocol, &spec.options)
+        .map_err(std::io::Error::other)?;
     let stores: Vec<PathBuf> = (0..spec.n)
         .map(|i| crate::enclaves::store_dir(dir, i))
         .collect();
@@ -207,8 +204,7 @@ fn provision_enclaves(dir: &Path, spec: &TestnetSpec) -> std::io::Result<()> {
             dir.join("tee").display()
         )));
     }
-    let file = crate::enclaves::provision(&stores, quorum.f() + 1, rules)
-        .map_err(std::io::Error::other)?;
+    let file = crate::enclaves::provision(&stores, f + 1, rules).map_err(std::io::Error::other)?;
     let text = file.to_toml().map_err(std::io::Error::other)?;
     write_new(&dir.join("enclaves.toml"), &text, false)
 }
@@ -251,31 +247,40 @@ mod tests {
     }
 
     #[test]
-    fn a_minbft_testnet_provisions_attested_enclaves() {
-        let dir = tempfile::tempdir().unwrap();
-        let spec = TestnetSpec::on_host("minbft", 3, 1, [127, 0, 0, 1].into(), 7100, None);
-        let testnet = write(dir.path(), &spec).unwrap();
-        for (i, path) in testnet.replicas.iter().enumerate() {
-            let settings = NodeConfig::load(path).unwrap();
-            let keys = crate::enclaves::EnclavesFile::load_keys(
-                settings.enclaves_file.as_ref().unwrap(),
-                3,
-            )
-            .unwrap();
-            assert_eq!(keys.len(), 3);
+    fn hybrid_testnets_provision_attested_enclaves() {
+        for protocol in ["minbft", "fastbft"] {
+            let dir = tempfile::tempdir().unwrap();
+            let spec = TestnetSpec::on_host(protocol, 3, 1, [127, 0, 0, 1].into(), 7100, None);
+            let testnet = write(dir.path(), &spec).unwrap();
+            for (i, path) in testnet.replicas.iter().enumerate() {
+                let settings = NodeConfig::load(path).unwrap();
+                let keys = crate::enclaves::EnclavesFile::load_keys(
+                    settings.enclaves_file.as_ref().unwrap(),
+                    3,
+                )
+                .unwrap();
+                assert_eq!(keys.len(), 3);
+                assert!(
+                    settings
+                        .tee_dir
+                        .unwrap()
+                        .ends_with(format!("tee/replica-{i}"))
+                );
+            }
+            // FastBFT clients check the primary enclave's certificates.
+            let client = ClientConfig::load(&testnet.clients[0]).unwrap();
+            assert_eq!(client.enclaves_file.is_some(), protocol == "fastbft");
+            let even = TestnetSpec::on_host(protocol, 4, 1, [127, 0, 0, 1].into(), 7100, None);
+            let other = tempfile::tempdir().unwrap();
             assert!(
-                settings
-                    .tee_dir
-                    .unwrap()
-                    .ends_with(format!("tee/replica-{i}"))
+                write(other.path(), &even).is_err(),
+                "{protocol} needs n = 2f + 1"
+            );
+            assert!(
+                std::fs::read_dir(other.path()).unwrap().next().is_none(),
+                "nothing is written for a cluster size the protocol refuses"
             );
         }
-        let even = TestnetSpec::on_host("minbft", 4, 1, [127, 0, 0, 1].into(), 7100, None);
-        let other = tempfile::tempdir().unwrap();
-        assert!(
-            write(other.path(), &even).is_err(),
-            "MinBFT needs n = 2f + 1"
-        );
     }
 
     #[test]

@@ -124,6 +124,10 @@ struct SealedBody {
     slot_rules: Option<SlotRules>,
     last_checkpoint: u64,
     seen: Vec<([u8; 32], Seen)>,
+    /// FastBFT's `(c_latest, v)`: restored so that a resumed enclave never
+    /// certifies a position it certified before (its role and view keys are not
+    /// sealed, so it certifies nothing for FastBFT until the protocol restores it).
+    fastbft_position: (u64, u64),
 }
 
 /// The rules of [`Scope::Checkpoint`] and [`Scope::Slot`], fixed once: checkpoints
@@ -320,6 +324,7 @@ impl SoftwareEnclave {
             slot_rules: self.slot_rules,
             last_checkpoint: self.last_checkpoint,
             seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
+            fastbft_position: self.fastbft.position(),
         };
         let plaintext = codec::encode_payload(&body);
         let ciphertext = cipher(&*self.platform, &self.measurement)
@@ -391,7 +396,7 @@ impl SoftwareEnclave {
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
-            fastbft: Default::default(),
+            fastbft: crate::fastbft::FastBftState::resumed(body.fastbft_position),
         })
     }
 

@@ -518,12 +518,29 @@ pub trait FastBftComponent: TrustedComponent {
     fn fastbft_counter(&self) -> (u64, u64);
 }
 
-/// The FastBFT state of an enclave (not sealed yet: see `docs/tee.md`).
+/// The FastBFT state of an enclave. Only `(counter, view)` is sealed (see
+/// `docs/tee.md`): a resumed enclave has no role until the protocol gives it one.
 #[derive(Default)]
 pub(crate) struct FastBftState {
     counter: u64,
     view: u64,
     role: Role,
+}
+
+impl FastBftState {
+    /// `(counter, view)`, as sealed.
+    pub(crate) fn position(&self) -> (u64, u64) {
+        (self.counter, self.view)
+    }
+
+    /// The state of a resumed enclave: its last position, no role.
+    pub(crate) fn resumed((counter, view): (u64, u64)) -> FastBftState {
+        FastBftState {
+            counter,
+            view,
+            role: Role::None,
+        }
+    }
 }
 
 #[derive(Default)]

@@ -23,6 +23,7 @@ fn digest(text: &str) -> Digest {
 /// all in view 1 under the primary.
 struct Cluster {
     primary: SoftwareEnclave,
+    primary_platform: Arc<dyn Platform>,
     actives: Vec<SoftwareEnclave>,
     passives: Vec<SoftwareEnclave>,
     tree: Tree,
@@ -31,7 +32,8 @@ struct Cluster {
 impl Cluster {
     fn new(n: usize, fan_out: usize) -> Cluster {
         let f = (n - 1) / 2;
-        let mut primary = SoftwareEnclave::create(platform(100));
+        let primary_platform = platform(100);
+        let mut primary = SoftwareEnclave::create(primary_platform.clone());
         let mut actives: Vec<SoftwareEnclave> = (0..f + 1)
             .map(|i| SoftwareEnclave::create(platform(i as u8)))
             .collect();
@@ -55,6 +57,7 @@ impl Cluster {
         }
         Cluster {
             primary,
+            primary_platform,
             actives,
             passives,
             tree,
@@ -474,20 +477,30 @@ fn update_view_checks_the_certificate_and_the_wrapped_key() {
     );
 }
 
+/// Only the position is sealed: a resumed enclave certifies no position twice,
+/// and has no role (it neither prepares nor opens shares) until the protocol
+/// gives it one again.
 #[test]
-fn fastbft_state_is_not_sealed_yet() {
-    let platform = platform(60);
-    let mut enclave = SoftwareEnclave::create(platform.clone());
-    enclave.request_counter(&digest("x")).unwrap();
-    assert_eq!(enclave.fastbft_counter(), (1, 0));
-    let sealed = enclave.shutdown();
-    let resumed = SoftwareEnclave::resume(platform, &sealed).unwrap();
+fn a_resumed_enclave_keeps_its_position_but_not_its_role() {
+    let mut cluster = Cluster::new(5, 2);
+    let prepared = cluster.primary.preprocessing(1).unwrap();
+    let before = cluster.primary.request_counter(&digest("x")).unwrap();
+    let position = cluster.primary.fastbft_counter();
+    assert_eq!(position, (before.counter, before.view));
+    let sealed = cluster.primary.shutdown();
+    let mut resumed = SoftwareEnclave::resume(cluster.primary_platform, &sealed).unwrap();
     assert!(!resumed.is_locked());
-    assert_eq!(
-        resumed.fastbft_counter(),
-        (0, 0),
-        "documented in docs/tee.md: FastBFT state restarts empty after a resume"
+    assert_eq!(resumed.fastbft_counter(), position);
+    let next = resumed.request_counter(&digest("y")).unwrap();
+    assert!(
+        (next.view, next.counter) > (before.view, before.counter),
+        "a position is never certified twice across a resume"
     );
+    assert!(
+        resumed.preprocessing(1).is_err(),
+        "the primary role (and its view keys) is not sealed"
+    );
+    drop(prepared);
 }
 
 #[test]

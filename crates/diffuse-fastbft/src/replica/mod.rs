@@ -238,6 +238,12 @@ impl FastBftReplica {
         (view, counter.saturating_add(1))
     }
 
+    /// Stops taking part, for a reason written to the trace as a fault of itself.
+    fn halt(&mut self, why: &'static str, out: &mut Out) {
+        self.halted = true;
+        out.fault(self.id, why);
+    }
+
     fn on_start(&mut self, out: &mut Out) {
         let rules = SlotRules {
             checkpoint_interval: self.options.base.checkpoint_interval,
@@ -245,10 +251,7 @@ impl FastBftReplica {
         };
         let booted = match self.options.tee.boot(self.id, self.n, self.f + 1, rules) {
             Ok(booted) => booted,
-            Err(_) => {
-                self.halted = true;
-                return;
-            }
+            Err(_) => return self.halt("enclave-unavailable", out),
         };
         self.enclave_keys = booted.enclave_keys;
         self.enclave = Some(booted.enclave);
@@ -256,12 +259,10 @@ impl FastBftReplica {
         // yet; FastBFT's enclave state is not sealed either, so a restarted replica
         // stays out (see docs/protocols/fastbft.md, "Not built yet").
         if self.enclave_call(|e| e.is_locked() || e.fastbft_counter() != (0, 0)) {
-            self.halted = true;
-            return;
+            return self.halt("restarted-without-rejoin", out);
         }
         if self.enclave_keys.len() != self.n {
-            self.halted = true;
-            return;
+            return self.halt("enclave-keys-do-not-match-the-cluster", out);
         }
         if self.is_primary() {
             self.start_as_primary(out);

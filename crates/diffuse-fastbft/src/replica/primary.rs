@@ -115,7 +115,7 @@ impl FastBftReplica {
             fan_out: self.options.fan_out as u16,
         };
         let Ok(tree) = Tree::balanced(config.actives.len(), self.options.fan_out) else {
-            self.halted = true;
+            self.halt("no-tree-for-these-actives", out);
             return;
         };
         let keys: Vec<_> = config
@@ -131,7 +131,7 @@ impl FastBftReplica {
         });
         let Ok((cert, wrapped)) = made else {
             // The enclave refused (locked, exhausted): this primary can do nothing.
-            self.halted = true;
+            self.halt("enclave-refused-new-tree", out);
             return;
         };
         let new_tree = NewTree {
@@ -308,7 +308,7 @@ impl FastBftReplica {
         let batch = flight.batch.clone();
         let digest = prepare_digest(seq, &crate::merkle::root(&flight.leaves));
         let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
-            self.halted = true;
+            self.halt("enclave-refused-counter", out);
             return;
         };
         let at = position(&cert);
@@ -424,7 +424,7 @@ impl FastBftReplica {
         );
         let batch = with_batch.then(|| flight.batch.clone());
         let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
-            self.halted = true;
+            self.halt("enclave-refused-counter", out);
             return;
         };
         let at = position(&cert);
