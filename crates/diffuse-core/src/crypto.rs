@@ -1,8 +1,13 @@
 //! Cryptographic primitives, each from a well-kept crate behind a small wrapper.
 //!
 //! - Digests: BLAKE3 (`blake3`), always with a domain-separation label.
-//! - Signatures: Ed25519 (`ed25519-dalek`), verified with `verify_strict` everywhere so
-//!   that every replica accepts exactly the same signatures.
+//! - Signatures: Ed25519. Members' signatures are made with `ed25519-dalek` and, between
+//!   replicas, verified with its `verify_strict`, everywhere the same. Client request
+//!   signatures are verified under the ZIP 215 rules (`ed25519-zebra`), alone
+//!   ([`PublicKey::verify_zip215`]) or in batches ([`SignatureBatch`]): under ZIP 215,
+//!   and only under such a rule, a batch accepts exactly the signatures that single
+//!   verification accepts, so a faulty client cannot craft a request that one replica
+//!   takes and another refuses.
 //! - MACs: keyed BLAKE3, truncated to 128 bits, under a key two members share: the
 //!   X25519 Diffie-Hellman (`curve25519-dalek`) of their static keys, through BLAKE3's
 //!   key derivation with a context string naming the key's one use ([`KeyAgreement`]).
@@ -148,13 +153,164 @@ impl PublicKey {
         self.0.to_montgomery().to_bytes()
     }
 
-    /// Verifies `signature` over `label || BLAKE3(payload)`.
+    /// Verifies `signature` over `label || BLAKE3(payload)` (`verify_strict`: the rule
+    /// for members' signatures).
     pub fn verify(&self, label: &str, payload: &[u8], signature: &Signature) -> bool {
         let message = signing_message(label, payload);
         let signature = ed25519_dalek::Signature::from_bytes(&signature.0);
         self.0.verify_strict(&message, &signature).is_ok()
     }
+
+    /// Verifies `signature` over `label || BLAKE3(payload)` under the rule for client
+    /// signatures: ZIP 215, and a key of small order verifies nothing. Accepts
+    /// exactly what [`SignatureBatch`] accepts for the same triple.
+    pub fn verify_zip215(&self, label: &str, payload: &[u8], signature: &Signature) -> bool {
+        match zip215_item(self, label, payload, signature) {
+            Some(item) => item.verify_single().is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether the key has small order (a "weak" key, for which signatures can be
+    /// made without a secret).
+    pub fn is_weak(&self) -> bool {
+        self.0.is_weak()
+    }
 }
+
+/// The ZIP 215 verification item for a triple, or `None` if the key is weak: with a
+/// key of small order, `R` of small order and `s = 0` satisfy the cofactored equation
+/// for every message, so such keys verify no client signature, alone or in a batch.
+fn zip215_item(
+    key: &PublicKey,
+    label: &str,
+    payload: &[u8],
+    signature: &Signature,
+) -> Option<ed25519_zebra::batch::Item> {
+    if key.is_weak() {
+        return None;
+    }
+    let key = ed25519_zebra::VerificationKeyBytes::from(key.to_bytes());
+    let signature = ed25519_zebra::Signature::from_bytes(&signature.0);
+    let message = signing_message(label, payload);
+    Some(ed25519_zebra::batch::Item::from((
+        key,
+        signature,
+        &message[..],
+    )))
+}
+
+/// Batch verification of Ed25519 signatures under the rule of
+/// [`PublicKey::verify_zip215`], with the same answer per signature.
+///
+/// [`SignatureBatch::verify`] checks the whole batch with one multiscalar
+/// multiplication; if that fails, it verifies each signature alone, so one bad
+/// signature costs the others nothing but time. The batch equation's random
+/// coefficients (128 bits each) are drawn from BLAKE3 in XOF mode over every key,
+/// signature and message in the batch: deterministic (the simulator replays runs), and
+/// unpredictable to whoever chose the signatures, since any change to the batch
+/// changes them all; an invalid batch passes with probability at most `2^-128` per
+/// batch tried (with BLAKE3 as a random oracle), as with coefficients from a random
+/// number generator.
+pub struct SignatureBatch {
+    /// Per signature: its item, or `None` if it fails before any arithmetic.
+    items: Vec<Option<ed25519_zebra::batch::Item>>,
+    transcript: blake3::Hasher,
+}
+
+/// The context of the BLAKE3 key derivation that seeds batch coefficients.
+const BATCH_TRANSCRIPT_CONTEXT: &str =
+    "diffuse 2026-11-22 ZIP 215 batch verification: coefficients from the batch transcript";
+
+impl SignatureBatch {
+    /// An empty batch.
+    pub fn new() -> SignatureBatch {
+        SignatureBatch {
+            items: Vec::new(),
+            transcript: blake3::Hasher::new_derive_key(BATCH_TRANSCRIPT_CONTEXT),
+        }
+    }
+
+    /// Adds `signature` by `key` over `label || BLAKE3(payload)`; its answer is at the
+    /// same index in [`SignatureBatch::verify`]'s result.
+    pub fn push(&mut self, key: &PublicKey, label: &str, payload: &[u8], signature: &Signature) {
+        let digest = blake3::hash(payload);
+        self.transcript.update(&(label.len() as u64).to_le_bytes());
+        self.transcript.update(label.as_bytes());
+        self.transcript.update(digest.as_bytes());
+        self.transcript.update(&key.to_bytes());
+        self.transcript.update(&signature.0);
+        self.items.push(zip215_item(key, label, payload, signature));
+    }
+
+    /// The signatures added.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether no signature was added.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Whether each signature is valid, in the order they were added.
+    pub fn verify(self) -> Vec<bool> {
+        let SignatureBatch { items, transcript } = self;
+        let usable = items.iter().filter(|i| i.is_some()).count();
+        if usable >= 2 {
+            let mut batch = ed25519_zebra::batch::Verifier::new();
+            for item in items.iter().flatten() {
+                batch.queue(item.clone());
+            }
+            let coefficients = TranscriptRng(transcript.finalize_xof());
+            if batch.verify(coefficients).is_ok() {
+                return items.iter().map(Option::is_some).collect();
+            }
+        }
+        items
+            .into_iter()
+            .map(|item| item.is_some_and(|item| item.verify_single().is_ok()))
+            .collect()
+    }
+}
+
+impl Default for SignatureBatch {
+    fn default() -> Self {
+        SignatureBatch::new()
+    }
+}
+
+impl fmt::Debug for SignatureBatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignatureBatch({} signatures)", self.items.len())
+    }
+}
+
+/// BLAKE3's extendable output as the coefficient source of a batch verification.
+struct TranscriptRng(blake3::OutputReader);
+
+impl rand_core::TryRng for TranscriptRng {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut bytes = [0u8; 4];
+        self.0.fill(&mut bytes);
+        Ok(u32::from_le_bytes(bytes))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut bytes = [0u8; 8];
+        self.0.fill(&mut bytes);
+        Ok(u64::from_le_bytes(bytes))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        self.0.fill(dst);
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for TranscriptRng {}
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -367,6 +523,27 @@ impl<T: Signable> Signed<T> {
             &self.signature,
         )
     }
+
+    /// Whether the signature is `key`'s over this value under the rule for client
+    /// signatures ([`PublicKey::verify_zip215`]).
+    pub fn verify_zip215(&self, key: &PublicKey) -> bool {
+        key.verify_zip215(
+            T::LABEL,
+            &codec::encode_payload(&self.value),
+            &self.signature,
+        )
+    }
+
+    /// Adds this value's signature by `key` to `batch`
+    /// ([`Signed::verify_zip215`] in a batch).
+    pub fn push_to(&self, key: &PublicKey, batch: &mut SignatureBatch) {
+        batch.push(
+            key,
+            T::LABEL,
+            &codec::encode_payload(&self.value),
+            &self.signature,
+        );
+    }
 }
 
 impl<T: fmt::Debug> fmt::Debug for Signed<T> {
@@ -499,6 +676,176 @@ mod tests {
     fn serde_bytes_like(b: &[u8]) -> crate::codec::Blob<64> {
         crate::codec::Blob::try_from_vec(b.to_vec()).unwrap()
     }
+
+    /// The ways a test breaks a signature (or its key) that ZIP 215 and `verify_strict`
+    /// may judge differently, plus plain forgeries.
+    #[derive(Debug, Clone, Copy)]
+    enum Twist {
+        /// Left as signed.
+        None,
+        /// Verified over another payload.
+        OtherPayload,
+        /// Verified with another member's key.
+        OtherKey,
+        /// One bit of `R` flipped.
+        FlipR,
+        /// One bit of `s` flipped.
+        FlipS,
+        /// `s + ℓ`: the same scalar, not canonically encoded.
+        NonCanonicalS,
+        /// `R + T` with `T` of order 8: the cofactored equation (ZIP 215) still
+        /// holds, the cofactorless one (`verify_strict`) does not.
+        TorsionR,
+        /// A key of small order with `R` the identity and `s = 0`: satisfies the
+        /// cofactored equation for any message, refused as a weak key.
+        WeakKey,
+    }
+
+    const TWISTS: [Twist; 8] = [
+        Twist::None,
+        Twist::OtherPayload,
+        Twist::OtherKey,
+        Twist::FlipR,
+        Twist::FlipS,
+        Twist::NonCanonicalS,
+        Twist::TorsionR,
+        Twist::WeakKey,
+    ];
+
+    /// A (key, payload, signature) triple, twisted.
+    fn triple(seed: u8, twist: Twist) -> (PublicKey, Vec<u8>, Signature) {
+        use curve25519_dalek::constants::EIGHT_TORSION;
+        let key = SecretKey::from_seed([seed; 32]);
+        let payload = vec![seed; 1 + seed as usize % 40];
+        let mut signature = key.sign("test/batch", &payload);
+        let mut public = key.public();
+        let mut payload_checked = payload.clone();
+        match twist {
+            Twist::None => {}
+            Twist::OtherPayload => payload_checked.push(1),
+            Twist::OtherKey => public = SecretKey::from_seed([seed ^ 0x80; 32]).public(),
+            Twist::FlipR => signature.0[3] ^= 0x10,
+            Twist::FlipS => signature.0[40] ^= 0x01,
+            Twist::NonCanonicalS => {
+                // ℓ = 2^252 + 27742317777372353535851937790883648493, little-endian.
+                const L: [u8; 32] = [
+                    0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde,
+                    0xf9, 0xde, 0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+                ];
+                let mut carry = 0u16;
+                for i in 0..32 {
+                    let sum = u16::from(signature.0[32 + i]) + u16::from(L[i]) + carry;
+                    signature.0[32 + i] = sum as u8;
+                    carry = sum >> 8;
+                }
+            }
+            Twist::TorsionR => {
+                // Sign by hand with the nonce point R + T: s = r + H(R + T, A, m) a.
+                use curve25519_dalek::scalar::Scalar;
+                use sha2::Digest as _;
+                let mut clamped = key.to_x25519();
+                clamped[0] &= 248;
+                clamped[31] &= 127;
+                clamped[31] |= 64;
+                let a = Scalar::from_bytes_mod_order(clamped);
+                let r = Scalar::from_bytes_mod_order([seed.wrapping_add(77); 32]);
+                let big_r =
+                    curve25519_dalek::constants::ED25519_BASEPOINT_POINT * r + EIGHT_TORSION[1];
+                let message = signing_message("test/batch", &payload);
+                let hash = sha2::Sha512::new()
+                    .chain_update(big_r.compress().as_bytes())
+                    .chain_update(public.to_bytes())
+                    .chain_update(&message)
+                    .finalize();
+                let mut wide = [0u8; 64];
+                wide.copy_from_slice(&hash);
+                let s = r + Scalar::from_bytes_mod_order_wide(&wide) * a;
+                signature.0[..32].copy_from_slice(big_r.compress().as_bytes());
+                signature.0[32..].copy_from_slice(s.as_bytes());
+            }
+            Twist::WeakKey => {
+                let mut identity = [0u8; 32];
+                identity[0] = 1;
+                public = PublicKey::from_bytes(&identity).unwrap();
+                signature = Signature([0; 64]);
+                signature.0[0] = 1;
+            }
+        }
+        (public, payload_checked, signature)
+    }
+
+    /// Verifies triples in one batch; asserts each answer equals single verification.
+    fn batch_agrees(triples: &[(PublicKey, Vec<u8>, Signature)]) -> Vec<bool> {
+        let mut batch = SignatureBatch::new();
+        for (key, payload, signature) in triples {
+            batch.push(key, "test/batch", payload, signature);
+        }
+        assert_eq!(batch.len(), triples.len());
+        let answers = batch.verify();
+        let single: Vec<bool> = triples
+            .iter()
+            .map(|(key, payload, signature)| key.verify_zip215("test/batch", payload, signature))
+            .collect();
+        assert_eq!(answers, single, "batch and single verification disagree");
+        answers
+    }
+
+    #[test]
+    fn zip215_single_verification_accepts_what_it_should() {
+        for twist in TWISTS {
+            let (key, payload, signature) = triple(9, twist);
+            let zip215 = key.verify_zip215("test/batch", &payload, &signature);
+            let strict = key.verify("test/batch", &payload, &signature);
+            let expected = matches!(twist, Twist::None | Twist::TorsionR);
+            assert_eq!(zip215, expected, "{twist:?}");
+            // The one difference with members' rule: a torsion component in R.
+            assert_eq!(strict, matches!(twist, Twist::None), "{twist:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_signature_refuses_only_that_one() {
+        for twist in TWISTS {
+            let mut triples: Vec<_> = (10..26).map(|seed| triple(seed, Twist::None)).collect();
+            triples[7] = triple(17, twist);
+            let answers = batch_agrees(&triples);
+            let bad: Vec<usize> = (0..answers.len()).filter(|&i| !answers[i]).collect();
+            let expected: Vec<usize> = if matches!(twist, Twist::None | Twist::TorsionR) {
+                vec![]
+            } else {
+                vec![7]
+            };
+            assert_eq!(bad, expected, "{twist:?}");
+        }
+    }
+
+    #[test]
+    fn batches_of_zero_one_and_repeated_keys() {
+        assert!(SignatureBatch::new().verify().is_empty());
+        assert_eq!(batch_agrees(&[triple(3, Twist::None)]), [true]);
+        assert_eq!(batch_agrees(&[triple(3, Twist::FlipS)]), [false]);
+        // Two signatures by one key (coalesced in the batch equation), one of them bad.
+        let key = SecretKey::from_seed([4; 32]);
+        let good = (key.public(), b"a".to_vec(), key.sign("test/batch", b"a"));
+        let bad = (key.public(), b"b".to_vec(), key.sign("test/batch", b"c"));
+        assert_eq!(batch_agrees(&[good.clone(), bad]), [true, false]);
+        assert_eq!(batch_agrees(&[good.clone(), good]), [true, true]);
+    }
+
+    proptest::proptest! {
+        /// Any mix of valid and twisted signatures: the batch answers, per signature,
+        /// what single verification answers.
+        #[test]
+        fn batch_verification_equals_single_verification(
+            picks in proptest::collection::vec((0u8..200, 0usize..TWISTS.len()), 0..24)
+        ) {
+            let triples: Vec<_> = picks
+                .iter()
+                .map(|&(seed, twist)| triple(seed, TWISTS[twist]))
+                .collect();
+            batch_agrees(&triples);
+        }
+    }
 }
 /// Costs of the primitives on this machine, printed, not asserted:
 /// `cargo test --release -p diffuse-core crypto_costs -- --ignored --nocapture`.
@@ -540,6 +887,32 @@ mod costs {
                 std::hint::black_box(agreement.mac_key("diffuse costs: pairwise", &peer));
             }),
         );
+        time(
+            "Ed25519 verify, ZIP 215 (ed25519-zebra)",
+            Box::new(|| assert!(public.verify_zip215("costs", &payload, &signature))),
+        );
+        for size in [4u32, 16, 64, 256] {
+            let keys: Vec<SecretKey> = (0..size)
+                .map(|i| SecretKey::from_seed([(i % 251) as u8 + 1; 32]))
+                .collect();
+            let signatures: Vec<Signature> =
+                keys.iter().map(|k| k.sign("costs", &payload)).collect();
+            let keys: Vec<PublicKey> = keys.iter().map(SecretKey::public).collect();
+            let start = Instant::now();
+            let rounds = (ROUNDS / size).max(10);
+            for _ in 0..rounds {
+                let mut batch = SignatureBatch::new();
+                for (k, s) in keys.iter().zip(&signatures) {
+                    batch.push(k, "costs", &payload, s);
+                }
+                assert!(batch.verify().iter().all(|ok| *ok));
+            }
+            println!(
+                "{:<40} {:?}",
+                format!("ZIP 215 batch of {size}, per signature"),
+                start.elapsed() / (rounds * size)
+            );
+        }
         let mac_key = agreement.mac_key("diffuse costs: pairwise", &peer).unwrap();
         let mac = mac_key.mac(&Digest::of("costs", &payload).0);
         time(

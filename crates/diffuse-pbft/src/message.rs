@@ -9,7 +9,7 @@
 //! the signature, an authenticator of per-replica MACs (see [`crate::auth`]).
 
 use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
-use diffuse_core::crypto::{Digest, Mac, PublicKey, SecretKey, Signable, Signed};
+use diffuse_core::crypto::{Digest, Mac, PublicKey, SecretKey, Signable, SignatureBatch, Signed};
 use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq, View};
 use diffuse_core::service::MAX_RESULT_BYTES;
 use serde::{Deserialize, Serialize};
@@ -74,9 +74,17 @@ impl Request {
         }
     }
 
-    /// Whether the client's signature (with public key `key`) is valid.
+    /// Whether the client's signature (with public key `key`) is valid, under the
+    /// rule for client signatures (ZIP 215, see [`diffuse_core::crypto`]), the one
+    /// rule for requests everywhere, alone or in a batch.
     pub fn signature_is_valid(&self, key: &PublicKey) -> bool {
-        self.signed.verify(key)
+        self.signed.verify_zip215(key)
+    }
+
+    /// Adds the client's signature (with public key `key`) to `batch`: the batch
+    /// answers what [`Request::signature_is_valid`] answers.
+    pub fn push_signature(&self, key: &PublicKey, batch: &mut SignatureBatch) {
+        self.signed.push_to(key, batch);
     }
 }
 

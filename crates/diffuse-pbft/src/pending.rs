@@ -50,6 +50,30 @@ impl Pending {
         request.signature_is_valid(key)
     }
 
+    /// Whether every request of `requests` is valid as [`Pending::request_is_valid`]
+    /// judges it, with the signatures still to check verified in one batch (same
+    /// answer, less work).
+    pub fn all_valid<'a>(
+        &self,
+        requests: impl IntoIterator<Item = &'a Request>,
+        keys: &diffuse_core::config::ClusterKeys,
+        max_operation_bytes: usize,
+    ) -> bool {
+        let mut batch = diffuse_core::crypto::SignatureBatch::new();
+        for request in requests {
+            if request.operation.len() > max_operation_bytes {
+                return false;
+            }
+            let Some(key) = keys.client(request.client) else {
+                return false;
+            };
+            if !self.holds_proven(request) {
+                request.push_signature(key, &mut batch);
+            }
+        }
+        batch.verify().into_iter().all(|valid| valid)
+    }
+
     /// Whether `request` is, byte for byte, the pending request of its client.
     pub fn holds(&self, request: &Request) -> bool {
         self.get(request.client)

@@ -256,3 +256,110 @@ fn a_faulty_primary_and_client_cannot_split_the_backups_for_long() {
         c.faults
     );
 }
+
+/// Options with a batching delay, so that the primary stages requests and checks
+/// their signatures in one batch when the batch timer fires.
+fn staging_options() -> diffuse_pbft::PbftOptions {
+    diffuse_pbft::PbftOptions {
+        batch_delay: std::time::Duration::from_millis(1),
+        batch_max_requests: 8,
+        ..test_options()
+    }
+}
+
+/// The primary checks the signatures of the requests that arrived during the
+/// batching delay in one batch. One of them has a bad signature: the batch fails, the
+/// primary falls back on single checks, refuses that request alone (blaming its
+/// client) and proposes the others, which execute everywhere.
+#[test]
+fn a_bad_signature_in_a_batch_costs_the_good_requests_nothing() {
+    let mut c = Cluster::new(4, 4, staging_options());
+    for client in 0..4u32 {
+        let signer = if client == 2 {
+            c.secret(3).clone()
+        } else {
+            client_secret(client as usize)
+        };
+        let r = request(
+            &c,
+            body(client, 1, KvOp::put(format!("k{client}").as_bytes(), b"v")),
+            &signer,
+            &[],
+        );
+        c.deliver(
+            NodeId::Client(ClientId(client)),
+            replica(0),
+            Message::Request(r),
+        );
+    }
+    // Staged, not checked yet: nothing proposed before the batch timer.
+    assert_eq!(signature_checks(&c), vec![0, 0, 0, 0]);
+    assert!(c.network.is_empty());
+    assert!(c.fire(0, Timer::Batch));
+    c.run();
+    assert_eq!(signature_checks(&c), vec![4, 0, 0, 0]);
+    assert_eq!(c.faults_of("bad-request"), 1);
+    assert!(
+        c.faults
+            .iter()
+            .all(|(_, culprit, _)| *culprit == NodeId::Client(ClientId(2)))
+    );
+    for i in 0..4 {
+        assert_eq!(c.executed[i].len(), 1, "replica {i}: one batch");
+    }
+    // Client 2, caught once, is checked alone from now on; its next request (signed
+    // correctly) and the others' still go through.
+    for client in [0u32, 2] {
+        let r = request(
+            &c,
+            body(client, 2, KvOp::put(b"again", b"v")),
+            &client_secret(client as usize),
+            &[],
+        );
+        c.deliver(
+            NodeId::Client(ClientId(client)),
+            replica(0),
+            Message::Request(r),
+        );
+    }
+    assert!(c.fire(0, Timer::Batch));
+    c.run();
+    assert_eq!(signature_checks(&c), vec![6, 0, 0, 0]);
+    for i in 0..4 {
+        assert_eq!(c.executed[i].len(), 2, "replica {i}: two batches");
+    }
+    c.assert_agreement();
+}
+
+/// Requests staged at the primary when it leaves its view are checked then, and
+/// reach the next primary like any pending request.
+#[test]
+fn requests_staged_at_a_view_change_are_not_lost() {
+    let mut c = Cluster::new(4, 3, staging_options());
+    for client in 0..3 {
+        c.invoke(client, KvOp::put(format!("k{client}").as_bytes(), b"v"));
+    }
+    c.run();
+    // Only the primary has them, staged; client 2 retransmits to everyone, so the
+    // backups time its request and, with no batch timer fired, change view.
+    assert_eq!(signature_checks(&c), vec![0, 0, 0, 0]);
+    c.fire_client(2);
+    c.run();
+    c.fire_all(Timer::Request);
+    c.run();
+    assert!(
+        signature_checks(&c)[0] >= 3,
+        "checked when the view was left"
+    );
+    for _ in 0..3 {
+        c.fire_all(Timer::Batch);
+        c.run();
+    }
+    for client in 0..3 {
+        assert_eq!(c.completed[client].len(), 1, "client {client}");
+    }
+    for i in 0..4 {
+        assert_eq!(c.views_installed[i], vec![View(1)], "replica {i}");
+    }
+    c.assert_agreement();
+}

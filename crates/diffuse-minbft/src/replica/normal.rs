@@ -202,12 +202,11 @@ impl MinBftReplica {
         {
             return out.fault(prepare.replica, "second-prepare-for-a-slot");
         }
-        if !prepare
-            .batch
-            .requests
-            .iter()
-            .all(|r| self.request_is_valid(r))
-        {
+        if !self.pending.all_valid(
+            prepare.batch.requests.iter(),
+            &self.keys,
+            self.options.base.max_operation_bytes,
+        ) {
             // The first PREPARE for the slot in the primary's stream was invalid: the
             // slot takes no later one in this view, so "first in counter order" means
             // the same thing to every replica and to the view change.

@@ -228,10 +228,11 @@ impl MinBftReplica {
 
     fn decide_from(&self, vcs: &[&ViewChange]) -> Decision {
         decide(vcs, |batch| {
-            batch.requests.iter().all(|r| {
-                self.pending
-                    .request_is_valid(r, &self.keys, self.options.base.max_operation_bytes)
-            })
+            self.pending.all_valid(
+                batch.requests.iter(),
+                &self.keys,
+                self.options.base.max_operation_bytes,
+            )
         })
     }
 

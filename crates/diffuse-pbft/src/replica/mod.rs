@@ -22,13 +22,13 @@ use crate::pending::Pending;
 use diffuse_core::app::Application;
 use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{Digest, PublicKey, SecretKey};
-use diffuse_core::ids::{NodeId, ReplicaId, Seq, View};
+use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
 use diffuse_core::protocol::{Actions, Input};
 use diffuse_core::quorum::QuorumSystem;
 use diffuse_core::service::{ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
 use slot::Slot;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 /// The replica's timers.
@@ -111,6 +111,14 @@ pub struct PbftReplica {
     macs: MacVerifier,
     /// Client request signatures verified so far (a cost counter for tests).
     request_signature_checks: u64,
+    /// As the active primary: requests waiting for their signatures to be checked
+    /// in one batch, per (sender, client), with their arrival number.
+    staged: BTreeMap<(NodeId, ClientId), (u64, crate::message::Request)>,
+    /// The next arrival number for `staged`.
+    staged_arrivals: u64,
+    /// Senders caught with a bad request signature in a batch: their requests are
+    /// checked alone from then on (at most the members of the cluster).
+    suspects: BTreeSet<NodeId>,
     /// The pending request the backup's request timer waits for.
     request_timer_for: Option<(diffuse_core::ids::ClientId, u64)>,
     batch_timer_running: bool,
@@ -174,6 +182,9 @@ impl PbftReplica {
             pending: Pending::default(),
             macs,
             request_signature_checks: 0,
+            staged: BTreeMap::new(),
+            staged_arrivals: 0,
+            suspects: BTreeSet::new(),
             request_timer_for: None,
             batch_timer_running: false,
             view_change: Default::default(),
@@ -211,8 +222,9 @@ impl PbftReplica {
         self.log.len()
     }
 
-    /// How many client request signatures this replica has verified: in the normal
-    /// case only the primary verifies them (backups check their MAC entry).
+    /// How many client request signatures this replica has verified, alone or in a
+    /// batch: in the normal case only the primary verifies them (backups check their
+    /// MAC entry).
     pub fn request_signature_checks(&self) -> u64 {
         self.request_signature_checks
     }
@@ -397,6 +409,13 @@ impl PbftReplica {
                 .all(|q| q.len() <= self.options.future_messages_per_sender)
         );
         assert!(self.view_change.received.len() <= self.n());
+        // Staged requests wait for the batch timer of an active primary (every view
+        // change checks them first).
+        assert!(
+            self.staged.is_empty()
+                || (self.view_active && self.is_primary() && self.batch_timer_running)
+        );
+        assert!(self.staged.len() <= self.options.batch_max_requests);
         if self.view_active && self.is_primary() {
             // A primary proposes only requests whose signature it checked.
             assert!(

@@ -6,7 +6,7 @@ use crate::message::{
 };
 use crate::options::Mutant;
 use diffuse_core::codec::{Blob, BoundedVec};
-use diffuse_core::crypto::{Digest, Signed};
+use diffuse_core::crypto::{Digest, SignatureBatch, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
 use diffuse_core::protocol::Observation;
 use diffuse_core::quorum::ReplicaSet;
@@ -71,21 +71,43 @@ impl PbftReplica {
             && self.is_primary()
             && request.operation.len() <= self.options.max_operation_bytes
             && self.macs.verify(&request, &self.keys).is_ok();
-        if !trusted_mac && !self.request_is_signed(&request) {
+        if trusted_mac {
+            if self.accept_request(from, request, out) {
+                self.propose_batches(false, out);
+            }
+            return;
+        }
+        if self.view_active && self.is_primary() && !self.pending.holds_proven(&request) {
+            // The active primary checks signatures in batches: the request waits
+            // (at most the batching delay) with the others that arrive meanwhile.
+            self.stage_request(from, request, out);
+            return;
+        }
+        if !self.request_is_signed(&request) {
             out.fault(from, "bad-request");
             return;
         }
+        if self.accept_request(from, request, out) {
+            self.propose_batches(false, out);
+        }
+    }
+
+    /// Takes a request whose signature is valid (or, for the mutant, whose MAC is).
+    /// Returns whether it is new to this replica as the active primary (so batches
+    /// may be cut).
+    fn accept_request(&mut self, from: NodeId, request: Request, out: &mut Out) -> bool {
+        let from_client = from == NodeId::Client(request.client);
         let (client, timestamp) = (request.client, request.timestamp);
         let last = self.service.last_timestamp(client);
         if timestamp <= last {
             if timestamp == last && from_client {
                 self.resend_reply(client, out);
             }
-            return;
+            return false;
         }
         let known = self.pending.get(client).map(|p| p.request.timestamp);
         if known.is_some_and(|t| t > timestamp) {
-            return;
+            return false;
         }
         if known == Some(timestamp) {
             // Held so far on the strength of a MAC only: keep the signed copy.
@@ -93,14 +115,11 @@ impl PbftReplica {
         }
         let fresh = known != Some(timestamp) && self.pending.offer(request.clone(), None, true);
         if !self.view_active {
-            return;
+            return false;
         }
         if self.is_primary() {
-            if fresh {
-                self.propose_batches(false, out);
-            }
             self.ensure_request_timer(out);
-            return;
+            return fresh;
         }
         // A backup relays a client's request to the primary: the first time it sees
         // it, and again when the client retransmits (the primary may have missed it).
@@ -108,6 +127,86 @@ impl PbftReplica {
             out.send(self.primary(), Message::Request(request));
         }
         self.ensure_request_timer(out);
+        false
+    }
+
+    /// As the active primary, holds a request until its signature is checked with
+    /// those of the others staged meanwhile: when the batch timer fires, when a full
+    /// batch is staged, or at once without a batching delay. At most one request per
+    /// sender and client (a newer one replaces an older one), so the stage is bounded
+    /// by the registered clients times the members.
+    fn stage_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
+        if request.operation.len() > self.options.max_operation_bytes
+            || self.keys.client(request.client).is_none()
+        {
+            out.fault(from, "bad-request");
+            return;
+        }
+        let key = (from, request.client);
+        if self
+            .staged
+            .get(&key)
+            .is_some_and(|(_, held)| held.timestamp >= request.timestamp)
+        {
+            return;
+        }
+        let arrival = self.staged_arrivals;
+        self.staged_arrivals += 1;
+        self.staged.insert(key, (arrival, request));
+        let full = self.staged.len() >= self.options.batch_max_requests;
+        if full || self.options.batch_delay.is_zero() {
+            self.propose_batches(true, out);
+        } else if !self.batch_timer_running {
+            out.set_timer(Timer::Batch, self.options.batch_delay);
+            self.batch_timer_running = true;
+        }
+    }
+
+    /// Checks the signatures of the staged requests in one batch (single checks for
+    /// senders caught with a bad one before, so that a faulty client spoils at most
+    /// one batch) and takes the valid ones, in arrival order. Returns whether any is
+    /// new to this replica as the active primary.
+    pub(super) fn verify_staged(&mut self, out: &mut Out) -> bool {
+        if self.staged.is_empty() {
+            return false;
+        }
+        let mut staged: Vec<_> = std::mem::take(&mut self.staged).into_iter().collect();
+        staged.sort_by_key(|(_, (arrival, _))| *arrival);
+        let mut batch = SignatureBatch::new();
+        // Per staged request: `Some(i)` for the batch's `i`-th answer, `None` if
+        // decided without it.
+        let mut verdicts: Vec<(NodeId, Request, Option<usize>, bool)> = Vec::new();
+        for ((from, _), (_, request)) in staged {
+            let Some(key) = self.keys.client(request.client) else {
+                verdicts.push((from, request, None, false));
+                continue;
+            };
+            if self.pending.holds_proven(&request) {
+                verdicts.push((from, request, None, true));
+            } else if self.suspects.contains(&from) {
+                self.request_signature_checks += 1;
+                let valid = request.signature_is_valid(key);
+                verdicts.push((from, request, None, valid));
+            } else {
+                self.request_signature_checks += 1;
+                request.push_signature(key, &mut batch);
+                verdicts.push((from, request, Some(batch.len() - 1), false));
+            }
+        }
+        let answers = batch.verify();
+        let mut fresh = false;
+        for (from, request, index, decided) in verdicts {
+            let valid = index.map_or(decided, |i| answers[i]);
+            if valid {
+                fresh |= self.accept_request(from, request, out);
+            } else {
+                if index.is_some() && self.suspects.len() < self.keys.clients().count() + self.n() {
+                    self.suspects.insert(from);
+                }
+                out.fault(from, "bad-request");
+            }
+        }
+        fresh
     }
 
     fn resend_reply(&self, client: ClientId, out: &mut Out) {
@@ -133,6 +232,9 @@ impl PbftReplica {
     /// pipeline have room. A partial batch goes out only when `flush` is set (the
     /// batch timer fired) or when no delay is configured.
     pub(super) fn propose_batches(&mut self, mut flush: bool, out: &mut Out) {
+        if flush {
+            self.verify_staged(out);
+        }
         if !self.view_active || !self.is_primary() || self.needs_state {
             return;
         }
@@ -161,7 +263,7 @@ impl PbftReplica {
                 batch.push(pending.request.clone());
             }
             if batch.is_empty() {
-                if self.batch_timer_running {
+                if self.batch_timer_running && self.staged.is_empty() {
                     out.cancel_timer(Timer::Batch);
                     self.batch_timer_running = false;
                 }
@@ -279,9 +381,24 @@ impl PbftReplica {
     /// signature is invalid: in the new view, the primary proposes, and backups relay
     /// and time, only requests that a correct primary would propose.
     pub(super) fn prove_pending(&mut self) {
-        for request in self.pending.unproven() {
-            let valid = self.request_is_signed(&request);
-            self.pending.settle(&request, valid);
+        let unproven = self.pending.unproven();
+        let mut batch = SignatureBatch::new();
+        let mut in_batch = Vec::with_capacity(unproven.len());
+        for request in &unproven {
+            let well_formed = request.operation.len() <= self.options.max_operation_bytes;
+            match self.keys.client(request.client) {
+                Some(key) if well_formed => {
+                    self.request_signature_checks += 1;
+                    request.push_signature(key, &mut batch);
+                    in_batch.push(Some(batch.len() - 1));
+                }
+                _ => in_batch.push(None),
+            }
+        }
+        let answers = batch.verify();
+        for (request, index) in unproven.iter().zip(in_batch) {
+            let valid = index.is_some_and(|i| answers[i]);
+            self.pending.settle(request, valid);
         }
     }
 

@@ -61,6 +61,9 @@ impl PbftReplica {
         if target <= self.view {
             return;
         }
+        // Requests staged as primary are checked and kept (or refused) before the
+        // view is left: they go to the next primary like any pending request.
+        self.verify_staged(out);
         self.view = target;
         self.view_active = false;
         self.current_new_view = None;
@@ -392,6 +395,7 @@ impl PbftReplica {
 
     /// Enters the view of a verified NEW-VIEW and prepares its proposals.
     fn install_new_view(&mut self, new_view: NewView, plan: Plan, out: &mut Out) {
+        self.verify_staged(out);
         let view = new_view.view;
         self.view = view;
         self.view_active = true;
