@@ -3,14 +3,18 @@
 //! The loop owns the protocol instance and feeds it one input at a time: a message
 //! from the inbox, or a timer whose deadline passed.
 //!
-//! **Group commit.** When it wakes, the loop also takes whatever else is already
-//! waiting in the inbox (up to [`MAX_INPUTS_PER_COMMIT`] inputs), handles each in turn,
-//! and gathers the writes and the outgoing messages of all of them. It then commits
-//! every write in one durable transaction, and only then sends the messages, in the
-//! order the protocol produced them. Each message thus leaves after every write that
-//! preceded it, which is what [`diffuse_core::protocol`] requires, and under load one
-//! fsync covers many inputs instead of one each. Timers and observations take effect
-//! at once: they never depend on the disk.
+//! **Group commit, pipelined.** When it wakes, the loop also takes whatever else is
+//! already waiting in the inbox (up to [`MAX_INPUTS_PER_COMMIT`] inputs), handles each
+//! in turn, and gathers the writes and the outgoing messages of all of them into one
+//! group. It hands the group to the storage thread and goes on with the next inputs.
+//! The storage thread commits the writes of every group waiting for it in one durable
+//! transaction, and only then sends their messages, in the order the protocol produced
+//! them. Each message thus leaves after every write that preceded it, which is what
+//! [`diffuse_core::protocol`] requires, under load one fsync covers many inputs
+//! instead of one each, and the protocol keeps working while the disk syncs. (A crash
+//! loses the inputs handled since the last durable commit together with everything
+//! that depended on them: no message of theirs has left.) Timers and observations
+//! take effect at once: they never depend on the disk.
 
 use crate::config::NodeSettings;
 use crate::metrics::{self, NodeMetrics};
@@ -24,6 +28,7 @@ use diffuse_core::suite::{ProtocolSuite, ReplicaSetup};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 /// Why a node stopped.
@@ -146,10 +151,14 @@ pub async fn run_replica<S: ProtocolSuite>(
         secret: settings.secret.clone(),
         options,
     };
+    let transport = Arc::new(transport);
+    let (failure_tx, mut failure) = oneshot::channel();
+    let (groups, storage) =
+        StorageThread::start(store, transport.clone(), metrics.clone(), failure_tx);
     let mut driver = Driver::<S> {
         id: NodeId::Replica(settings.id),
         replica: S::replica(setup, app),
-        store,
+        groups,
         transport,
         timers: Timers::default(),
         metrics,
@@ -159,15 +168,16 @@ pub async fn run_replica<S: ProtocolSuite>(
     };
     let start = driver.replica.handle(Input::Start(recovered));
     driver.absorb(start);
-    driver.commit()?;
+    let mut stopped = driver.hand_over().await;
     tracing::info!(replica = settings.id.0, address = %settings.listen, "listening");
     tokio::pin!(shutdown);
     let mut last_sample = Instant::now();
-    loop {
+    while stopped.is_ok() {
         let deadline = driver.timers.next_deadline();
         tokio::select! {
             biased;
             () = &mut shutdown => break,
+            _ = &mut failure => break,
             () = sleep_until(deadline), if deadline.is_some() => {
                 for timer in driver.timers.expired(Instant::now()) {
                     let actions = driver.replica.handle(Input::Timer(timer));
@@ -179,14 +189,14 @@ pub async fn run_replica<S: ProtocolSuite>(
                 driver.on_message(inbound);
             }
         }
-        // Whatever else already waits joins this commit.
+        // Whatever else already waits joins this group.
         for _ in 1..MAX_INPUTS_PER_COMMIT {
             match inbox.try_recv() {
                 Ok(inbound) => driver.on_message(inbound),
                 Err(_) => break,
             }
         }
-        driver.commit()?;
+        stopped = driver.hand_over().await;
         // Queue depths are sampled, not computed per input: summing every peer's
         // queue on each message would put a lock and a scan on the hot path.
         if last_sample.elapsed() >= QUEUE_SAMPLE_INTERVAL {
@@ -198,9 +208,19 @@ pub async fn run_replica<S: ProtocolSuite>(
                 .set(driver.transport.queued() as i64);
         }
     }
-    // Every input's writes were committed at the end of its loop iteration, so
-    // what the replica seals now follows everything it persisted.
-    match driver.replica.shutdown() {
+    // The storage thread commits (and sends) every group handed over before it stops,
+    // so what the replica seals now follows everything it persisted.
+    let Driver {
+        mut replica,
+        groups,
+        ..
+    } = driver;
+    drop(groups);
+    let finished = storage.finish();
+    if let Err(error) = finished {
+        return Err(error.into());
+    }
+    match replica.shutdown() {
         Ok(()) => tracing::info!(replica = settings.id.0, "shut down"),
         Err(error) => tracing::warn!(
             replica = settings.id.0,
@@ -214,8 +234,15 @@ pub async fn run_replica<S: ProtocolSuite>(
 /// How often the queue-depth gauges are refreshed.
 const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// The most inputs whose writes share one durable commit.
+/// The most inputs whose writes share one group handed to the storage thread.
 pub const MAX_INPUTS_PER_COMMIT: usize = 256;
+
+/// Groups waiting for the storage thread before the loop waits for it: under
+/// overload the loop slows down to the disk's pace instead of queueing without bound.
+const MAX_GROUPS_WAITING: usize = 64;
+
+/// The most groups the storage thread commits in one transaction.
+const MAX_GROUPS_PER_COMMIT: usize = 64;
 
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
@@ -224,20 +251,119 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// A message waiting for the commit of the writes that precede it.
+struct Outgoing<M> {
+    /// The recipient, or `None` for a broadcast.
+    to: Option<NodeId>,
+    message: M,
+    /// For a reply: when its client's oldest unanswered request arrived.
+    arrived: Option<Instant>,
+}
+
+/// The writes and messages of consecutive inputs, committed and sent together.
+struct Group<M> {
+    writes: Vec<WriteOp>,
+    outbox: Vec<Outgoing<M>>,
+}
+
+/// The thread that owns the store: commits groups in order, then sends their
+/// messages. Stops at the first storage error, reporting it, and sends nothing more.
+struct StorageThread {
+    handle: std::thread::JoinHandle<Result<(), StorageError>>,
+}
+
+impl StorageThread {
+    fn start<M: diffuse_core::codec::WireMessage + Send + 'static>(
+        store: Store,
+        transport: Arc<Transport<M>>,
+        metrics: Arc<NodeMetrics>,
+        failure: oneshot::Sender<()>,
+    ) -> (mpsc::Sender<Group<M>>, StorageThread) {
+        let (tx, rx) = mpsc::channel(MAX_GROUPS_WAITING);
+        let handle = std::thread::Builder::new()
+            .name("diffuse-storage".into())
+            .spawn(move || {
+                let result = storage_loop(&store, &transport, &metrics, rx);
+                if result.is_err() {
+                    let _ = failure.send(());
+                }
+                result
+            })
+            .expect("the storage thread starts");
+        (tx, StorageThread { handle })
+    }
+
+    /// Waits until every group handed over is committed and sent (the sender must be
+    /// dropped first). Returns the storage error that stopped the thread, if any.
+    fn finish(self) -> Result<(), StorageError> {
+        let join = || self.handle.join();
+        let joined = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(join)
+        } else {
+            join()
+        };
+        joined.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    }
+}
+
+fn storage_loop<M: diffuse_core::codec::WireMessage>(
+    store: &Store,
+    transport: &Transport<M>,
+    metrics: &NodeMetrics,
+    mut groups: mpsc::Receiver<Group<M>>,
+) -> Result<(), StorageError> {
+    let mut waiting = Vec::new();
+    while let Some(first) = groups.blocking_recv() {
+        waiting.push(first);
+        while waiting.len() < MAX_GROUPS_PER_COMMIT {
+            match groups.try_recv() {
+                Ok(group) => waiting.push(group),
+                Err(_) => break,
+            }
+        }
+        if waiting.iter().any(|g| !g.writes.is_empty()) {
+            let started = std::time::Instant::now();
+            store.apply(waiting.iter().flat_map(|g| g.writes.iter()))?;
+            metrics
+                .persist_latency
+                .observe(started.elapsed().as_secs_f64());
+        }
+        for group in waiting.drain(..) {
+            for outgoing in group.outbox {
+                match outgoing.to {
+                    Some(to) => {
+                        if let Some(arrived) = outgoing.arrived {
+                            metrics
+                                .request_latency
+                                .observe(arrived.elapsed().as_secs_f64());
+                        }
+                        transport.send(to, &outgoing.message);
+                    }
+                    None => transport.broadcast(&outgoing.message),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 struct Driver<S: ProtocolSuite> {
     id: NodeId,
     replica: S::Replica,
-    store: Store,
-    transport: Transport<S::Message>,
+    /// Groups for the storage thread.
+    groups: mpsc::Sender<Group<S::Message>>,
+    transport: Arc<Transport<S::Message>>,
     timers: Timers<S::Timer>,
     metrics: Arc<NodeMetrics>,
     /// When each client's oldest unanswered request arrived (bounded by the
     /// registered clients: no one else can connect).
     arrivals: HashMap<ClientId, Instant>,
-    /// Writes gathered since the last commit.
+    /// Writes gathered since the last group was handed over.
     writes: Vec<WriteOp>,
-    /// Messages waiting for the next commit: a recipient, or `None` for a broadcast.
-    outbox: Vec<(Option<NodeId>, S::Message)>,
+    /// Messages gathered since the last group was handed over.
+    outbox: Vec<Outgoing<S::Message>>,
 }
 
 impl<S: ProtocolSuite> Driver<S> {
@@ -253,13 +379,27 @@ impl<S: ProtocolSuite> Driver<S> {
     }
 
     /// Takes in the actions of one input: timers and observations at once, writes
-    /// and messages for the next [`Driver::commit`].
+    /// and messages for the next group.
     fn absorb(&mut self, actions: Actions<S::Message, S::Timer>) {
         for action in actions.into_vec() {
             match action {
                 Action::Persist(more) => self.writes.extend(more),
-                Action::Send { to, message } => self.outbox.push((Some(to), message)),
-                Action::Broadcast { message } => self.outbox.push((None, message)),
+                Action::Send { to, message } => {
+                    let arrived = match to {
+                        NodeId::Client(client) => self.arrivals.remove(&client),
+                        NodeId::Replica(_) => None,
+                    };
+                    self.outbox.push(Outgoing {
+                        to: Some(to),
+                        message,
+                        arrived,
+                    });
+                }
+                Action::Broadcast { message } => self.outbox.push(Outgoing {
+                    to: None,
+                    message,
+                    arrived: None,
+                }),
                 Action::SetTimer { timer, after } => self.timers.set(timer, after, Instant::now()),
                 Action::CancelTimer { timer } => self.timers.cancel(timer),
                 Action::Complete { .. } => {}
@@ -268,43 +408,18 @@ impl<S: ProtocolSuite> Driver<S> {
         }
     }
 
-    /// Makes the gathered writes durable in one transaction, then sends the
-    /// gathered messages in order.
-    fn commit(&mut self) -> Result<(), NodeError> {
-        if !self.writes.is_empty() {
-            let started = std::time::Instant::now();
-            // The commit fsyncs: let the runtime move other tasks off this thread.
-            let writes = &self.writes;
-            let store = &self.store;
-            let flavor = tokio::runtime::Handle::current().runtime_flavor();
-            if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-                tokio::task::block_in_place(|| store.apply(writes.iter()))?;
-            } else {
-                // block_in_place needs the multi-threaded runtime; on another one
-                // the commit simply blocks this thread.
-                store.apply(writes.iter())?;
-            }
-            self.metrics
-                .persist_latency
-                .observe(started.elapsed().as_secs_f64());
-            self.writes.clear();
+    /// Hands the gathered writes and messages to the storage thread, which commits
+    /// them in one transaction and then sends the messages in order. Fails if the
+    /// storage thread stopped (a storage error).
+    async fn hand_over(&mut self) -> Result<(), ()> {
+        if self.writes.is_empty() && self.outbox.is_empty() {
+            return Ok(());
         }
-        for (to, message) in std::mem::take(&mut self.outbox) {
-            match to {
-                Some(to) => {
-                    if let NodeId::Client(client) = to
-                        && let Some(arrived) = self.arrivals.remove(&client)
-                    {
-                        self.metrics
-                            .request_latency
-                            .observe(arrived.elapsed().as_secs_f64());
-                    }
-                    self.transport.send(to, &message);
-                }
-                None => self.transport.broadcast(&message),
-            }
-        }
-        Ok(())
+        let group = Group {
+            writes: std::mem::take(&mut self.writes),
+            outbox: std::mem::take(&mut self.outbox),
+        };
+        self.groups.send(group).await.map_err(|_| ())
     }
 
     fn observe(&mut self, observation: Observation) {
