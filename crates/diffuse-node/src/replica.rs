@@ -330,21 +330,14 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
                 .persist_latency
                 .observe(started.elapsed().as_secs_f64());
         }
-        for group in waiting.drain(..) {
-            for outgoing in group.outbox {
-                match outgoing.to {
-                    Some(to) => {
-                        if let Some(arrived) = outgoing.arrived {
-                            metrics
-                                .request_latency
-                                .observe(arrived.elapsed().as_secs_f64());
-                        }
-                        transport.send(to, &outgoing.message);
-                    }
-                    None => transport.broadcast(&outgoing.message),
-                }
-            }
+        let outgoing = waiting.iter().flat_map(|g| g.outbox.iter());
+        for arrived in outgoing.clone().filter_map(|o| o.arrived) {
+            metrics
+                .request_latency
+                .observe(arrived.elapsed().as_secs_f64());
         }
+        transport.send_all(outgoing.map(|o| (o.to, &o.message)));
+        waiting.clear();
     }
     Ok(())
 }

@@ -90,6 +90,11 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// frame, that the peer holds its key (a replayed handshake message cannot).
 pub const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A writer takes queued frames up to this many bytes into one write (more wait for
+/// the next): one encryption pass and one flush for a burst of small frames, without
+/// copying a queue of large ones at once.
+const WRITE_BURST_BYTES: usize = 256 << 10;
+
 /// A message from an authenticated peer.
 #[derive(Debug)]
 pub struct Inbound<M> {
@@ -244,6 +249,36 @@ impl<M: WireMessage> Transport<M> {
         }
     }
 
+    /// Queues `messages` (each for one member, or `None` for every replica but this
+    /// one), each encoded once, grouped by recipient: each peer's frames are queued
+    /// back to back, in the order given, so that its writer takes them in one
+    /// burst (one encryption pass, one write) instead of waking for each.
+    pub fn send_all<'a>(&self, messages: impl IntoIterator<Item = (Option<NodeId>, &'a M)>)
+    where
+        M: 'a,
+    {
+        let mut frames: Vec<(NodeId, &'static str, Frame)> = Vec::new();
+        for (to, message) in messages {
+            let frame: Frame = codec::encode(message).into();
+            match to {
+                Some(to) => frames.push((to, message.kind(), frame)),
+                None => {
+                    for i in 0..self.replicas.len() {
+                        let to = NodeId::Replica(ReplicaId(i as u16));
+                        if to != self.shared.me {
+                            frames.push((to, message.kind(), frame.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        // Stable: each recipient's frames keep their order.
+        frames.sort_by_key(|(to, _, _)| *to);
+        for (to, kind, frame) in frames {
+            self.send_frame(to, kind, frame);
+        }
+    }
+
     /// Queues raw bytes (already a frame) for `to`.
     pub fn send_frame(&self, to: NodeId, kind: &'static str, frame: Frame) -> bool {
         let len = frame.len() as u64;
@@ -370,16 +405,19 @@ where
             }
             frame = queue.recv() => {
                 let Some(frame) = frame else { return false };
-                if writer.write_frame(&frame).await.is_err() {
-                    return true;
-                }
-                // Write whatever else is queued before one flush.
-                while let Ok(frame) = queue.try_recv() {
-                    if writer.write_frame(&frame).await.is_err() {
-                        return true;
+                // Whatever else is queued goes with it: encrypted together, one flush.
+                let mut frames = vec![frame];
+                let mut bytes = frames[0].len();
+                while bytes < WRITE_BURST_BYTES {
+                    match queue.try_recv() {
+                        Ok(frame) => {
+                            bytes += frame.len();
+                            frames.push(frame);
+                        }
+                        Err(_) => break,
                     }
                 }
-                if writer.flush().await.is_err() {
+                if writer.write_frames(&frames).await.is_err() || writer.flush().await.is_err() {
                     return true;
                 }
             }
