@@ -2,9 +2,9 @@
 //!
 //! Why redb: a pure-Rust embedded store with ACID transactions whose commits are
 //! checksummed and fsynced (`Durability::Immediate`), built in seconds on two cores.
-//! Each [`WriteOp`] list a protocol returns is one transaction, committed before the
-//! driver carries out any later action, so nothing that a message depends on can be
-//! lost by a crash after the message leaves. Quick repair is on: a database left by
+//! The driver commits the [`WriteOp`]s of a group of inputs in one transaction before
+//! it sends any message that follows them (see [`crate::replica`]), so nothing that a
+//! message depends on can be lost by a crash after the message leaves. Quick repair is on: a database left by
 //! SIGKILL opens without a full repair scan.
 //!
 //! The database also remembers whose it is (member id and cluster digest), so a node
