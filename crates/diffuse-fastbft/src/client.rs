@@ -18,11 +18,12 @@ use crate::message::{
 };
 use crate::options::{FastBftOptions, Mutant};
 use diffuse_core::codec::Blob;
-use diffuse_core::crypto::SecretKey;
+use diffuse_core::crypto::{SecretKey, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
 use diffuse_core::protocol::{Action, Actions, Input, InvokeError};
 use diffuse_core::suite::ClientSetup;
 use diffuse_pbft::ClientTimer;
+use diffuse_pbft::auth::RequestAuthenticator;
 use diffuse_pbft::message::{Request, RequestBody};
 use std::time::Duration;
 
@@ -35,12 +36,16 @@ pub struct FastBftClient {
     options: FastBftOptions,
     next_timestamp: u64,
     outstanding: Option<(Request, u32)>,
+    /// The MAC keys shared with each replica (`crate::authentic`).
+    authenticator: RequestAuthenticator,
 }
 
 impl FastBftClient {
     /// Builds a client.
     pub fn new(setup: ClientSetup<FastBftOptions>) -> Self {
+        let authenticator = RequestAuthenticator::new(&setup.secret, &setup.keys);
         Self {
+            authenticator,
             id: setup.id,
             secret: setup.secret,
             options: setup.options,
@@ -135,14 +140,15 @@ impl diffuse_core::protocol::Client for FastBftClient {
         })?;
         let timestamp = self.next_timestamp;
         self.next_timestamp += 1;
-        let request = Request::signed_only(
-            RequestBody {
-                client: self.id,
-                timestamp,
-                operation,
-            },
-            &self.secret,
-        );
+        let body = RequestBody {
+            client: self.id,
+            timestamp,
+            operation,
+        };
+        let request = Request {
+            authenticator: self.authenticator.authenticate(&body),
+            signed: Signed::sign(body, &self.secret),
+        };
         let mut out = Out::new();
         out.send(self.primary(), Message::Request(request.clone()));
         out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));

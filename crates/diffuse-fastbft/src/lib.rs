@@ -12,6 +12,7 @@
 //! change, the fallback, checkpoints, REJOIN, persistence, and the runtime
 //! (`diffuse sim` only).
 
+pub mod authentic;
 pub mod byzantine;
 pub mod client;
 pub mod merkle;

@@ -244,6 +244,12 @@ const MAX_GROUPS_WAITING: usize = 64;
 /// The most groups the storage thread commits in one transaction.
 const MAX_GROUPS_PER_COMMIT: usize = 64;
 
+/// The storage thread takes no further group into a commit once this many
+/// messages wait to go out with it: after a slow fsync, a commit of 64 full groups
+/// could otherwise hand one peer more frames at once than its send queue holds
+/// (4,096 by default), and the excess would be dropped.
+const MAX_MESSAGES_PER_COMMIT: usize = 1024;
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -314,12 +320,16 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
     metrics: &NodeMetrics,
     mut groups: mpsc::Receiver<Group<M>>,
 ) -> Result<(), StorageError> {
-    let mut waiting = Vec::new();
+    let mut waiting: Vec<Group<M>> = Vec::new();
     while let Some(first) = groups.blocking_recv() {
+        let mut messages = first.outbox.len();
         waiting.push(first);
-        while waiting.len() < MAX_GROUPS_PER_COMMIT {
+        while waiting.len() < MAX_GROUPS_PER_COMMIT && messages < MAX_MESSAGES_PER_COMMIT {
             match groups.try_recv() {
-                Ok(group) => waiting.push(group),
+                Ok(group) => {
+                    messages += group.outbox.len();
+                    waiting.push(group);
+                }
                 Err(_) => break,
             }
         }

@@ -121,6 +121,21 @@ impl MacVerifier {
         if len != n {
             return Err(MacError::WrongLength { len, n });
         }
+        let entry = request
+            .authenticator
+            .get(self.me.index())
+            .ok_or(MacError::WrongLength { len, n })?;
+        self.verify_entry(request, entry, cluster)
+    }
+
+    /// Whether `entry` is the client's MAC of `request`'s body for this replica
+    /// (for protocols that hand each replica its own entry only).
+    pub fn verify_entry(
+        &mut self,
+        request: &Request,
+        entry: &Mac,
+        cluster: &ClusterKeys,
+    ) -> Result<(), MacError> {
         let client = request.client;
         let key = match self.keys.get(&client) {
             Some(key) => key,
@@ -131,10 +146,6 @@ impl MacVerifier {
             }
         };
         let key = key.as_ref().ok_or(MacError::NoSharedKey)?;
-        let entry = request
-            .authenticator
-            .get(self.me.index())
-            .ok_or(MacError::WrongLength { len, n })?;
         if key.verify(&request.mac_digest().0, entry) {
             Ok(())
         } else {

@@ -152,6 +152,8 @@ pub struct FastBftReplica {
     /// and then on the stall timer.
     fetched_at: Option<Position>,
     package_waits: u32,
+    /// Authenticates the requests of PREPAREs (MAC entry, else signature).
+    requests: crate::authentic::RequestCheck,
     primary: Option<PrimaryState>,
     halted: bool,
 }
@@ -188,6 +190,7 @@ impl FastBftReplica {
             stall_armed: false,
             fetched_at: None,
             package_waits: 0,
+            requests: crate::authentic::RequestCheck::new(setup.id, &setup.secret),
             primary: None,
             halted: false,
         }
@@ -493,16 +496,10 @@ impl FastBftReplica {
     }
 
     /// Checks a PREPARE's contents: the certificate binds this batch, and every
-    /// request is signed by its client.
-    fn prepare_is_valid(&self, prepare: &Prepare) -> bool {
-        if prepare.cert.message != prepare_digest(prepare.seq, &batch_root(&prepare.batch)) {
-            return false;
-        }
-        prepare.batch.requests.iter().all(|request| {
-            self.keys
-                .client(request.client)
-                .is_some_and(|key| request.signature_is_valid(key))
-        })
+    /// request is from its client (`crate::authentic`).
+    fn prepare_is_valid(&mut self, prepare: &Prepare) -> bool {
+        prepare.cert.message == prepare_digest(prepare.seq, &batch_root(&prepare.batch))
+            && self.requests.all_authentic(&prepare.batch, &self.keys)
     }
 
     fn step_prepare(&mut self, prepare: Prepare, out: &mut Out) -> Step {
@@ -709,7 +706,9 @@ impl FastBftReplica {
         }
         out.observe(Observation::Executed {
             seq,
-            batch: batch.digest(),
+            // The root over the request bodies: replicas get the batch with
+            // different authenticators (`crate::authentic`).
+            batch: batch_root(batch),
             requests: ran,
         });
         Executed {
