@@ -131,6 +131,32 @@ fn user_workflow(protocol: &str, n: usize) {
         assert!(log.contains("shut down"), "replica {i} log: {log}");
     }
 
+    if protocol == "fastbft" {
+        // No REJOIN yet: a restarted FastBFT replica stays out, and says why.
+        let config = out.join("replica-1.toml");
+        let log_path = out.join("restart-1.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let restarted = Nodes(vec![
+            Command::new(EXE)
+                .args(["node", "--config", config.to_str().unwrap()])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let said = loop {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if text.contains("restarted-without-rejoin") || Instant::now() > deadline {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert!(said.contains("restarted-without-rejoin"), "log: {said}");
+        drop(restarted);
+    }
+
     // A broken configuration is a clear error, not a panic.
     let broken = out.join("broken.toml");
     std::fs::write(&broken, format!("protocol = \"{protocol}\"\nid = 9\n")).unwrap();
