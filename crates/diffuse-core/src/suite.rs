@@ -211,6 +211,11 @@ pub trait ProtocolSuite: 'static {
     /// not, the simulator offers no `crash` or `restart` mix and draws no crashes.
     const SURVIVES_RESTARTS: bool = true;
 
+    /// Whether a client hears from every replica (its result needs replies from
+    /// several). If not (FastBFT: one REPLY, from the primary), the runtime's client
+    /// connects to a replica only once it has a message for it.
+    const CLIENT_HEARS_FROM_EVERY_REPLICA: bool = true;
+
     /// The quorum system for `n` replicas.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError>;
 

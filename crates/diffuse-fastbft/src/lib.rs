@@ -62,6 +62,9 @@ impl ProtocolSuite for FastBft {
 
     const SURVIVES_RESTARTS: bool = false;
 
+    /// The client hears from the primary only.
+    const CLIENT_HEARS_FROM_EVERY_REPLICA: bool = false;
+
     /// `n = 2f + 1` exactly, as MinBFT.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError> {
         diffuse_minbft::MinBft::quorum(n)

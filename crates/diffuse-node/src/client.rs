@@ -88,7 +88,10 @@ impl<S: ProtocolSuite> Client<S> {
             settings.id,
             settings.secret.clone(),
             settings.cluster.clone(),
-            Limits::client(),
+            Limits {
+                dial_on_demand: !S::CLIENT_HEARS_FROM_EVERY_REPLICA,
+                ..Limits::client()
+            },
             Arc::new(NodeMetrics::default()),
         );
         let first_timestamp = wall_clock_nanos();

@@ -52,6 +52,9 @@ pub struct Limits {
     /// Messages from one peer waiting in the inbox: a flooding peer waits at this
     /// share, and the others' messages still get in.
     pub inbox_per_peer: usize,
+    /// Connect to a replica only once a frame is queued for it (a client that talks
+    /// to one replica need not hold a connection to every one).
+    pub dial_on_demand: bool,
 }
 
 impl Default for Limits {
@@ -66,6 +69,7 @@ impl Default for Limits {
             inbox_bytes: 256 << 20,
             max_handshakes: 256,
             inbox_per_peer: 1024,
+            dial_on_demand: false,
         }
     }
 }
@@ -341,6 +345,13 @@ async fn dial_loop<M: WireMessage>(
         return;
     };
     let mut backoff = Duration::from_millis(50);
+    let mut first = None;
+    if shared.limits.dial_on_demand {
+        match queue.recv().await {
+            Some(frame) => first = Some(frame),
+            None => return,
+        }
+    }
     loop {
         let connected =
             tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(address)).await;
@@ -364,7 +375,10 @@ async fn dial_loop<M: WireMessage>(
                         tracing::debug!(?peer, "connected");
                         backoff = Duration::from_millis(50);
                         let peer_id = NodeId::Replica(peer);
-                        if !run_connection(&shared, peer_id, reader, writer, &mut queue).await {
+                        let first = first.take();
+                        if !run_connection(&shared, peer_id, reader, writer, first, &mut queue)
+                            .await
+                        {
                             return;
                         }
                         tracing::debug!(?peer, "disconnected");
@@ -380,13 +394,15 @@ async fn dial_loop<M: WireMessage>(
     }
 }
 
-/// Runs one connection: reads into the inbox and writes the queue, until either
-/// side fails. Returns false if the queue is closed (the transport is gone).
+/// Runs one connection: writes `first` (a frame taken off the queue before the
+/// connection existed), then reads into the inbox and writes the queue, until
+/// either side fails. Returns false if the queue is closed (the transport is gone).
 async fn run_connection<M: WireMessage, R, W>(
     shared: &Arc<Shared<M>>,
     peer: NodeId,
     reader: FrameReader<R>,
     mut writer: FrameWriter<W>,
+    first: Option<Frame>,
     queue: &mut mpsc::Receiver<Frame>,
 ) -> bool
 where
@@ -394,6 +410,11 @@ where
     W: AsyncWrite + Unpin,
 {
     let mut reading = AbortOnDrop(tokio::spawn(read_loop(shared.clone(), peer, reader)));
+    if let Some(frame) = first
+        && (writer.write_frames(&[frame]).await.is_err() || writer.flush().await.is_err())
+    {
+        return true;
+    }
     loop {
         tokio::select! {
             _ = &mut reading.0 => return true,
@@ -608,7 +629,7 @@ async fn accept_loop<M: WireMessage>(
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .insert(client, tx.clone());
-                    run_connection(&shared, peer, reader, writer, &mut rx).await;
+                    run_connection(&shared, peer, reader, writer, None, &mut rx).await;
                     let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
                     if clients
                         .get(&client)
@@ -746,5 +767,73 @@ mod tests {
             first.contains(&NodeId::Client(ClientId(1))),
             "the honest client's message waits behind the flood: {first:?}"
         );
+    }
+
+    /// A client that dials on demand connects only to the replica it sends to, and
+    /// that replica's answer comes back over the same connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_dialing_on_demand_connects_only_where_it_sends() {
+        let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), 2).unwrap();
+        let addresses: Vec<SocketAddr> =
+            ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: vec![
+                member(0, 1, Some(addresses[0].to_string())),
+                member(1, 2, Some(addresses[1].to_string())),
+            ],
+            clients: vec![member(0, 3, None)],
+        })
+        .unwrap();
+        let (mut transports, mut inboxes) = (Vec::new(), Vec::new());
+        for i in 0..2u8 {
+            let (transport, inbox) = Transport::<Note>::replica(
+                ReplicaId(i.into()),
+                key(i + 1),
+                cluster.clone(),
+                addresses[usize::from(i)],
+                Limits::default(),
+                Arc::new(NodeMetrics::default()),
+            )
+            .await
+            .unwrap();
+            transports.push(transport);
+            inboxes.push(inbox);
+        }
+        let limits = Limits {
+            dial_on_demand: true,
+            ..Limits::client()
+        };
+        let (client, mut client_inbox) = Transport::<Note>::client(
+            ClientId(0),
+            key(3),
+            cluster,
+            limits,
+            Arc::new(NodeMetrics::default()),
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let connected = |r: usize| transports[r].clients.lock().unwrap().len();
+        assert_eq!(
+            (connected(0), connected(1)),
+            (0, 0),
+            "nothing sent, nothing dialled"
+        );
+        assert!(client.send(NodeId::Replica(ReplicaId(0)), &Note(7)));
+        let inbound = tokio::time::timeout(Duration::from_secs(5), inboxes[0].recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(inbound.from, NodeId::Client(ClientId(0)));
+        assert!(transports[0].send(NodeId::Client(ClientId(0)), &Note(8)));
+        let answer = tokio::time::timeout(Duration::from_secs(5), client_inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(answer.from, NodeId::Replica(ReplicaId(0)));
+        assert_eq!((connected(0), connected(1)), (1, 0));
     }
 }
