@@ -60,8 +60,8 @@ pub(crate) struct PrimaryState {
     queued: BTreeSet<(ClientId, u64)>,
     batch_timer: bool,
     next_seq: Seq,
-    /// The batch between PREPARE and COMMIT.
-    preparing: Option<Seq>,
+    /// The batches between PREPARE and COMMIT (at most `max_in_flight`).
+    preparing: BTreeSet<Seq>,
     in_flight: BTreeMap<Seq, InFlight>,
     pool: BTreeMap<u64, Pooled>,
     /// Where each position's certificate went, for FETCH answers.
@@ -159,7 +159,7 @@ impl FastBftReplica {
     /// re-prepares the one whose PREPARE did not.
     fn resume_in_flight(&mut self, out: &mut Out) {
         let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
-        self.state().preparing = None;
+        self.state().preparing.clear();
         for seq in seqs {
             let Some(flight) = self.state().in_flight.get(&seq) else {
                 continue;
@@ -267,38 +267,53 @@ impl FastBftReplica {
     }
 
     /// Starts the next batch if none is between PREPARE and COMMIT.
-    fn propose(&mut self, timer_fired: bool, out: &mut Out) {
+    /// PREPAREs batches of pending requests. With no batch between PREPARE and
+    /// COMMIT, a batch goes when full or when the batch timer fires; with some, only
+    /// full batches go, up to `max_in_flight` at once. Partial batches wait for the
+    /// tree instead: at large `n` every batch costs O(n) messages, so many small
+    /// batches cost far more than one large one.
+    fn propose(&mut self, mut timer_fired: bool, out: &mut Out) {
         let max = self.options.base.batch_max_requests.max(1);
         let delay = self.options.base.batch_delay;
-        let state = self.state();
-        if state.preparing.is_some() || state.pending.is_empty() {
-            return;
-        }
-        if state.pending.len() < max && !delay.is_zero() && !timer_fired {
-            if !state.batch_timer {
-                state.batch_timer = true;
-                out.set_timer(Timer::Batch, delay);
+        let in_flight = usize::try_from(self.options.base.max_in_flight.max(1)).unwrap_or(1);
+        loop {
+            let state = self.state();
+            if state.preparing.len() >= in_flight || state.pending.is_empty() {
+                return;
             }
-            return;
+            if !state.preparing.is_empty() && state.pending.len() < max {
+                return;
+            }
+            if state.pending.len() < max && !delay.is_zero() && !timer_fired {
+                if !state.batch_timer {
+                    state.batch_timer = true;
+                    out.set_timer(Timer::Batch, delay);
+                }
+                return;
+            }
+            timer_fired = false;
+            let take = state.pending.len().min(max);
+            let requests: Vec<Request> = state.pending.drain(..take).collect();
+            let seq = state.next_seq;
+            state.next_seq = seq.next();
+            let batch = Batch {
+                requests: BoundedVec::truncating(requests),
+            };
+            let leaves = batch.requests.iter().map(|r| request_leaf(r)).collect();
+            state.in_flight.insert(
+                seq,
+                InFlight {
+                    batch,
+                    leaves,
+                    prepared: None,
+                    committed: None,
+                },
+            );
+            self.send_prepare(seq, out);
+            if self.halted {
+                return;
+            }
         }
-        let take = state.pending.len().min(max);
-        let requests: Vec<Request> = state.pending.drain(..take).collect();
-        let seq = state.next_seq;
-        state.next_seq = seq.next();
-        let batch = Batch {
-            requests: BoundedVec::truncating(requests),
-        };
-        let leaves = batch.requests.iter().map(|r| request_leaf(r)).collect();
-        state.in_flight.insert(
-            seq,
-            InFlight {
-                batch,
-                leaves,
-                prepared: None,
-                committed: None,
-            },
-        );
-        self.send_prepare(seq, out);
     }
 
     fn send_prepare(&mut self, seq: Seq, out: &mut Out) {
@@ -316,7 +331,7 @@ impl FastBftReplica {
         let prepare = Prepare { seq, batch, cert };
         self.prepare_to_actives(&prepare, out);
         let state = self.state();
-        state.preparing = Some(seq);
+        state.preparing.insert(seq);
         // Logged for FETCH answers without authenticators (n MACs per request for
         // thousands of positions): a replica that fetches a PREPARE checks signatures.
         let logged = Prepare {
@@ -383,9 +398,7 @@ impl FastBftReplica {
                 if let Some(flight) = state.in_flight.get_mut(&seq) {
                     flight.prepared = Some((cert, opened));
                 }
-                if state.preparing == Some(seq) {
-                    state.preparing = None;
-                }
+                state.preparing.remove(&seq);
                 self.commit_ready(out);
                 self.propose(false, out);
             }
