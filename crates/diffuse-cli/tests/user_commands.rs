@@ -126,8 +126,8 @@ fn user_workflow(protocol: &str, n: usize) {
             assert!(Instant::now() < deadline, "replica {i} ignored SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(status.success(), "replica {i} exited with {status}");
         let log = std::fs::read_to_string(out.join(format!("node-{i}.log"))).unwrap();
+        assert!(status.success(), "replica {i} exited with {status}: {log}");
         assert!(log.contains("shut down"), "replica {i} log: {log}");
     }
 

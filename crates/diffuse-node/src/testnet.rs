@@ -209,22 +209,83 @@ fn provision_enclaves(dir: &Path, spec: &TestnetSpec, f: usize) -> std::io::Resu
     write_new(&dir.join("enclaves.toml"), &text, false)
 }
 
-/// Free TCP ports on `host`, found by binding port 0 (the ports are released
-/// again, so another process could take one before the cluster starts).
+/// Free TCP ports on `host` for a local cluster.
+///
+/// Ports handed out by the kernel for port 0 come from the ephemeral range, which
+/// is also where every outgoing connection takes its source port: between this
+/// call and the cluster's `bind`, a client connecting anywhere could take one.
+/// So ports are drawn at random from below the ephemeral range (see
+/// [`ephemeral_range`]), each checked by binding it, and never handed out twice
+/// by one process. Another process can still take a port in between; that is as
+/// unlikely as two random draws meeting.
 pub fn free_ports(host: IpAddr, count: usize) -> std::io::Result<Vec<u16>> {
-    let listeners = (0..count)
-        .map(|_| std::net::TcpListener::bind(SocketAddr::new(host, 0)))
-        .collect::<Result<Vec<_>, _>>()?;
-    listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.port()))
-        .collect()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+    let (ephemeral_low, _) = ephemeral_range();
+    let low: u16 = 10_000;
+    let high: u16 = ephemeral_low.max(low + 1_000);
+    let mut handed = HANDED_OUT
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner());
+    let handed = handed.get_or_insert_with(HashSet::new);
+    let mut listeners = Vec::with_capacity(count);
+    let mut ports = Vec::with_capacity(count);
+    let mut attempts = 0usize;
+    while ports.len() < count {
+        attempts += 1;
+        if attempts > 100 * count + 1_000 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("no {count} free ports found on {host} in {low}..{high}"),
+            ));
+        }
+        let mut draw = [0u8; 2];
+        getrandom::fill(&mut draw).map_err(std::io::Error::other)?;
+        let port = low + u16::from_le_bytes(draw) % (high - low);
+        if handed.contains(&port) || ports.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = std::net::TcpListener::bind(SocketAddr::new(host, port)) {
+            listeners.push(listener);
+            ports.push(port);
+        }
+    }
+    handed.extend(ports.iter().copied());
+    Ok(ports)
+}
+
+/// The kernel's ephemeral port range (Linux: `ip_local_port_range`), or the
+/// IANA range where it cannot be read.
+fn ephemeral_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .unwrap_or((49_152, 65_535))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{ClientConfig, NodeConfig};
+
+    #[test]
+    fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+        let host = [127, 0, 0, 1].into();
+        let first = free_ports(host, 50).unwrap();
+        let second = free_ports(host, 50).unwrap();
+        let (ephemeral_low, _) = ephemeral_range();
+        let all: std::collections::HashSet<u16> = first.iter().chain(&second).copied().collect();
+        assert_eq!(all.len(), 100, "no port is handed out twice");
+        assert!(
+            all.iter()
+                .all(|&p| p >= 10_000 && p < ephemeral_low.max(11_000))
+        );
+    }
 
     #[test]
     fn every_written_config_loads() {
