@@ -214,8 +214,8 @@ fn provision_enclaves(dir: &Path, spec: &TestnetSpec, f: usize) -> std::io::Resu
 /// Ports handed out by the kernel for port 0 come from the ephemeral range, which
 /// is also where every outgoing connection takes its source port: between this
 /// call and the cluster's `bind`, a client connecting anywhere could take one.
-/// So ports are drawn at random from below the ephemeral range (see
-/// [`ephemeral_range`]), each checked by binding it, and never handed out twice
+/// So ports are drawn at random from below the ephemeral range (the kernel's
+/// `ip_local_port_range`), each checked by binding it, and never handed out twice
 /// by one process. Another process can still take a port in between; that is as
 /// unlikely as two random draws meeting.
 pub fn free_ports(host: IpAddr, count: usize) -> std::io::Result<Vec<u16>> {
