@@ -31,6 +31,12 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+mod view_change;
+
+pub use view_change::{
+    TREE_BITS, ViewAccept, ViewChangeCertificate, first_epoch, new_view_id, view_of_epoch,
+};
+
 /// The widest fan-out of a share tree.
 pub const MAX_FAN_OUT: usize = 16;
 
@@ -88,6 +94,10 @@ pub enum FastBftError {
     /// The counter cannot go higher.
     #[error("the counter is exhausted")]
     CounterExhausted,
+    /// The enclave left its view ([`FastBftComponent::leave_view`]): it takes no
+    /// position of that view any more.
+    #[error("the enclave left its view for view {0}")]
+    Leaving(u64),
 }
 
 /// A 32-byte secret or share; shares combine by XOR.
@@ -516,6 +526,54 @@ pub trait FastBftComponent: TrustedComponent {
 
     /// `(c_latest, v)`.
     fn fastbft_counter(&self) -> (u64, u64);
+
+    /// The view this enclave left its own for ([`Self::leave_view`]), until it
+    /// enters one.
+    fn fastbft_leaving(&self) -> Option<u64>;
+
+    /// VIEW-CHANGE: certifies this enclave's position `(c_latest, v)` with the
+    /// digest of the host's `log` for view `target` (above the current view, and
+    /// not below a view it left for already), and from then on takes no position of
+    /// the current view: no share, no step, no certificate.
+    fn leave_view(
+        &mut self,
+        target: u64,
+        log: &Digest,
+    ) -> Result<Signed<ViewChangeCertificate>, FastBftError>;
+
+    /// NEW-VIEW: makes this enclave the primary of `view` (above the current view,
+    /// not below a view it left for), in the view's first epoch, with `actives` as
+    /// in [`Self::be_primary`], and certifies `new_view` (the digest of the NEW-VIEW)
+    /// at counter value 0 of that epoch. Returns the certificate and the wrapped view
+    /// keys. A view is started at most once: afterwards the enclave is in it.
+    fn start_view(
+        &mut self,
+        view: u64,
+        new_view: &Digest,
+        actives: &[PublicKey],
+        tree: Tree,
+    ) -> Result<(Signed<CounterCertificate>, Vec<WrappedViewKey>), FastBftError>;
+
+    /// Vouches that the host checked the NEW-VIEW certified by `certificate` from
+    /// `new_primary` (another configured peer; counter value 0 of the first epoch of
+    /// a view this enclave may enter). Changes nothing in the enclave.
+    fn accept_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<Signed<ViewAccept>, FastBftError>;
+
+    /// Enters the view of the NEW-VIEW `certificate` from `new_primary`, with the
+    /// [`ViewAccept`]s of `f` distinct configured enclaves other than the new
+    /// primary's (this one's may be among them): active with `view_key`, passive
+    /// without.
+    fn enter_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+        accepts: &[(PublicKey, Signed<ViewAccept>)],
+        view_key: Option<&WrappedViewKey>,
+    ) -> Result<(), FastBftError>;
 }
 
 /// The FastBFT state of an enclave. Only `(counter, view)` is sealed (see
@@ -525,6 +583,8 @@ pub(crate) struct FastBftState {
     counter: u64,
     view: u64,
     role: Role,
+    /// The view this enclave left its own for, until it enters one.
+    leaving: Option<u64>,
 }
 
 impl FastBftState {
@@ -539,6 +599,7 @@ impl FastBftState {
             counter,
             view,
             role: Role::None,
+            leaving: None,
         }
     }
 }
@@ -625,6 +686,140 @@ impl SoftwareEnclave {
         } else {
             Ok(())
         }
+    }
+
+    /// Unlocked and still in its view: what every step of the stream needs.
+    fn fastbft_in_view(&self) -> Result<(), FastBftError> {
+        self.fastbft_unlocked()?;
+        match self.fastbft.leaving {
+            Some(target) => Err(FastBftError::Leaving(target)),
+            None => Ok(()),
+        }
+    }
+
+    /// The epoch after the current one, within the same view.
+    fn next_epoch(&self) -> Result<u64, FastBftError> {
+        let next = self
+            .fastbft
+            .view
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        if view_of_epoch(next) != view_of_epoch(self.fastbft.view) {
+            return Err(FastBftError::CounterExhausted);
+        }
+        Ok(next)
+    }
+
+    /// Whether this enclave orders the stream of its epoch: its primary, or any
+    /// enclave before the first tree of the run (the genesis NEW-TREE).
+    fn may_certify(&self) -> bool {
+        match self.fastbft.role {
+            Role::Primary { .. } => true,
+            Role::None => self.fastbft.view == 0,
+            Role::Active { .. } | Role::Passive { .. } => false,
+        }
+    }
+
+    /// The primary's role for `epoch` with `actives` in `tree`, and the view keys
+    /// wrapped for them.
+    fn primary_role(
+        &self,
+        epoch: u64,
+        actives: &[PublicKey],
+        tree: Tree,
+    ) -> Result<(Role, Vec<WrappedViewKey>), FastBftError> {
+        if actives.len() != tree.len() {
+            return Err(FastBftError::Invalid(
+                "one active replica per tree position",
+            ));
+        }
+        let me = self.public_key();
+        let distinct: BTreeSet<[u8; 32]> = actives.iter().map(|k| k.to_bytes()).collect();
+        if distinct.len() != actives.len() || distinct.contains(&me.to_bytes()) {
+            return Err(FastBftError::Invalid(
+                "the active replicas are distinct and exclude the primary",
+            ));
+        }
+        if let Some((peers, threshold)) = self.peer_set() {
+            // Once configured, the primary and exactly f peers are the f + 1 active
+            // replicas (threshold = f + 1): fewer would let a primary open secrets
+            // with a smaller coalition.
+            if actives.len() + 1 != threshold || !distinct.iter().all(|k| peers.contains(k)) {
+                return Err(FastBftError::Invalid(
+                    "the active replicas are the primary and f configured peers",
+                ));
+            }
+        }
+        let agreement = KeyAgreement::new(self.secret_key());
+        let mut keys = Vec::with_capacity(actives.len());
+        let mut wrapped = Vec::with_capacity(actives.len());
+        for recipient in actives {
+            let shared = agreement
+                .shared_key(VIEW_KEY_CONTEXT, recipient)
+                .ok_or(FastBftError::BadPeerKey)?;
+            let view_key = self.random_bytes();
+            let salt = self.random_bytes();
+            let ciphertext = wrapping_key(&shared, &me, &salt)
+                .encrypt(
+                    &Nonce::default(),
+                    Payload {
+                        msg: &view_key,
+                        aad: &wrap_aad(epoch, &me, recipient),
+                    },
+                )
+                .map_err(|_| FastBftError::Invalid("ChaCha20-Poly1305 encrypts a 32-byte key"))?;
+            keys.push((*recipient, view_key));
+            wrapped.push(WrappedViewKey {
+                view: epoch,
+                recipient: *recipient,
+                salt,
+                ciphertext: Blob::try_from_vec(ciphertext)
+                    .map_err(|_| FastBftError::Invalid("a wrapped key is 48 bytes"))?,
+            });
+        }
+        let role = Role::Primary {
+            actives: keys,
+            tree,
+            prepared: 0,
+        };
+        Ok((role, wrapped))
+    }
+
+    /// The role of this enclave in `epoch` under `primary`: active with the view key
+    /// in `view_key` (wrapped for this enclave and `epoch`), passive without one.
+    fn role_under(
+        &self,
+        primary: &PublicKey,
+        epoch: u64,
+        view_key: Option<&WrappedViewKey>,
+    ) -> Result<Role, FastBftError> {
+        let me = self.public_key();
+        let Some(wrapped) = view_key else {
+            return Ok(Role::Passive { primary: *primary });
+        };
+        if wrapped.view != epoch || wrapped.recipient != me {
+            return Err(FastBftError::BadEncryption);
+        }
+        let shared = KeyAgreement::new(self.secret_key())
+            .shared_key(VIEW_KEY_CONTEXT, primary)
+            .ok_or(FastBftError::BadPeerKey)?;
+        let plaintext = wrapping_key(&shared, primary, &wrapped.salt)
+            .decrypt(
+                &Nonce::default(),
+                Payload {
+                    msg: &wrapped.ciphertext,
+                    aad: &wrap_aad(epoch, primary, &me),
+                },
+            )
+            .map_err(|_| FastBftError::BadEncryption)?;
+        let view_key: [u8; 32] = plaintext
+            .as_slice()
+            .try_into()
+            .map_err(|_| FastBftError::BadEncryption)?;
+        Ok(Role::Active {
+            primary: *primary,
+            view_key,
+        })
     }
 
     fn check_next(&self, counter: u64, view: u64) -> Result<(), FastBftError> {
@@ -758,69 +953,17 @@ impl FastBftComponent for SoftwareEnclave {
         actives: &[PublicKey],
         tree: Tree,
     ) -> Result<Vec<WrappedViewKey>, FastBftError> {
-        self.fastbft_unlocked()?;
-        if actives.len() != tree.len() {
-            return Err(FastBftError::Invalid(
-                "one active replica per tree position",
-            ));
+        self.fastbft_in_view()?;
+        if !self.may_certify() {
+            return Err(FastBftError::WrongRole("the primary"));
         }
-        let me = self.public_key();
-        let distinct: BTreeSet<[u8; 32]> = actives.iter().map(|k| k.to_bytes()).collect();
-        if distinct.len() != actives.len() || distinct.contains(&me.to_bytes()) {
-            return Err(FastBftError::Invalid(
-                "the active replicas are distinct and exclude the primary",
-            ));
-        }
-        if let Some((peers, threshold)) = self.peer_set() {
-            // Once configured, the primary and exactly f peers are the f + 1 active
-            // replicas (threshold = f + 1): fewer would let a primary open secrets
-            // with a smaller coalition.
-            if actives.len() + 1 != threshold || !distinct.iter().all(|k| peers.contains(k)) {
-                return Err(FastBftError::Invalid(
-                    "the active replicas are the primary and f configured peers",
-                ));
-            }
-        }
-        let view = self
-            .fastbft
-            .view
-            .checked_add(1)
-            .ok_or(FastBftError::CounterExhausted)?;
-        let agreement = KeyAgreement::new(self.secret_key());
-        let aad_base = |recipient: &PublicKey| wrap_aad(view, &me, recipient);
-        let mut keys = Vec::with_capacity(actives.len());
-        let mut wrapped = Vec::with_capacity(actives.len());
-        for recipient in actives {
-            let shared = agreement
-                .shared_key(VIEW_KEY_CONTEXT, recipient)
-                .ok_or(FastBftError::BadPeerKey)?;
-            let view_key = self.random_bytes();
-            let salt = self.random_bytes();
-            let ciphertext = wrapping_key(&shared, &me, &salt)
-                .encrypt(
-                    &Nonce::default(),
-                    Payload {
-                        msg: &view_key,
-                        aad: &aad_base(recipient),
-                    },
-                )
-                .expect("ChaCha20-Poly1305 encrypts a 32-byte key");
-            keys.push((*recipient, view_key));
-            wrapped.push(WrappedViewKey {
-                view,
-                recipient: *recipient,
-                salt,
-                ciphertext: Blob::try_from_vec(ciphertext).expect("a wrapped key is 48 bytes"),
-            });
-        }
+        let epoch = self.next_epoch()?;
+        let (role, wrapped) = self.primary_role(epoch, actives, tree)?;
         self.fastbft = FastBftState {
             counter: 0,
-            view,
-            role: Role::Primary {
-                actives: keys,
-                tree,
-                prepared: 0,
-            },
+            view: epoch,
+            role,
+            leaving: None,
         };
         Ok(wrapped)
     }
@@ -831,57 +974,32 @@ impl FastBftComponent for SoftwareEnclave {
         certificate: &Signed<CounterCertificate>,
         view_key: Option<&WrappedViewKey>,
     ) -> Result<(), FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
         if !certificate.verify(new_primary) {
             return Err(FastBftError::BadSignature);
         }
         self.check_next(certificate.counter, certificate.view)?;
-        let view = self
-            .fastbft
-            .view
-            .checked_add(1)
-            .ok_or(FastBftError::CounterExhausted)?;
-        let me = self.public_key();
-        let role = match view_key {
-            None => Role::Passive {
-                primary: *new_primary,
-            },
-            Some(wrapped) => {
-                if wrapped.view != view || wrapped.recipient != me {
-                    return Err(FastBftError::BadEncryption);
-                }
-                let shared = KeyAgreement::new(self.secret_key())
-                    .shared_key(VIEW_KEY_CONTEXT, new_primary)
-                    .ok_or(FastBftError::BadPeerKey)?;
-                let plaintext = wrapping_key(&shared, new_primary, &wrapped.salt)
-                    .decrypt(
-                        &Nonce::default(),
-                        Payload {
-                            msg: &wrapped.ciphertext,
-                            aad: &wrap_aad(view, new_primary, &me),
-                        },
-                    )
-                    .map_err(|_| FastBftError::BadEncryption)?;
-                let view_key: [u8; 32] = plaintext
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| FastBftError::BadEncryption)?;
-                Role::Active {
-                    primary: *new_primary,
-                    view_key,
-                }
-            }
-        };
+        if self
+            .current_primary()
+            .is_some_and(|primary| primary != *new_primary)
+        {
+            return Err(FastBftError::Invalid(
+                "a NEW-TREE comes from the primary of the epoch",
+            ));
+        }
+        let epoch = self.next_epoch()?;
+        let role = self.role_under(new_primary, epoch, view_key)?;
         self.fastbft = FastBftState {
             counter: 0,
-            view,
+            view: epoch,
             role,
+            leaving: None,
         };
         Ok(())
     }
 
     fn preprocessing(&mut self, m: usize) -> Result<Vec<Preprocessed>, FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
         let (counter, view) = (self.fastbft.counter, self.fastbft.view);
         let Role::Primary {
             actives,
@@ -920,7 +1038,10 @@ impl FastBftComponent for SoftwareEnclave {
         &mut self,
         message: &Digest,
     ) -> Result<Signed<CounterCertificate>, FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
+        if !self.may_certify() {
+            return Err(FastBftError::WrongRole("the primary"));
+        }
         let counter = self
             .fastbft
             .counter
@@ -942,7 +1063,7 @@ impl FastBftComponent for SoftwareEnclave {
         certificate: &Signed<CounterCertificate>,
         package: &Package,
     ) -> Result<OpenedShare, FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
         let Role::Active { primary, view_key } = &self.fastbft.role else {
             return Err(FastBftError::WrongRole("active"));
         };
@@ -986,7 +1107,7 @@ impl FastBftComponent for SoftwareEnclave {
         secret: &Share,
         commitment: &Signed<SecretCommitment>,
     ) -> Result<(), FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
         let primary = self
             .current_primary()
             .ok_or(FastBftError::WrongRole("in a view"))?;
@@ -1005,7 +1126,7 @@ impl FastBftComponent for SoftwareEnclave {
         &mut self,
         certificate: &Signed<CounterCertificate>,
     ) -> Result<(), FastBftError> {
-        self.fastbft_unlocked()?;
+        self.fastbft_in_view()?;
         let primary = match &self.fastbft.role {
             Role::Active { primary, .. } | Role::Passive { primary } => *primary,
             Role::None | Role::Primary { .. } => {
@@ -1022,6 +1143,46 @@ impl FastBftComponent for SoftwareEnclave {
 
     fn fastbft_counter(&self) -> (u64, u64) {
         (self.fastbft.counter, self.fastbft.view)
+    }
+
+    fn fastbft_leaving(&self) -> Option<u64> {
+        self.fastbft.leaving
+    }
+
+    fn leave_view(
+        &mut self,
+        target: u64,
+        log: &Digest,
+    ) -> Result<Signed<ViewChangeCertificate>, FastBftError> {
+        view_change::leave_view(self, target, log)
+    }
+
+    fn start_view(
+        &mut self,
+        view: u64,
+        new_view: &Digest,
+        actives: &[PublicKey],
+        tree: Tree,
+    ) -> Result<(Signed<CounterCertificate>, Vec<WrappedViewKey>), FastBftError> {
+        view_change::start_view(self, view, new_view, actives, tree)
+    }
+
+    fn accept_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<Signed<ViewAccept>, FastBftError> {
+        view_change::accept_view(self, new_primary, certificate)
+    }
+
+    fn enter_view(
+        &mut self,
+        new_primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+        accepts: &[(PublicKey, Signed<ViewAccept>)],
+        view_key: Option<&WrappedViewKey>,
+    ) -> Result<(), FastBftError> {
+        view_change::enter_view(self, new_primary, certificate, accepts, view_key)
     }
 }
 
@@ -1052,6 +1213,7 @@ mod tests {
                 primary: primary.public(),
                 view_key,
             },
+            leaving: None,
         };
         enclave
     }
