@@ -208,7 +208,9 @@ impl Behaviour<Message> for ForgeUpdate {
         let update = Update {
             seq: prepare.seq,
             batch: Batch::default(),
+            checkpoint: None,
             results_root: diffuse_core::crypto::Digest([9; 32]),
+            state: None,
             prepare_cert: prepare.cert.clone(),
             prepared: opened(entropy),
             commit_cert: prepare.cert.clone(),
@@ -237,6 +239,8 @@ impl Behaviour<Message> for ForgeUpdate {
                 result_path: BoundedVec::new(),
                 batch_root: diffuse_core::crypto::Digest([1; 32]),
                 results_root: diffuse_core::crypto::Digest([2; 32]),
+                checkpoint: None,
+                state: None,
                 prepare_cert: prepare.cert.clone(),
                 prepared: opened(entropy),
                 commit_cert: prepare.cert.clone(),

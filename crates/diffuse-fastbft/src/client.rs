@@ -9,9 +9,15 @@
 //!    certificate) and that secret is open too: every active replica executed the
 //!    batch and got these results.
 //!
-//! The certificates are checked against the enclave key of the primary only, so
-//! a faulty replica's own enclave cannot vouch for anything.
+//! The certificates are checked against the enclave key of the primary of the view
+//! they are of (the high bits of their epoch), so a faulty replica's own enclave
+//! cannot vouch for anything, and a REPLY proves its result whoever relays it.
+//!
+//! The client sends a request to the primary of the last view it heard of, and
+//! every retransmission to all replicas: the backups watch it, and ask for a view
+//! change if the primary does not order it (§4.4).
 
+use crate::checkpoint::{primary_key, primary_of};
 use crate::merkle;
 use crate::message::{
     ClientReply, Message, commit_digest, prepare_digest, request_leaf, result_leaf,
@@ -23,8 +29,8 @@ use diffuse_core::ids::{ClientId, NodeId, ReplicaId};
 use diffuse_core::protocol::{Action, Actions, Input, InvokeError};
 use diffuse_core::suite::ClientSetup;
 use diffuse_pbft::ClientTimer;
-use diffuse_pbft::auth::RequestAuthenticator;
-use diffuse_pbft::message::{Request, RequestBody};
+use diffuse_pbft::message::{Authenticator, Request, RequestBody};
+use diffuse_tee::view_of_epoch;
 use std::time::Duration;
 
 type Out = Actions<Message, ClientTimer>;
@@ -36,16 +42,20 @@ pub struct FastBftClient {
     options: FastBftOptions,
     next_timestamp: u64,
     outstanding: Option<(Request, u32)>,
-    /// The MAC keys shared with each replica (`crate::authentic`).
-    authenticator: RequestAuthenticator,
+    /// The highest view a REPLY came from.
+    view: u64,
+    n: usize,
+    /// The replicas' enclave keys, read once from the attested list.
+    enclave_keys: Vec<diffuse_core::crypto::PublicKey>,
 }
 
 impl FastBftClient {
     /// Builds a client.
     pub fn new(setup: ClientSetup<FastBftOptions>) -> Self {
-        let authenticator = RequestAuthenticator::new(&setup.secret, &setup.keys);
         Self {
-            authenticator,
+            view: 0,
+            n: setup.keys.n(),
+            enclave_keys: Vec::new(),
             id: setup.id,
             secret: setup.secret,
             options: setup.options,
@@ -54,9 +64,9 @@ impl FastBftClient {
         }
     }
 
-    /// The primary (replica 0 until view changes are built).
+    /// The primary of the last view heard of.
     fn primary(&self) -> ReplicaId {
-        ReplicaId(0)
+        primary_of(self.view, self.n)
     }
 
     fn retransmit_delay(&self, retransmissions: u32) -> Duration {
@@ -66,17 +76,21 @@ impl FastBftClient {
     }
 
     /// Whether `reply` proves the result of `request`.
-    fn proves(&self, reply: &ClientReply, request: &Request) -> bool {
+    fn proves(&mut self, reply: &ClientReply, request: &Request) -> bool {
         if self.options.is(Mutant::ClientTrustsReplies) {
             return true;
         }
-        let Some(primary) = self.options.tee.enclave_key(self.primary()) else {
+        if self.enclave_keys.is_empty() {
+            self.enclave_keys = self.options.tee.enclave_keys().unwrap_or_default();
+        }
+        let view = view_of_epoch(reply.prepare_cert.view);
+        let Some(primary) = primary_key(&self.enclave_keys, view) else {
             return false;
         };
         let (index, len) = (reply.index as usize, reply.len as usize);
         merkle::verify(
             &reply.batch_root,
-            &request_leaf(request),
+            &request_leaf(&request.signed),
             index,
             len,
             &reply.request_path,
@@ -86,9 +100,16 @@ impl FastBftClient {
             index,
             len,
             &reply.result_path,
-        ) && reply.prepare_cert.message == prepare_digest(reply.seq, &reply.batch_root)
+        ) && view_of_epoch(reply.commit_cert.view) == view
+            && reply.prepare_cert.message
+                == prepare_digest(reply.seq, &reply.batch_root, reply.checkpoint.as_ref())
             && reply.commit_cert.message
-                == commit_digest(reply.seq, &reply.batch_root, &reply.results_root)
+                == commit_digest(
+                    reply.seq,
+                    &reply.batch_root,
+                    &reply.results_root,
+                    reply.state.as_ref(),
+                )
             && reply.prepare_cert.verify(&primary)
             && reply.commit_cert.verify(&primary)
             && reply.prepared.opens(&reply.prepare_cert, &primary)
@@ -96,19 +117,19 @@ impl FastBftClient {
     }
 
     fn on_reply(&mut self, from: NodeId, reply: ClientReply, out: &mut Out) {
-        let Some((request, _)) = &self.outstanding else {
+        let Some((request, _)) = self.outstanding.clone() else {
             return;
         };
         if reply.client != self.id || reply.timestamp != request.timestamp {
             return;
         }
-        if !self.options.is(Mutant::ClientTrustsReplies) && from != NodeId::Replica(self.primary())
-        {
-            return out.fault(from, "reply-from-non-primary");
+        if !matches!(from, NodeId::Replica(_)) {
+            return;
         }
-        if !self.proves(&reply, request) {
+        if !self.proves(&reply, &request) {
             return out.fault(from, "unproven-reply");
         }
+        self.view = self.view.max(view_of_epoch(reply.commit_cert.view));
         let timestamp = request.timestamp;
         self.outstanding = None;
         out.cancel_timer(ClientTimer::Retransmit);
@@ -146,7 +167,7 @@ impl diffuse_core::protocol::Client for FastBftClient {
             operation,
         };
         let request = Request {
-            authenticator: self.authenticator.authenticate(&body),
+            authenticator: Authenticator::new(),
             signed: Signed::sign(body, &self.secret),
         };
         let mut out = Out::new();
@@ -169,8 +190,9 @@ impl diffuse_core::protocol::Client for FastBftClient {
                 if let Some((request, retransmissions)) = &mut self.outstanding {
                     *retransmissions += 1;
                     let (request, retransmissions) = (request.clone(), *retransmissions);
-                    // No view change yet: the primary is the only one who can order.
-                    out.send(self.primary(), Message::Request(request));
+                    for r in 0..self.n as u16 {
+                        out.send(ReplicaId(r), Message::Request(request.clone()));
+                    }
                     out.set_timer(
                         ClientTimer::Retransmit,
                         self.retransmit_delay(retransmissions),

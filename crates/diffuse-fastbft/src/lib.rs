@@ -6,19 +6,22 @@
 //!
 //! **Status** (`docs/protocols/fastbft.md`): the normal case (preprocessing pool,
 //! batching, PREPARE / COMMIT / REPLY with tree aggregation and checks, UPDATEs
-//! to the passive replicas, one verified REPLY per client) and failure detection
+//! to the passive replicas, one verified REPLY per client), failure detection
 //! (per-child timers, SUSPECT, NEW-TREE with a passive replica in place of the
-//! accused and the accuser at a leaf, FETCH to catch up). Not built yet: the view
-//! change, the fallback, checkpoints, REJOIN, persistence, and the runtime
-//! (`diffuse sim` only).
+//! accused and the accuser at a leaf, FETCH to catch up), stable checkpoints with
+//! state transfer, and the view change (REQ-VIEW-CHANGE, VIEW-CHANGE with the
+//! enclave-certified log, NEW-VIEW with a decision every replica recomputes, votes
+//! from the enclaves). Not built yet: the fallback, REJOIN, persistence.
 
 pub mod authentic;
 pub mod byzantine;
+pub mod checkpoint;
 pub mod client;
 pub mod merkle;
 pub mod message;
 pub mod options;
 pub mod replica;
+pub mod view_log;
 
 pub use client::FastBftClient;
 pub use message::Message;
@@ -58,7 +61,7 @@ impl ProtocolSuite for FastBft {
 
     const REBOOT_IS_A_FAULT: bool = true;
 
-    const REPLACES_PRIMARY: bool = false;
+    const REPLACES_PRIMARY: bool = true;
 
     const SURVIVES_RESTARTS: bool = false;
 
@@ -132,7 +135,12 @@ impl ProtocolSuite for FastBft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 3] = [Mutant::ALL[0].1, Mutant::ALL[1].1, Mutant::ALL[2].1];
+        const NAMES: [Named; 4] = [
+            Mutant::ALL[0].1,
+            Mutant::ALL[1].1,
+            Mutant::ALL[2].1,
+            Mutant::ALL[3].1,
+        ];
         &NAMES
     }
 

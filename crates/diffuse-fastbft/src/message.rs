@@ -6,7 +6,9 @@
 //! changes whenever the primary rebuilds the tree. An [`Opened`] secret proves that
 //! every active replica's enclave released its share for that certificate.
 
+use crate::checkpoint::CheckpointProof;
 use crate::merkle::{self, Path};
+use crate::view_log::{NewView, ViewChange};
 use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
 use diffuse_core::crypto::{Digest, PublicKey, Signed};
 use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq};
@@ -27,14 +29,24 @@ pub fn position(cert: &Cert) -> Position {
     (cert.view, cert.counter)
 }
 
-/// What a PREPARE certificate binds: the batch at `seq`.
-pub fn prepare_digest(seq: Seq, batch_root: &Digest) -> Digest {
-    Digest::of_value("diffuse/fastbft/prepare", &(seq.0, batch_root))
+/// What a PREPARE certificate binds: the batch at `seq`, and the digest of the
+/// checkpoint proof it carries (the first PREPARE after a checkpoint).
+pub fn prepare_digest(seq: Seq, batch_root: &Digest, checkpoint: Option<&Digest>) -> Digest {
+    Digest::of_value("diffuse/fastbft/prepare", &(seq.0, batch_root, checkpoint))
 }
 
-/// What a COMMIT certificate binds: the batch at `seq` and its results.
-pub fn commit_digest(seq: Seq, batch_root: &Digest, results_root: &Digest) -> Digest {
-    Digest::of_value("diffuse/fastbft/commit", &(seq.0, batch_root, results_root))
+/// What a COMMIT certificate binds: the batch at `seq`, its results, and at a
+/// checkpoint the digest of the replicated state after it.
+pub fn commit_digest(
+    seq: Seq,
+    batch_root: &Digest,
+    results_root: &Digest,
+    state: Option<&Digest>,
+) -> Digest {
+    Digest::of_value(
+        "diffuse/fastbft/commit",
+        &(seq.0, batch_root, results_root, state),
+    )
 }
 
 /// What a NEW-TREE certificate binds: the next epoch's tree.
@@ -42,9 +54,11 @@ pub fn new_tree_digest(config: &TreeConfig) -> Digest {
     Digest::of_value("diffuse/fastbft/new-tree", config)
 }
 
-/// The Merkle leaf of a request: its signed body.
-pub fn request_leaf(body: &RequestBody) -> Digest {
-    Digest::of_value("diffuse/fastbft/request-leaf", body)
+/// The Merkle leaf of a request: its body and the client's signature, so that a
+/// certificate binds the very bytes every replica checks (a batch whose signatures
+/// a primary spoiled for some replicas only has another root).
+pub fn request_leaf(request: &Signed<RequestBody>) -> Digest {
+    Digest::of_value("diffuse/fastbft/request-leaf", request)
 }
 
 /// The Merkle leaf of a request's result (`None`: a stale duplicate, not run).
@@ -57,7 +71,11 @@ pub fn result_leaf(client: ClientId, timestamp: u64, result: Option<&[u8]>) -> D
 
 /// The root over a batch's requests.
 pub fn batch_root(batch: &Batch) -> Digest {
-    let leaves: Vec<Digest> = batch.requests.iter().map(|r| request_leaf(r)).collect();
+    let leaves: Vec<Digest> = batch
+        .requests
+        .iter()
+        .map(|r| request_leaf(&r.signed))
+        .collect();
     merkle::root(&leaves)
 }
 
@@ -100,8 +118,17 @@ pub struct Prepare {
     pub seq: Seq,
     /// The requests.
     pub batch: Batch,
-    /// `⟨prepare_digest(seq, root), (c, e)⟩`.
+    /// The proof of the checkpoint at `seq - 1`, on the first PREPARE after it.
+    pub checkpoint: Option<Box<CheckpointProof>>,
+    /// `⟨prepare_digest(seq, root, checkpoint), (c, e)⟩`.
     pub cert: Cert,
+}
+
+impl Prepare {
+    /// The digest of the carried checkpoint proof.
+    pub fn checkpoint_digest(&self) -> Option<Digest> {
+        self.checkpoint.as_ref().map(|p| p.digest())
+    }
 }
 
 /// COMMIT: the PREPARE's secret opened, the results, and the next counter value
@@ -115,13 +142,18 @@ pub struct Commit {
     pub batch_root: Digest,
     /// The Merkle root of the results.
     pub results_root: Digest,
+    /// At a checkpoint: the digest of the replicated state after `seq`.
+    pub state: Option<Digest>,
+    /// The digest of the checkpoint proof the PREPARE carried (its certificate
+    /// binds it).
+    pub prepare_checkpoint: Option<Digest>,
     /// The PREPARE's certificate.
     pub prepare_cert: Cert,
     /// Its secret, opened.
     pub prepared: Opened,
     /// The batch, when re-committed in a later epoch.
     pub batch: Option<Batch>,
-    /// `⟨commit_digest(seq, root, results), (c, e)⟩`.
+    /// `⟨commit_digest(seq, root, results, state), (c, e)⟩`.
     pub cert: Cert,
 }
 
@@ -133,8 +165,12 @@ pub struct Update {
     pub seq: Seq,
     /// The requests.
     pub batch: Batch,
+    /// The checkpoint proof the PREPARE carried.
+    pub checkpoint: Option<Box<CheckpointProof>>,
     /// The Merkle root of the results.
     pub results_root: Digest,
+    /// At a checkpoint: the digest of the state after `seq`.
+    pub state: Option<Digest>,
     /// The PREPARE's certificate and opened secret.
     pub prepare_cert: Cert,
     /// The PREPARE's secret.
@@ -169,6 +205,10 @@ pub struct ClientReply {
     pub batch_root: Digest,
     /// The results root.
     pub results_root: Digest,
+    /// The digest of the checkpoint proof the PREPARE carried.
+    pub checkpoint: Option<Digest>,
+    /// At a checkpoint: the digest of the state after `seq`.
+    pub state: Option<Digest>,
     /// The PREPARE's certificate.
     pub prepare_cert: Cert,
     /// Its opened secret.
@@ -234,6 +274,24 @@ pub struct Fetch {
     pub packages: bool,
 }
 
+/// REQ-VIEW-CHANGE: the sender wants view `view`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReqViewChange {
+    /// The view asked for.
+    pub view: u64,
+}
+
+/// A replica's vote that it checked the NEW-VIEW of `view`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accept {
+    /// The voter (its enclave signed the vote).
+    pub replica: ReplicaId,
+    /// The view.
+    pub view: u64,
+    /// The vote, from the sender's enclave.
+    pub accept: Signed<diffuse_tee::ViewAccept>,
+}
+
 /// Everything FastBFT sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -257,6 +315,18 @@ pub enum Message {
     Packages(Packages),
     /// FETCH.
     Fetch(Fetch),
+    /// REQ-VIEW-CHANGE.
+    ReqViewChange(ReqViewChange),
+    /// VIEW-CHANGE, to the new primary.
+    ViewChange(Box<ViewChange>),
+    /// NEW-VIEW.
+    NewView(Box<NewView>),
+    /// A vote for a NEW-VIEW.
+    Accept(Accept),
+    /// A replica behind a stable checkpoint asks for its state.
+    FetchState(diffuse_pbft::message::FetchState),
+    /// A piece of a checkpoint's state.
+    StateChunk(diffuse_pbft::message::StateChunk),
 }
 
 impl WireMessage for Message {
@@ -272,6 +342,12 @@ impl WireMessage for Message {
             Message::NewTree(_) => "new-tree",
             Message::Packages(_) => "packages",
             Message::Fetch(_) => "fetch",
+            Message::ReqViewChange(_) => "req-view-change",
+            Message::ViewChange(_) => "view-change",
+            Message::NewView(_) => "new-view",
+            Message::Accept(_) => "accept",
+            Message::FetchState(_) => "fetch-state",
+            Message::StateChunk(_) => "state-chunk",
         }
     }
 }

@@ -21,11 +21,15 @@ pub enum Mutant {
     /// Clients accept a REPLY without checking its certificates, paths and secrets:
     /// a faulty replica's forged REPLY completes an operation with a made-up result.
     ClientTrustsReplies,
+    /// The view change's decision loses its last batch (every replica computes it
+    /// alike, so the NEW-VIEW checks pass): a batch committed in the old view is
+    /// ordered again with other requests, or not at all.
+    DecideDropsAnEntry,
 }
 
 impl Mutant {
     /// Every mutant with its name.
-    pub const ALL: [(Mutant, Named); 3] = [
+    pub const ALL: [(Mutant, Named); 4] = [
         (
             Mutant::ParentSkipsAggregateCheck,
             Named {
@@ -45,6 +49,13 @@ impl Mutant {
             Named {
                 name: "client-trusts-replies",
                 description: "clients accept REPLYs unchecked (run with --faults forge-update)",
+            },
+        ),
+        (
+            Mutant::DecideDropsAnEntry,
+            Named {
+                name: "decide-drops-an-entry",
+                description: "the view change's decision loses its last batch (run with --faults network)",
             },
         ),
     ];
@@ -103,6 +114,12 @@ impl FastBftOptions {
         }
         if self.share_timeout.is_zero() {
             return Err("share_timeout must be positive".into());
+        }
+        if self.base.checkpoint_interval > crate::view_log::MAX_CHECKPOINT_INTERVAL {
+            return Err(format!(
+                "checkpoint_interval must be at most {} for FastBFT (a VIEW-CHANGE's log spans one)",
+                crate::view_log::MAX_CHECKPOINT_INTERVAL
+            ));
         }
         self.base.validate().map_err(|e| e.to_string())
     }

@@ -2,39 +2,49 @@
 //!
 //! Split by concern: this module (start, dispatch, the certified stream every
 //! replica's enclave follows in counter order, execution), `rounds` (opening a
-//! secret over the tree: shares up, checks, timers, SUSPECT) and `primary`
-//! (preprocessing, batching, PREPARE / COMMIT / REPLY, NEW-TREE, FETCH answers).
+//! secret over the tree: shares up, checks, timers, SUSPECT), `primary`
+//! (preprocessing, batching, PREPARE / COMMIT / REPLY, NEW-TREE, FETCH answers),
+//! `log` (the positions a VIEW-CHANGE lists), `checkpoints` (stable checkpoints
+//! and state transfer) and `view_change` (REQ-VIEW-CHANGE to entering a view).
 //!
 //! **The stream.** Every certificate of the primary's enclave takes one position
-//! `(epoch, counter)`: a PREPARE, a COMMIT, or the NEW-TREE that ends an epoch.
-//! Each replica's enclave takes the positions in order (`c_latest + 1`), so a
-//! replica holds back what arrives early and fetches what is missing. An active
-//! replica releases its share with `verify_counter`; a passive one, or any
-//! replica that cannot, steps over the position with `update_counter` (the secret
-//! opened, from an UPDATE) or `follow_counter` (the certificate alone).
+//! `(epoch, counter)`: a PREPARE, a COMMIT, or the NEW-TREE that ends an epoch;
+//! a view's NEW-VIEW takes counter value 0 of its first epoch. Each replica's
+//! enclave takes the positions in order (`c_latest + 1`), so a replica holds back
+//! what arrives early and fetches what is missing. An active replica releases its
+//! share with `verify_counter`; a passive one, or any replica that cannot, steps
+//! over the position with `update_counter` (the secret opened, from an UPDATE) or
+//! `follow_counter` (the certificate alone). A position whose content does not
+//! match its certificate is never taken: only a faulty primary sends one, so the
+//! replica asks for a view change instead.
 //!
 //! **Execution** is separate: a batch runs at its sequence number once it is
 //! proven committed (its PREPARE's secret opened) and every earlier one ran.
 
+mod checkpoints;
+mod log;
 mod primary;
 mod rounds;
+mod view_change;
 
+use crate::checkpoint::{CheckpointProof, primary_key, primary_of, seq_of};
 use crate::merkle;
 use crate::message::{
     Cert, ClientReply, Commit, Message, NewTree, Opened, Position, Prepare, TreeConfig, Update,
-    batch_root, commit_digest, new_tree_digest, position, prepare_digest, result_leaf,
+    batch_root, commit_digest, new_tree_digest, position, result_leaf,
 };
 use crate::options::{FastBftOptions, Mutant};
+use crate::view_log::{CommitEntry, LogEntry, NewTreeEntry, Rules, StreamState};
 use diffuse_core::app::Application;
 use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{Digest, PublicKey};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
 use diffuse_core::protocol::{Actions, Input, Observation};
-use diffuse_core::service::{Execution, ReplicatedService};
+use diffuse_core::service::{Execution, ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
 use diffuse_minbft::tee_host::EnclaveHandle;
 use diffuse_pbft::message::Batch;
-use diffuse_tee::{FastBftComponent, Package, SlotRules, Tree, TrustedComponent};
+use diffuse_tee::{FastBftComponent, Package, SlotRules, Tree, TrustedComponent, view_of_epoch};
 use primary::PrimaryState;
 use rounds::Round;
 use std::collections::BTreeMap;
@@ -51,6 +61,10 @@ pub enum Timer {
     Round(u64, u64),
     /// The primary rebuilds the tree of this epoch (after a back-off).
     Rebuild(u64),
+    /// A client's request waits at a backup: without progress, suspect the primary.
+    Request,
+    /// A view change takes too long: ask for the next view.
+    ViewChange,
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -59,8 +73,9 @@ pub(crate) type Out = Actions<Message, Timer>;
 const MAX_HELD: usize = 4096;
 /// Committed batches waiting for an earlier one, at most.
 const MAX_WAITING_COMMITS: u64 = 1024;
-/// Results roots of executed batches kept to check late COMMITs against.
-const RESULTS_KEPT: usize = 256;
+/// Executed batches kept (with their results) above the stable checkpoint, at
+/// most: what a new primary re-commits, and what late COMMITs are checked against.
+const RECENT_KEPT: usize = 2 * crate::view_log::MAX_CHECKPOINT_INTERVAL as usize + 64;
 /// Stall checks an active replica waits for a missing package before it steps
 /// over the position without releasing its share.
 const PACKAGE_PATIENCE: u32 = 2;
@@ -71,8 +86,10 @@ enum Item {
     Prepare(Box<Prepare>),
     Commit(Box<Commit>),
     NewTree(Box<NewTree>),
-    /// A position whose secret an UPDATE opened.
-    Opened(Box<(Cert, Opened)>),
+    /// The PREPARE position of a batch an UPDATE proves replied.
+    UpdatePrepare(Arc<Update>),
+    /// The COMMIT position of that batch.
+    UpdateCommit(Arc<Update>),
 }
 
 impl Item {
@@ -81,7 +98,8 @@ impl Item {
             Item::Prepare(p) => position(&p.cert),
             Item::Commit(c) => position(&c.cert),
             Item::NewTree(t) => position(&t.cert),
-            Item::Opened(opened) => position(&opened.0),
+            Item::UpdatePrepare(u) => position(&u.prepare_cert),
+            Item::UpdateCommit(u) => position(&u.commit_cert),
         }
     }
 }
@@ -116,6 +134,7 @@ impl Epoch {
 struct Committed {
     batch: Batch,
     results_root: Digest,
+    state: Option<Digest>,
 }
 
 /// The outcome of one batch's execution.
@@ -124,6 +143,8 @@ pub(crate) struct Executed {
     /// `(client, timestamp, result)`; `None` for a stale duplicate.
     pub(crate) results: Vec<(ClientId, u64, Option<Vec<u8>>)>,
     pub(crate) leaves: Vec<Digest>,
+    /// At a checkpoint: the digest of the state after this batch.
+    pub(crate) state: Option<Digest>,
 }
 
 /// A FastBFT replica. Drive it through [`diffuse_core::protocol::Replica::handle`].
@@ -136,6 +157,8 @@ pub struct FastBftReplica {
     enclave: Option<EnclaveHandle>,
     enclave_keys: Vec<PublicKey>,
     service: ReplicatedService,
+    /// The protocol view: its primary is `view mod n`.
+    view: u64,
     epoch: Option<Epoch>,
     held: BTreeMap<Position, Item>,
     packages: BTreeMap<Position, Package>,
@@ -146,14 +169,23 @@ pub struct FastBftReplica {
     /// Batches seen in PREPAREs, by sequence number, until they run.
     batches: BTreeMap<Seq, Batch>,
     executed: Seq,
-    results: BTreeMap<Seq, Digest>,
+    /// Executed batches above the stable checkpoint, with their results.
+    recent: BTreeMap<Seq, Arc<Executed>>,
+    /// The view's stream as the PREPARE rule sees it.
+    stream: StreamState,
+    /// The positions of the view taken since the log's start.
+    log: log::PositionLog,
+    /// The highest stable checkpoint this replica has a proof of.
+    stable: Option<CheckpointProof>,
+    /// This replica's own snapshots at checkpoints (to serve state transfer).
+    snapshots: BTreeMap<Seq, StateSnapshot>,
+    transfer: Option<checkpoints::Transfer>,
+    vc: view_change::ViewChangeState,
     stall_armed: bool,
     /// The position last fetched from, so that a gap is fetched once per position
     /// and then on the stall timer.
     fetched_at: Option<Position>,
     package_waits: u32,
-    /// Authenticates the requests of PREPAREs (MAC entry, else signature).
-    requests: crate::authentic::RequestCheck,
     primary: Option<PrimaryState>,
     halted: bool,
 }
@@ -178,6 +210,7 @@ impl FastBftReplica {
             enclave: None,
             enclave_keys: Vec::new(),
             service: ReplicatedService::new(app),
+            view: 0,
             epoch: None,
             held: BTreeMap::new(),
             packages: BTreeMap::new(),
@@ -186,20 +219,24 @@ impl FastBftReplica {
             commits: BTreeMap::new(),
             batches: BTreeMap::new(),
             executed: Seq(0),
-            results: BTreeMap::new(),
+            recent: BTreeMap::new(),
+            stream: StreamState::default(),
+            log: log::PositionLog::genesis(),
+            stable: None,
+            snapshots: BTreeMap::new(),
+            transfer: None,
+            vc: view_change::ViewChangeState::default(),
             stall_armed: false,
             fetched_at: None,
             package_waits: 0,
-            requests: crate::authentic::RequestCheck::new(setup.id, &setup.secret),
             primary: None,
             halted: false,
         }
     }
 
-    /// The primary. View changes are not built yet (`docs/protocols/fastbft.md`),
-    /// so it is replica 0 for the whole run.
+    /// The primary of the current view.
     pub fn primary_id(&self) -> ReplicaId {
-        ReplicaId(0)
+        primary_of(self.view, self.n)
     }
 
     fn is_primary(&self) -> bool {
@@ -207,7 +244,21 @@ impl FastBftReplica {
     }
 
     fn primary_key(&self) -> Option<PublicKey> {
-        self.enclave_keys.get(self.primary_id().index()).copied()
+        primary_key(&self.enclave_keys, self.view)
+    }
+
+    /// The checkpoint interval, which is also the window.
+    fn interval(&self) -> u64 {
+        self.options.base.checkpoint_interval.max(1)
+    }
+
+    fn rules(&self) -> Rules<'_> {
+        Rules {
+            enclave_keys: &self.enclave_keys,
+            keys: &self.keys,
+            interval: self.interval(),
+            drop_last_decided: self.options.is(Mutant::DecideDropsAnEntry),
+        }
     }
 
     /// Tree rebuilds this replica (as primary) made after detecting a failure.
@@ -239,6 +290,11 @@ impl FastBftReplica {
     fn next_position(&self) -> Position {
         let (counter, view) = self.enclave_call(|e| e.fastbft_counter());
         (view, counter.saturating_add(1))
+    }
+
+    /// Whether this replica follows its view's stream: in a view, not leaving it.
+    fn in_view(&self) -> bool {
+        self.vc.target.is_none()
     }
 
     /// Stops taking part, for a reason written to the trace as a fault of itself.
@@ -273,36 +329,80 @@ impl FastBftReplica {
     }
 
     fn on_message(&mut self, from: NodeId, message: Message, out: &mut Out) {
-        let from_primary = from == NodeId::Replica(self.primary_id());
         match message {
-            Message::Request(request) => {
-                if self.primary.is_some() {
-                    self.on_request(from, request, out);
+            Message::Request(request) => self.on_request(from, request, out),
+            Message::Prepare(prepare) => {
+                if self.is_stream_primary(from, prepare.cert.view, out) {
+                    self.offer(Item::Prepare(Box::new(prepare)), out);
                 }
             }
-            Message::Prepare(_) | Message::Commit(_) | Message::NewTree(_)
-                if !from_primary || self.is_primary() =>
-            {
-                out.fault(from, "stream-message-from-non-primary");
+            Message::Commit(commit) => {
+                if self.is_stream_primary(from, commit.cert.view, out) {
+                    self.offer(Item::Commit(Box::new(commit)), out);
+                }
             }
-            Message::Prepare(prepare) => self.offer(Item::Prepare(Box::new(prepare)), out),
-            Message::Commit(commit) => self.offer(Item::Commit(Box::new(commit)), out),
-            Message::NewTree(new_tree) => self.offer(Item::NewTree(Box::new(new_tree)), out),
+            Message::NewTree(new_tree) => {
+                if self.is_stream_primary(from, new_tree.cert.view, out) {
+                    self.offer(Item::NewTree(Box::new(new_tree)), out);
+                }
+            }
             Message::Update(update) => self.on_update(from, update, out),
             Message::Share(share) => self.on_share(from, share, out),
             Message::Suspect(suspect) => self.on_suspect(from, suspect, out),
             Message::Packages(packages) => {
-                if from_primary && !self.is_primary() {
+                if self.is_stream_primary(from, packages.epoch, out) {
                     self.on_packages(packages, out);
                 }
             }
             Message::Fetch(fetch) => {
-                if self.primary.is_some() {
+                if self.primary.is_some() && self.in_view() {
                     self.on_fetch(from, fetch, out);
                 }
             }
             Message::Reply(_) => out.fault(from, "reply-to-a-replica"),
+            Message::ReqViewChange(req) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_req_view_change(r, req, out);
+                }
+            }
+            Message::ViewChange(vc) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_view_change(r, *vc, out);
+                }
+            }
+            Message::NewView(nv) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_new_view(r, *nv, out);
+                }
+            }
+            Message::Accept(accept) => {
+                if let NodeId::Replica(_) = from {
+                    self.on_accept(accept, out);
+                }
+            }
+            Message::FetchState(fetch) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_fetch_state(r, fetch, out);
+                }
+            }
+            Message::StateChunk(chunk) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_state_chunk(r, chunk, out);
+                }
+            }
         }
+    }
+
+    /// Whether a stream message of `epoch` from `from` is one to keep: from the
+    /// primary of that epoch's view, this view or a later one, and not this
+    /// replica's own.
+    fn is_stream_primary(&self, from: NodeId, epoch: u64, out: &mut Out) -> bool {
+        let view = view_of_epoch(epoch);
+        let NodeId::Replica(sender) = from else {
+            out.fault(from, "stream-message-from-a-client");
+            return false;
+        };
+        view >= self.view && sender == primary_of(view, self.n) && sender != self.id
     }
 
     fn on_packages(&mut self, packages: crate::message::Packages, out: &mut Out) {
@@ -310,7 +410,11 @@ impl FastBftReplica {
         if packages.epoch < epoch {
             return;
         }
-        if packages.epoch > epoch && self.fetched_at != Some((epoch, next)) {
+        if packages.epoch > epoch
+            && view_of_epoch(packages.epoch) == self.view
+            && self.in_view()
+            && self.fetched_at != Some((epoch, next))
+        {
             // Packages of a later epoch: this replica missed the NEW-TREE.
             self.fetch(false, out);
         }
@@ -336,7 +440,7 @@ impl FastBftReplica {
     /// Takes a stream item: now if it is next, later if it is ahead.
     fn offer(&mut self, item: Item, out: &mut Out) {
         let at = item.position();
-        if at < self.next_position() {
+        if at < self.next_position() || view_of_epoch(at.0) < self.view {
             return;
         }
         if self.held.len() >= MAX_HELD && !self.held.contains_key(&at) {
@@ -354,12 +458,26 @@ impl FastBftReplica {
 
     /// Takes every held item that is next, in order.
     fn drain(&mut self, out: &mut Out) {
+        if !self.in_view() {
+            // Waiting for a NEW-VIEW: what is held may be of that view.
+            if !self.held.is_empty() && !self.stall_armed {
+                self.stall_armed = true;
+                out.set_timer(Timer::Stall, self.options.base.status_interval);
+            }
+            return;
+        }
         loop {
             let next = self.next_position();
             self.held = self.held.split_off(&next);
             let Some(item) = self.held.remove(&next) else {
                 break;
             };
+            if self.log.is_full() {
+                // A correct primary never certifies this much between checkpoints.
+                self.held.insert(next, item);
+                self.suspect_primary("log-full", out);
+                break;
+            }
             match self.step(item, out) {
                 Step::Done => self.package_waits = 0,
                 Step::Wait(item) => {
@@ -367,12 +485,16 @@ impl FastBftReplica {
                     break;
                 }
             }
+            if !self.in_view() {
+                return;
+            }
         }
         if !self.held.is_empty() {
             let next = self.next_position();
             if self.fetched_at != Some(next) && !self.held.contains_key(&next) {
                 // A gap: ask at once (and again on the stall timer if it stays).
                 self.fetch(false, out);
+                self.fetch_new_view(out);
             }
             if !self.stall_armed {
                 self.stall_armed = true;
@@ -381,9 +503,34 @@ impl FastBftReplica {
         }
     }
 
+    /// Stream messages of a later view wait here: this replica missed that
+    /// view's NEW-VIEW, and asks its primary (who answers a FETCH from an earlier
+    /// view with it).
+    fn fetch_new_view(&mut self, out: &mut Out) {
+        let Some((at, _)) = self.held.last_key_value() else {
+            return;
+        };
+        let view = view_of_epoch(at.0);
+        if view <= self.view || self.vc.target.is_some_and(|t| t > view) {
+            return;
+        }
+        let (epoch, counter) = self.next_position();
+        out.send(
+            primary_of(view, self.n),
+            Message::Fetch(crate::message::Fetch {
+                epoch,
+                counter,
+                packages: false,
+            }),
+        );
+    }
+
     fn fetch(&mut self, packages: bool, out: &mut Out) {
         let (epoch, counter) = self.next_position();
         self.fetched_at = Some((epoch, counter));
+        if self.is_primary() {
+            return;
+        }
         out.send(
             self.primary_id(),
             Message::Fetch(crate::message::Fetch {
@@ -396,7 +543,16 @@ impl FastBftReplica {
 
     fn on_stall(&mut self, out: &mut Out) {
         self.stall_armed = false;
+        self.continue_transfer(out);
         if self.held.is_empty() {
+            return;
+        }
+        self.fetch_new_view(out);
+        if !self.in_view() {
+            if !self.stall_armed {
+                self.stall_armed = true;
+                out.set_timer(Timer::Stall, self.options.base.status_interval);
+            }
             return;
         }
         let next = self.next_position();
@@ -426,15 +582,12 @@ impl FastBftReplica {
             }
             Item::Prepare(prepare) => self.step_prepare(*prepare, out),
             Item::Commit(commit) => self.step_commit(*commit, out),
-            Item::Opened(opened) => {
-                let (cert, opened) = *opened;
-                let stepped =
-                    self.enclave_call(|e| e.update_counter(&opened.secret, &opened.commitment));
-                if stepped.is_err() {
-                    // A forged or mismatched opening (an UPDATE trusted by the
-                    // mutant): step over with the certificate if it is genuine.
-                    self.follow(&cert);
-                }
+            Item::UpdatePrepare(update) => {
+                self.step_update_prepare(&update, out);
+                Step::Done
+            }
+            Item::UpdateCommit(update) => {
+                self.step_update_commit(&update, out);
                 Step::Done
             }
         }
@@ -445,6 +598,13 @@ impl FastBftReplica {
         self.enclave_call(|e| e.follow_counter(cert)).is_ok()
     }
 
+    /// The primary sent what only a faulty primary sends: blame it and ask for
+    /// the next view (Fig. 4, lines 10, 39, 46).
+    fn primary_misbehaved(&mut self, kind: &'static str, out: &mut Out) {
+        out.fault(self.primary_id(), kind);
+        self.suspect_primary(kind, out);
+    }
+
     fn enter_epoch(&mut self, new_tree: NewTree, out: &mut Out) {
         let Some(primary) = self.primary_key() else {
             return;
@@ -452,13 +612,13 @@ impl FastBftReplica {
         let config = &new_tree.config;
         let tree = match self.check_config(config) {
             Some(tree) => tree,
-            None => return out.fault(self.primary_id(), "bad-new-tree"),
+            None => return self.primary_misbehaved("bad-new-tree", out),
         };
         if new_tree.cert.message != new_tree_digest(config)
             || config.epoch != new_tree.cert.view.saturating_add(1)
             || new_tree.keys.len() != config.actives.len()
         {
-            return out.fault(self.primary_id(), "bad-new-tree");
+            return self.primary_misbehaved("bad-new-tree", out);
         }
         let my_key = config
             .actives
@@ -468,8 +628,12 @@ impl FastBftReplica {
         let entered =
             self.enclave_call(|e| e.update_view(&primary, &new_tree.cert, my_key.as_ref()));
         if entered.is_err() {
-            return out.fault(self.primary_id(), "bad-new-tree");
+            return self.primary_misbehaved("bad-new-tree", out);
         }
+        self.log.record(LogEntry::NewTree(NewTreeEntry {
+            config: new_tree.config.clone(),
+            cert: new_tree.cert.clone(),
+        }));
         for (at, _) in std::mem::take(&mut self.rounds) {
             out.cancel_timer(Timer::Round(at.0, at.1));
         }
@@ -481,7 +645,7 @@ impl FastBftReplica {
         });
     }
 
-    /// The tree of `config`, if it is one a correct primary sends.
+    /// The tree of `config`, if it is one a correct primary of this view sends.
     fn check_config(&self, config: &TreeConfig) -> Option<Tree> {
         let mut seen = std::collections::BTreeSet::new();
         let valid = config.actives.len() == self.f
@@ -495,43 +659,70 @@ impl FastBftReplica {
         Tree::balanced(config.actives.len(), usize::from(config.fan_out)).ok()
     }
 
-    /// Checks a PREPARE's contents: the certificate binds this batch, and every
-    /// request is from its client (`crate::authentic`).
-    fn prepare_is_valid(&mut self, prepare: &Prepare) -> bool {
-        prepare.cert.message == prepare_digest(prepare.seq, &batch_root(&prepare.batch))
-            && self.requests.all_authentic(&prepare.batch, &self.keys)
-    }
-
-    fn step_prepare(&mut self, prepare: Prepare, out: &mut Out) -> Step {
+    fn step_prepare(&mut self, mut prepare: Prepare, out: &mut Out) -> Step {
         let at = position(&prepare.cert);
-        if !self.prepare_is_valid(&prepare) {
-            out.fault(self.primary_id(), "bad-prepare");
-            self.follow(&prepare.cert);
+        prepare.batch = crate::authentic::without_authenticators(&prepare.batch);
+        let rules = self.rules();
+        let mut stream = self.stream.clone();
+        let verdict = stream.accept_prepare(&prepare, &rules, true);
+        if verdict == Err(crate::view_log::Invalid(crate::view_log::MISMATCH)) {
+            // The content is not what the certificate binds: never taken.
+            self.primary_misbehaved("bad-prepare", out);
             return Step::Done;
         }
-        if self.is_active() {
-            let Some(package) = self.packages.remove(&at) else {
-                if self.package_waits < PACKAGE_PATIENCE {
+        let counts = verdict.is_ok();
+        let mut released = None;
+        if counts && self.is_active() {
+            match self.packages.get(&at).cloned() {
+                Some(package) => {
+                    released = self
+                        .enclave_call(|e| e.verify_counter(&prepare.cert, &package))
+                        .ok();
+                }
+                None if self.package_waits < PACKAGE_PATIENCE => {
                     return Step::Wait(Item::Prepare(Box::new(prepare)));
                 }
-                self.follow(&prepare.cert);
-                self.remember_batch(prepare.seq, prepare.batch);
-                return Step::Done;
-            };
-            match self.enclave_call(|e| e.verify_counter(&prepare.cert, &package)) {
-                Ok(opened) => {
-                    self.remember_batch(prepare.seq, prepare.batch);
-                    self.start_round(at, rounds::Phase::Prepare, opened, out);
-                }
-                Err(_) => {
-                    self.follow(&prepare.cert);
-                }
+                None => {}
             }
-        } else {
-            self.follow(&prepare.cert);
-            self.remember_batch(prepare.seq, prepare.batch);
+        }
+        self.take_prepare(prepare, released, stream, counts, out);
+        if !counts {
+            // Bound by its certificate, but not a PREPARE a correct primary sends.
+            self.primary_misbehaved("bad-prepare", out);
         }
         Step::Done
+    }
+
+    /// Takes the position of `prepare`: with the share `released` (already taken by
+    /// `verify_counter`), or by following. Records it in the log, and the stream's
+    /// new state if the PREPARE counts.
+    fn take_prepare(
+        &mut self,
+        prepare: Prepare,
+        released: Option<diffuse_tee::OpenedShare>,
+        stream: StreamState,
+        counts: bool,
+        out: &mut Out,
+    ) {
+        let at = position(&prepare.cert);
+        if released.is_none() && !self.follow(&prepare.cert) {
+            // The enclave refused the certificate itself (not the primary's):
+            // nothing a correct primary sends.
+            return self.primary_misbehaved("bad-prepare", out);
+        }
+        self.packages.remove(&at);
+        if counts {
+            self.stream = stream;
+            self.remember_batch(prepare.seq, prepare.batch.clone());
+        }
+        let carried = prepare.checkpoint.as_deref().cloned();
+        self.log.record(LogEntry::Prepare(prepare));
+        if counts && let Some(proof) = carried {
+            self.adopt_stable(proof, out);
+        }
+        if let Some(opened) = released {
+            self.start_round(at, rounds::Phase::Prepare, opened, out);
+        }
     }
 
     fn remember_batch(&mut self, seq: Seq, batch: Batch) {
@@ -540,15 +731,19 @@ impl FastBftReplica {
         }
     }
 
-    /// Whether `commit` proves its batch committed: the certificates bind it and
-    /// the PREPARE's secret is open.
+    /// Whether `commit` proves its batch committed in this view: the certificates
+    /// bind it, its PREPARE is of this view, and the PREPARE's secret is open.
     fn commit_proves(&self, commit: &Commit) -> bool {
         let Some(primary) = self.primary_key() else {
             return false;
         };
-        if commit.cert.message
-            != commit_digest(commit.seq, &commit.batch_root, &commit.results_root)
-            || commit.prepare_cert.message != prepare_digest(commit.seq, &commit.batch_root)
+        if view_of_epoch(commit.prepare_cert.view) != self.view
+            || commit.prepare_cert.message
+                != crate::message::prepare_digest(
+                    commit.seq,
+                    &commit.batch_root,
+                    commit.prepare_checkpoint.as_ref(),
+                )
         {
             return false;
         }
@@ -567,63 +762,118 @@ impl FastBftReplica {
 
     fn step_commit(&mut self, commit: Commit, out: &mut Out) -> Step {
         let at = position(&commit.cert);
+        if commit.cert.message
+            != commit_digest(
+                commit.seq,
+                &commit.batch_root,
+                &commit.results_root,
+                commit.state.as_ref(),
+            )
+        {
+            self.primary_misbehaved("bad-commit", out);
+            return Step::Done;
+        }
         let batch = match &commit.batch {
             Some(batch) if batch_root(batch) == commit.batch_root => Some(batch.clone()),
             Some(_) => None,
             None => self
                 .batches
                 .get(&commit.seq)
+                .or_else(|| self.commits.get(&commit.seq).map(|c| &c.batch))
                 .filter(|b| batch_root(b) == commit.batch_root)
                 .cloned(),
         };
-        if !self.commit_proves(&commit) || (batch.is_none() && commit.seq > self.executed) {
-            out.fault(self.primary_id(), "bad-commit");
-            self.follow(&commit.cert);
+        let checkpoint_seq = commit.seq.0 % self.interval() == 0;
+        let acceptable = self.commit_proves(&commit)
+            && commit.seq > self.stream.checkpoint
+            && self.stream.fixed.get(&commit.seq) == Some(&commit.batch_root)
+            && commit.state.is_some() == checkpoint_seq
+            && (batch.is_some() || commit.seq <= self.executed);
+        if !acceptable {
+            self.take_commit(&commit, None, out);
+            self.primary_misbehaved("bad-commit", out);
             return Step::Done;
         }
         if let Some(batch) = batch {
-            self.add_commit(commit.seq, batch, commit.results_root, out);
+            self.add_commit(commit.seq, batch, commit.results_root, commit.state, out);
         }
         if commit.seq > self.executed {
-            // An earlier batch has not run here yet: wait for its UPDATE or COMMIT.
+            // An earlier batch has not run here yet: wait for its UPDATE, COMMIT or
+            // state transfer.
             return Step::Wait(Item::Commit(Box::new(commit)));
         }
-        if self.results.get(&commit.seq) != Some(&commit.results_root) {
-            if self.results.contains_key(&commit.seq) {
+        let ours = self.recent.get(&commit.seq).cloned();
+        let agrees = ours
+            .as_ref()
+            .is_some_and(|e| e.results_root == commit.results_root && e.state == commit.state);
+        if !agrees {
+            if ours.is_some() {
                 out.fault(self.primary_id(), "wrong-results");
             }
-            self.follow(&commit.cert);
+            self.take_commit(&commit, None, out);
             return Step::Done;
         }
-        if self.is_active() {
-            let Some(package) = self.packages.remove(&at) else {
-                if self.package_waits < PACKAGE_PATIENCE {
+        let released = if self.is_active() {
+            match self.packages.get(&at).cloned() {
+                Some(package) => self
+                    .enclave_call(|e| e.verify_counter(&commit.cert, &package))
+                    .ok(),
+                None if self.package_waits < PACKAGE_PATIENCE => {
                     return Step::Wait(Item::Commit(Box::new(commit)));
                 }
-                self.follow(&commit.cert);
-                return Step::Done;
-            };
-            match self.enclave_call(|e| e.verify_counter(&commit.cert, &package)) {
-                Ok(opened) => self.start_round(at, rounds::Phase::Reply, opened, out),
-                Err(_) => {
-                    self.follow(&commit.cert);
-                }
+                None => None,
             }
         } else {
-            self.follow(&commit.cert);
-        }
+            None
+        };
+        self.take_commit(&commit, released, out);
         Step::Done
     }
 
+    /// Takes the position of `commit` (with the share `released`, or following)
+    /// and logs it.
+    fn take_commit(
+        &mut self,
+        commit: &Commit,
+        released: Option<diffuse_tee::OpenedShare>,
+        out: &mut Out,
+    ) {
+        let at = position(&commit.cert);
+        if released.is_none() && !self.follow(&commit.cert) {
+            return self.primary_misbehaved("bad-commit", out);
+        }
+        self.packages.remove(&at);
+        self.log.record(LogEntry::Commit(CommitEntry {
+            seq: commit.seq,
+            batch_root: commit.batch_root,
+            results_root: commit.results_root,
+            state: commit.state,
+            cert: commit.cert.clone(),
+        }));
+        if let Some(opened) = released {
+            self.start_round(at, rounds::Phase::Reply, opened, out);
+        }
+    }
+
     /// Whether `update` is what the primary sends: both certificates bind the
-    /// batch and results, and both secrets are open.
+    /// batch and results, both are of this view, and both secrets are open.
     fn update_is_valid(&self, update: &Update) -> bool {
         let Some(primary) = self.primary_key() else {
             return false;
         };
         let root = batch_root(&update.batch);
-        update.prepare_cert.message == prepare_digest(update.seq, &root)
-            && update.commit_cert.message == commit_digest(update.seq, &root, &update.results_root)
+        let checkpoint = update.checkpoint.as_ref().map(|p| p.digest());
+        update.prepare_cert.message
+            == crate::message::prepare_digest(update.seq, &root, checkpoint.as_ref())
+            && update.commit_cert.message
+                == commit_digest(
+                    update.seq,
+                    &root,
+                    &update.results_root,
+                    update.state.as_ref(),
+                )
+            && view_of_epoch(update.prepare_cert.view) == self.view
+            && view_of_epoch(update.commit_cert.view) == self.view
             && update.prepare_cert.verify(&primary)
             && update.commit_cert.verify(&primary)
             && update.prepared.opens(&update.prepare_cert, &primary)
@@ -631,49 +881,132 @@ impl FastBftReplica {
     }
 
     fn on_update(&mut self, from: NodeId, update: Update, out: &mut Out) {
-        if self.is_primary() {
+        if self.is_primary() || !self.in_view() {
             return;
         }
         if !self.options.is(Mutant::ReplicaTrustsUpdates) {
             if from != NodeId::Replica(self.primary_id()) {
-                return out.fault(from, "update-from-non-primary");
+                if matches!(from, NodeId::Client(_)) {
+                    out.fault(from, "update-from-a-client");
+                }
+                return;
             }
             if !self.update_is_valid(&update) {
                 return out.fault(from, "bad-update");
             }
         }
-        self.add_commit(update.seq, update.batch, update.results_root, out);
-        self.offer(
-            Item::Opened(Box::new((update.prepare_cert, update.prepared))),
+        self.add_commit(
+            update.seq,
+            update.batch.clone(),
+            update.results_root,
+            update.state,
             out,
         );
-        self.offer(
-            Item::Opened(Box::new((update.commit_cert, update.replied))),
-            out,
-        );
+        let update = Arc::new(update);
+        self.offer(Item::UpdatePrepare(update.clone()), out);
+        self.offer(Item::UpdateCommit(update), out);
+    }
+
+    /// The PREPARE position of a batch whose secrets opened: step over it with the
+    /// opened secret (the PREPARE counted at every active replica, so it counts
+    /// here: its signatures need no second check).
+    fn step_update_prepare(&mut self, update: &Update, out: &mut Out) {
+        let prepare = Prepare {
+            seq: update.seq,
+            batch: crate::authentic::without_authenticators(&update.batch),
+            checkpoint: update.checkpoint.clone(),
+            cert: update.prepare_cert.clone(),
+        };
+        let rules = self.rules();
+        let mut stream = self.stream.clone();
+        let counts = stream.accept_prepare(&prepare, &rules, false).is_ok();
+        let stepped = self.enclave_call(|e| {
+            e.update_counter(&update.prepared.secret, &update.prepared.commitment)
+        });
+        if stepped.is_err() && !self.follow(&update.prepare_cert) {
+            return;
+        }
+        if counts {
+            self.stream = stream;
+            self.remember_batch(prepare.seq, prepare.batch.clone());
+        }
+        let carried = prepare.checkpoint.as_deref().cloned();
+        self.log.record(LogEntry::Prepare(prepare));
+        if counts && let Some(proof) = carried {
+            self.adopt_stable(proof, out);
+        }
+    }
+
+    /// The COMMIT position of a replied batch; at a checkpoint the UPDATE is the
+    /// checkpoint's proof.
+    fn step_update_commit(&mut self, update: &Update, out: &mut Out) {
+        let stepped = self
+            .enclave_call(|e| e.update_counter(&update.replied.secret, &update.replied.commitment));
+        if stepped.is_err() && !self.follow(&update.commit_cert) {
+            return;
+        }
+        self.log.record(LogEntry::Commit(CommitEntry {
+            seq: update.seq,
+            batch_root: batch_root(&update.batch),
+            results_root: update.results_root,
+            state: update.state,
+            cert: update.commit_cert.clone(),
+        }));
+        if let Some(state) = update.state {
+            let proof = CheckpointProof {
+                seq: update.seq,
+                state,
+                batch_root: batch_root(&update.batch),
+                results_root: update.results_root,
+                commit_cert: update.commit_cert.clone(),
+                replied: update.replied.clone(),
+            };
+            if proof.is_valid(&self.enclave_keys, self.interval()) {
+                self.adopt_stable(proof, out);
+            }
+        }
     }
 
     /// Records a batch proven committed and runs whatever can run.
-    fn add_commit(&mut self, seq: Seq, batch: Batch, results_root: Digest, out: &mut Out) {
+    fn add_commit(
+        &mut self,
+        seq: Seq,
+        batch: Batch,
+        results_root: Digest,
+        state: Option<Digest>,
+        out: &mut Out,
+    ) {
         if seq <= self.executed || seq.0 - self.executed.0 > MAX_WAITING_COMMITS {
             return;
         }
         self.commits.entry(seq).or_insert(Committed {
             batch,
             results_root,
+            state,
         });
+        self.run_committed(out);
+    }
+
+    /// Runs the committed batches that are next, in order.
+    fn run_committed(&mut self, out: &mut Out) {
+        if self.transfer.is_some() {
+            return;
+        }
         while let Some(committed) = self.commits.remove(&self.executed.next()) {
             let seq = self.executed.next();
             let executed = self.execute(seq, &committed.batch, out);
-            if executed.results_root != committed.results_root {
+            if executed.results_root != committed.results_root || executed.state != committed.state
+            {
                 out.fault(self.primary_id(), "wrong-results");
             }
         }
         self.drain(out);
     }
 
-    /// Runs the batch at `seq` (the next one).
-    pub(crate) fn execute(&mut self, seq: Seq, batch: &Batch, out: &mut Out) -> Executed {
+    /// Runs the batch at `seq` (the next one). A request already executed at its
+    /// client's latest timestamp gets the cached result again (so that a REPLY can
+    /// prove it after a view change); older duplicates get none.
+    pub(crate) fn execute(&mut self, seq: Seq, batch: &Batch, out: &mut Out) -> Arc<Executed> {
         debug_assert_eq!(seq, self.executed.next());
         let mut results = Vec::with_capacity(batch.requests.len());
         let mut leaves = Vec::with_capacity(batch.requests.len());
@@ -688,7 +1021,11 @@ impl FastBftReplica {
                         ran += 1;
                         Some(result)
                     }
-                    Execution::Stale => None,
+                    Execution::Stale => self
+                        .service
+                        .cached_reply(request.client)
+                        .filter(|(t, _)| *t == request.timestamp)
+                        .map(|(_, r)| r.to_vec()),
                 };
             leaves.push(result_leaf(
                 request.client,
@@ -700,22 +1037,26 @@ impl FastBftReplica {
         let results_root = merkle::root(&leaves);
         self.executed = seq;
         self.batches = self.batches.split_off(&seq.next());
-        self.results.insert(seq, results_root);
-        while self.results.len() > RESULTS_KEPT {
-            self.results.pop_first();
-        }
         out.observe(Observation::Executed {
             seq,
             // The root over the request bodies: replicas get the batch with
-            // different authenticators (`crate::authentic`).
+            // different authenticators.
             batch: batch_root(batch),
             requests: ran,
         });
-        Executed {
+        let state = (seq.0 % self.interval() == 0).then(|| self.take_snapshot(seq, out));
+        let executed = Arc::new(Executed {
             results_root,
             results,
             leaves,
+            state,
+        });
+        self.recent.insert(seq, executed.clone());
+        while self.recent.len() > RECENT_KEPT {
+            self.recent.pop_first();
         }
+        self.unblock_requests(out);
+        executed
     }
 }
 
@@ -738,12 +1079,14 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
                 self.on_round_timeout((epoch, counter), &mut out)
             }
             Input::Timer(Timer::Rebuild(epoch)) => self.on_rebuild_timer(epoch, &mut out),
+            Input::Timer(Timer::Request) => self.on_request_timer(&mut out),
+            Input::Timer(Timer::ViewChange) => self.on_view_change_timer(&mut out),
         }
         out
     }
 
     fn view(&self) -> View {
-        View(0)
+        View(self.view)
     }
 }
 
@@ -754,6 +1097,7 @@ pub(crate) fn client_reply(
     batch: &Batch,
     executed: &Executed,
     index: usize,
+    checkpoint: Option<Digest>,
     prepare: (&Cert, &Opened),
     commit: (&Cert, &Opened),
     request_leaves: &[Digest],
@@ -771,9 +1115,16 @@ pub(crate) fn client_reply(
         result_path: merkle::path(&executed.leaves, index),
         batch_root: merkle::root(request_leaves),
         results_root: executed.results_root,
+        checkpoint,
+        state: executed.state,
         prepare_cert: prepare.0.clone(),
         prepared: prepare.1.clone(),
         commit_cert: commit.0.clone(),
         replied: commit.1.clone(),
     })
+}
+
+/// The sequence number of the stable checkpoint `proof` (genesis: 0).
+pub(crate) fn stable_seq(proof: Option<&CheckpointProof>) -> Seq {
+    seq_of(proof)
 }

@@ -2,23 +2,27 @@
 //! batching, PREPARE, COMMIT once the PREPARE's secret opens, REPLY once the
 //! COMMIT's does, NEW-TREE on a detected failure, and FETCH answers.
 //!
-//! One batch is between PREPARE and COMMIT at a time (more wait in the batch being
-//! filled), so a batch's two certificates take consecutive counter values unless a
-//! NEW-TREE falls between them; reply rounds of earlier batches overlap freely.
+//! Batches are PREPAREd only within the window of one checkpoint interval above
+//! the stream's checkpoint (`crate::checkpoint`); the first PREPARE after a
+//! checkpoint carries its proof. Every certificate the primary issues is logged
+//! like any position a backup takes (`super::log`).
 
 use super::rounds::Phase;
 use super::{Epoch, Executed, FastBftReplica, Out, Timer, client_reply};
 use crate::authentic;
+use crate::checkpoint::CheckpointProof;
 use crate::message::{
     Cert, ClientReply, Commit, Fetch, Message, NewTree, Opened, Packages, Position, Prepare,
     TreeConfig, Update, commit_digest, new_tree_digest, position, prepare_digest, request_leaf,
 };
+use crate::view_log::{CommitEntry, LogEntry, NewTreeEntry};
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::{Digest, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
 use diffuse_pbft::message::{Batch, Request};
 use diffuse_tee::{FastBftComponent, Package, SecretCommitment, Tree};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 /// Requests waiting for a batch, at most.
 const MAX_PENDING: usize = 16_384;
@@ -32,8 +36,10 @@ const FETCH_ANSWER: usize = 32;
 struct InFlight {
     batch: Batch,
     leaves: Vec<Digest>,
+    /// The checkpoint proof its latest PREPARE carried.
+    carried: Option<Box<CheckpointProof>>,
     prepared: Option<(Cert, Opened)>,
-    committed: Option<(Cert, Executed)>,
+    committed: Option<(Cert, Arc<Executed>)>,
 }
 
 impl std::fmt::Debug for Executed {
@@ -76,6 +82,8 @@ pub(crate) struct PrimaryState {
     accusers: BTreeSet<ReplicaId>,
     /// The failure reported in this epoch, waiting for the rebuild timer.
     suspected: Option<(ReplicaId, ReplicaId)>,
+    /// The proof of the latest checkpoint, until a PREPARE carries it.
+    proof_to_carry: Option<CheckpointProof>,
 }
 
 impl PrimaryState {
@@ -105,6 +113,57 @@ impl FastBftReplica {
             ..PrimaryState::default()
         });
         self.install_tree(actives, out);
+    }
+
+    /// The primary of a view just entered by its NEW-VIEW: PREPAREs the decided
+    /// batches again, at their sequence numbers, then orders the requests that
+    /// waited here.
+    pub(super) fn start_view_as_primary(&mut self, out: &mut Out) {
+        let actives: BTreeSet<ReplicaId> = self.actives().into_iter().collect();
+        let passives = (0..self.n as u16)
+            .map(ReplicaId)
+            .filter(|r| *r != self.id && !actives.contains(r))
+            .collect();
+        let decided = self.decided();
+        let next_seq = decided
+            .last()
+            .map_or(self.stream.checkpoint.next(), |(s, _)| s.next());
+        let mut state = PrimaryState {
+            next_seq,
+            passives,
+            ..PrimaryState::default()
+        };
+        for (seq, batch) in decided {
+            let leaves = batch
+                .requests
+                .iter()
+                .map(|r| request_leaf(&r.signed))
+                .collect();
+            state.in_flight.insert(
+                seq,
+                InFlight {
+                    batch,
+                    leaves,
+                    carried: None,
+                    prepared: None,
+                    committed: None,
+                },
+            );
+        }
+        let waiting: Vec<Request> = std::mem::take(&mut self.vc.requests)
+            .into_values()
+            .map(|(r, _)| r)
+            .collect();
+        self.primary = Some(state);
+        self.refill(out);
+        let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
+        for seq in seqs {
+            self.send_prepare(seq, out);
+        }
+        for request in waiting {
+            self.queue_request(request, out);
+        }
+        self.propose(false, out);
     }
 
     /// Ends the current epoch (or the genesis one) with a NEW-TREE for `actives`.
@@ -145,6 +204,10 @@ impl FastBftReplica {
         }
         let at = position(&new_tree.cert);
         out.broadcast(Message::NewTree(new_tree.clone()));
+        self.log.record(LogEntry::NewTree(NewTreeEntry {
+            config: new_tree.config.clone(),
+            cert: new_tree.cert.clone(),
+        }));
         let state = self.state();
         state.log(at, Message::NewTree(new_tree), None);
         state.pool.clear();
@@ -158,6 +221,7 @@ impl FastBftReplica {
     /// After a NEW-TREE: re-commits the batches whose REPLY did not open, and
     /// re-prepares the one whose PREPARE did not.
     fn resume_in_flight(&mut self, out: &mut Out) {
+        self.prune_in_flight();
         let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
         self.state().preparing.clear();
         for seq in seqs {
@@ -172,6 +236,16 @@ impl FastBftReplica {
                 self.send_prepare(seq, out);
             }
         }
+    }
+
+    /// Forgets the batches at or below the stream's checkpoint: their replies did
+    /// not open, but the checkpoint covers them, and no COMMIT for them counts any
+    /// more. Their clients retransmit and get the cached result in a new batch.
+    fn prune_in_flight(&mut self) {
+        let keep = self.stream.checkpoint.next();
+        let state = self.state();
+        state.in_flight = state.in_flight.split_off(&keep);
+        state.preparing = state.preparing.split_off(&keep);
     }
 
     /// Keeps `preprocess_ahead` counter values preprocessed past the enclave's.
@@ -228,10 +302,11 @@ impl FastBftReplica {
         }
     }
 
-    pub(super) fn on_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
-        if from != NodeId::Client(request.client) {
-            return out.fault(from, "request-for-another-client");
-        }
+    /// A client's request at the primary. A request already executed at its
+    /// client's latest timestamp is answered with the REPLY kept for it, or, if
+    /// this primary has none (it was a backup then), ordered again: its batch
+    /// proves the cached result (`FastBftReplica::execute`).
+    pub(super) fn on_primary_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
         let Some(key) = self.keys.client(request.client) else {
             return;
         };
@@ -240,15 +315,29 @@ impl FastBftReplica {
         {
             return out.fault(from, "bad-request");
         }
-        if request.timestamp <= self.service.last_timestamp(request.client) {
-            if let Some(reply) = self.state().replies.get(&request.client)
-                && reply.timestamp == request.timestamp
-            {
-                let reply = reply.clone();
-                out.send(from, Message::Reply(reply));
-            }
+        let last = self.service.last_timestamp(request.client);
+        if request.timestamp < last {
             return;
         }
+        if request.timestamp == last
+            && let Some(reply) = self.state().replies.get(&request.client)
+            && reply.timestamp == request.timestamp
+        {
+            let reply = reply.clone();
+            return out.send(NodeId::Client(request.client), Message::Reply(reply));
+        }
+        self.queue_request(request, out);
+    }
+
+    /// Queues a checked request for the next batch.
+    fn queue_request(&mut self, request: Request, out: &mut Out) {
+        if request.timestamp < self.service.last_timestamp(request.client) {
+            return;
+        }
+        let request = Request {
+            authenticator: Default::default(),
+            ..request
+        };
         let state = self.state();
         if state.pending.len() >= MAX_PENDING
             || !state.queued.insert((request.client, request.timestamp))
@@ -276,9 +365,16 @@ impl FastBftReplica {
         let max = self.options.base.batch_max_requests.max(1);
         let delay = self.options.base.batch_delay;
         let in_flight = usize::try_from(self.options.base.max_in_flight.max(1)).unwrap_or(1);
+        let interval = self.interval();
         loop {
+            let checkpoint = self.stream.checkpoint;
             let state = self.state();
-            if state.preparing.len() >= in_flight || state.pending.is_empty() {
+            let carried = state.proof_to_carry.as_ref().map_or(checkpoint, |p| p.seq);
+            let window_end = carried.max(checkpoint).0.saturating_add(interval);
+            if state.preparing.len() >= in_flight
+                || state.pending.is_empty()
+                || state.next_seq.0 > window_end
+            {
                 return;
             }
             if !state.preparing.is_empty() && state.pending.len() < max {
@@ -299,12 +395,17 @@ impl FastBftReplica {
             let batch = Batch {
                 requests: BoundedVec::truncating(requests),
             };
-            let leaves = batch.requests.iter().map(|r| request_leaf(r)).collect();
+            let leaves = batch
+                .requests
+                .iter()
+                .map(|r| request_leaf(&r.signed))
+                .collect();
             state.in_flight.insert(
                 seq,
                 InFlight {
                     batch,
                     leaves,
+                    carried: None,
                     prepared: None,
                     committed: None,
                 },
@@ -318,37 +419,58 @@ impl FastBftReplica {
 
     fn send_prepare(&mut self, seq: Seq, out: &mut Out) {
         self.refill(out);
+        let checkpoint = self.stream.checkpoint;
         let Some(flight) = self.state().in_flight.get(&seq) else {
             return;
         };
         let batch = flight.batch.clone();
-        let digest = prepare_digest(seq, &crate::merkle::root(&flight.leaves));
+        let root = crate::merkle::root(&flight.leaves);
+        // The first PREPARE after a checkpoint carries its proof.
+        let carried = self
+            .state()
+            .proof_to_carry
+            .as_ref()
+            .filter(|p| p.seq > checkpoint && p.seq.next() == seq)
+            .map(|p| Box::new(p.clone()));
+        let digest = prepare_digest(seq, &root, carried.as_ref().map(|p| p.digest()).as_ref());
         let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
             self.halt("enclave-refused-counter", out);
             return;
         };
         let at = position(&cert);
-        let prepare = Prepare { seq, batch, cert };
+        let prepare = Prepare {
+            seq,
+            batch,
+            checkpoint: carried.clone(),
+            cert,
+        };
+        let mut stream = self.stream.clone();
+        let own = stream.accept_prepare(&prepare, &self.rules(), false);
+        self.stream = stream;
+        if own.is_err() {
+            // Only a bug gets here: the stream rule would refuse this primary's own
+            // PREPARE at every correct replica.
+            out.fault(self.id, "own-prepare-refused");
+        }
         self.prepare_to_actives(&prepare, out);
+        self.log.record(LogEntry::Prepare(prepare.clone()));
+        if let Some(proof) = &carried {
+            self.state().proof_to_carry = None;
+            self.adopt_stable((**proof).clone(), out);
+            self.prune_in_flight();
+        }
         let state = self.state();
         state.preparing.insert(seq);
-        // Logged for FETCH answers without authenticators (n MACs per request for
-        // thousands of positions): a replica that fetches a PREPARE checks signatures.
-        let logged = Prepare {
-            batch: authentic::without_authenticators(&prepare.batch),
-            ..prepare
-        };
-        state.log(at, Message::Prepare(logged), Some(seq));
+        if let Some(flight) = state.in_flight.get_mut(&seq) {
+            flight.carried = carried;
+        }
+        state.log(at, Message::Prepare(prepare), Some(seq));
         self.start_pooled_round(at, Phase::Prepare, out);
     }
 
-    /// Sends each active replica the PREPARE with its own MAC entries only.
+    /// Sends the PREPARE to the active replicas.
     fn prepare_to_actives(&self, prepare: &Prepare, out: &mut Out) {
-        if let Some(epoch) = &self.epoch {
-            for replica in epoch.config.actives.iter() {
-                out.send(*replica, Message::Prepare(for_replica(prepare, *replica)));
-            }
-        }
+        self.to_actives(Message::Prepare(prepare.clone()), out);
     }
 
     fn to_actives(&self, message: Message, out: &mut Out) {
@@ -406,18 +528,36 @@ impl FastBftReplica {
         }
     }
 
-    /// Executes and COMMITs the next batch whose PREPARE opened.
-    fn commit_ready(&mut self, out: &mut Out) {
-        loop {
-            let seq = self.executed.next();
+    /// Executes and COMMITs the batches whose PREPAREs opened, in order. A batch
+    /// this replica executed already (a re-proposal after a view change) is
+    /// committed with the results it kept.
+    pub(super) fn commit_ready(&mut self, out: &mut Out) {
+        if self.transfer.is_some() {
+            return;
+        }
+        let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
+        for seq in seqs {
             let Some(flight) = self.state().in_flight.get(&seq) else {
-                return;
+                continue;
             };
-            if flight.prepared.is_none() || flight.committed.is_some() {
+            if flight.committed.is_some() {
+                continue;
+            }
+            if flight.prepared.is_none() {
                 return;
             }
             let batch = flight.batch.clone();
-            let executed = self.execute(seq, &batch, out);
+            let executed = if seq <= self.executed {
+                match self.recent.get(&seq) {
+                    Some(executed) => executed.clone(),
+                    // Executed and forgotten: only a bug gets here.
+                    None => return self.halt("re-proposal-without-results", out),
+                }
+            } else if seq == self.executed.next() {
+                self.execute(seq, &batch, out)
+            } else {
+                return;
+            };
             for request in batch.requests.iter() {
                 self.state()
                     .queued
@@ -445,11 +585,13 @@ impl FastBftReplica {
             return;
         };
         let root = crate::merkle::root(&flight.leaves);
-        let digest = commit_digest(seq, &root, &executed.results_root);
-        let (prepare_cert, prepared, results_root) = (
+        let digest = commit_digest(seq, &root, &executed.results_root, executed.state.as_ref());
+        let prepare_checkpoint = flight.carried.as_ref().map(|p| p.digest());
+        let (prepare_cert, prepared, results_root, state) = (
             prepare_cert.clone(),
             prepared.clone(),
             executed.results_root,
+            executed.state,
         );
         // Actives check a re-committed batch's root, not its requests.
         let batch = with_batch.then(|| authentic::without_authenticators(&flight.batch));
@@ -462,12 +604,21 @@ impl FastBftReplica {
             seq,
             batch_root: root,
             results_root,
+            state,
+            prepare_checkpoint,
             prepare_cert,
             prepared,
             batch,
             cert: cert.clone(),
         };
         self.to_actives(Message::Commit(commit.clone()), out);
+        self.log.record(LogEntry::Commit(CommitEntry {
+            seq,
+            batch_root: root,
+            results_root,
+            state,
+            cert: cert.clone(),
+        }));
         let state = self.state();
         if let Some(flight) = state.in_flight.get_mut(&seq)
             && let Some((commit_cert, _)) = &mut flight.committed
@@ -491,12 +642,29 @@ impl FastBftReplica {
         let update = Update {
             seq,
             batch: authentic::without_authenticators(&flight.batch),
+            checkpoint: flight.carried.clone(),
             results_root: executed.results_root,
+            state: executed.state,
             prepare_cert: prepare_cert.clone(),
             prepared: prepared.clone(),
             commit_cert: commit_cert.clone(),
             replied: replied.clone(),
         };
+        if let Some(state) = executed.state {
+            let proof = CheckpointProof {
+                seq,
+                state,
+                batch_root: crate::merkle::root(&flight.leaves),
+                results_root: executed.results_root,
+                commit_cert: commit_cert.clone(),
+                replied: replied.clone(),
+            };
+            if proof.seq > self.stream.checkpoint {
+                self.state().proof_to_carry = Some(proof.clone());
+            }
+            self.adopt_stable(proof, out);
+        }
+        let carried_digest = flight.carried.as_ref().map(|p| p.digest());
         let actives: BTreeSet<ReplicaId> = self
             .epoch
             .as_ref()
@@ -513,6 +681,7 @@ impl FastBftReplica {
                 &flight.batch,
                 &executed,
                 index,
+                carried_digest,
                 (&prepare_cert, &prepared),
                 (&commit_cert, &replied),
                 &flight.leaves,
@@ -526,6 +695,7 @@ impl FastBftReplica {
         while state.updates.len() > LOG_KEPT {
             state.updates.pop_first();
         }
+        self.propose(false, out);
     }
 
     /// A failure reported in the current epoch (the first one counts). The first
@@ -593,6 +763,10 @@ impl FastBftReplica {
         let NodeId::Replica(replica) = from else {
             return;
         };
+        if diffuse_tee::view_of_epoch(fetch.epoch) < self.view {
+            // A replica still in an earlier view: it missed this view's NEW-VIEW.
+            return self.send_new_view_to(replica, out);
+        }
         let Some(epoch) = self.epoch.clone() else {
             return;
         };
@@ -643,14 +817,5 @@ impl FastBftReplica {
         for answer in answers {
             out.send(replica, answer);
         }
-    }
-}
-
-/// `prepare` as `replica` gets it: its requests with `replica`'s MAC entries only.
-fn for_replica(prepare: &Prepare, replica: ReplicaId) -> Prepare {
-    Prepare {
-        seq: prepare.seq,
-        batch: authentic::for_active(&prepare.batch, replica),
-        cert: prepare.cert.clone(),
     }
 }
