@@ -468,13 +468,22 @@ impl FastBftReplica {
         let voter = accept.replica;
         let own_view = accept.view == self.view && self.primary.is_some();
         if (accept.view <= self.view && !own_view)
-            || voter.index() >= self.n
             || self
                 .vc
                 .votes
                 .get(&voter)
                 .is_some_and(|known| known.view >= accept.view)
         {
+            return;
+        }
+        // Checked now, so that a vote relayed in another's name cannot take the
+        // voter's place.
+        let genuine = self
+            .enclave_keys
+            .get(voter.index())
+            .is_some_and(|key| accept.accept.verify(key))
+            && Some(accept.accept.epoch) == first_epoch(accept.view);
+        if !genuine {
             return;
         }
         self.vc.votes.insert(voter, accept);

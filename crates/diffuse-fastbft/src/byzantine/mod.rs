@@ -1,10 +1,13 @@
-//! FastBFT-specific Byzantine behaviours for the simulator, all of them of
-//! non-primary replicas (the primary is correct until view changes are built).
+//! FastBFT-specific Byzantine behaviours for the simulator.
 //!
 //! Each runs on top of an honest replica and rewrites its traffic. An active
 //! replica can spoil or withhold its part of a secret, and lie about its children;
-//! any replica can send forged UPDATEs and REPLYs. None of it may break safety;
-//! the tree rebuilds restore liveness without a view change.
+//! any replica can send forged UPDATEs and REPLYs; a primary can equivocate
+//! through its host and send bad NEW-VIEWs (`primary`). None of it may break
+//! safety; the tree rebuilds restore liveness without a view change when the
+//! primary is correct, a view change when it is not.
+
+mod primary;
 
 use crate::message::{ClientReply, Message, Suspect, TreeConfig, Update};
 use crate::options::FastBftOptions;
@@ -35,6 +38,14 @@ pub const BEHAVIOURS: &[Named] = &[
         description: "as an active replica, opens PREPAREs but withholds its aggregate of every COMMIT's secret",
     },
     Named {
+        name: "equivocate",
+        description: "as primary, sends some active replicas a second PREPARE for a sequence number, with another batch, certified at the next counter value, instead of the first",
+    },
+    Named {
+        name: "bad-new-view",
+        description: "as primary orders nothing; as a new primary, certifies and sends a NEW-VIEW with a decision that drops its last batch, only f VIEW-CHANGEs, or an impossible tree",
+    },
+    Named {
         name: "forge-update",
         description: "on each PREPARE it sees, sends every other backup a forged UPDATE (an empty batch at that sequence number, random secrets) and every client of the batch a forged REPLY",
     },
@@ -56,6 +67,8 @@ pub fn build(
             commits: BTreeSet::new(),
         })),
         "forge-update" => Some(Box::new(ForgeUpdate { me, n })),
+        "equivocate" => Some(Box::new(primary::Equivocate::new(setup))),
+        "bad-new-view" => Some(Box::new(primary::BadNewView::new(setup))),
         _ => None,
     }
 }
