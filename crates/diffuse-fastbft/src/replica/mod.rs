@@ -65,6 +65,8 @@ pub enum Timer {
     Request,
     /// A view change takes too long: ask for the next view.
     ViewChange,
+    /// The primary may send its NEW-VIEW again to replicas that missed it.
+    Served,
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -544,6 +546,7 @@ impl FastBftReplica {
     fn on_stall(&mut self, out: &mut Out) {
         self.stall_armed = false;
         self.continue_transfer(out);
+        self.repeat_vote(out);
         if self.held.is_empty() {
             return;
         }
@@ -1081,6 +1084,7 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::Rebuild(epoch)) => self.on_rebuild_timer(epoch, &mut out),
             Input::Timer(Timer::Request) => self.on_request_timer(&mut out),
             Input::Timer(Timer::ViewChange) => self.on_view_change_timer(&mut out),
+            Input::Timer(Timer::Served) => self.on_served_timer(),
         }
         out
     }

@@ -52,9 +52,10 @@ pub(crate) struct ViewChangeState {
     /// Each replica's latest vote for a view ahead (or, at a primary, for its own).
     votes: BTreeMap<ReplicaId, Accept>,
     /// As the primary of the current view: its NEW-VIEW, for replicas that missed
-    /// it, and the replicas it was sent to again.
+    /// it, and the replicas it was sent to again this status interval.
     installed: Option<Box<NewView>>,
     served: std::collections::BTreeSet<ReplicaId>,
+    served_timer: bool,
     /// Failed view changes in a row: the timer doubles with each.
     backoff: u32,
     timer_armed: bool,
@@ -192,6 +193,7 @@ impl FastBftReplica {
     /// The view change did not complete in time: ask for the next view.
     pub(super) fn on_view_change_timer(&mut self, out: &mut Out) {
         self.vc.timer_armed = false;
+        self.repeat_vote(out);
         if self.in_view() && self.vc.pending.is_none() {
             if self.vc.asked > self.view {
                 // Fewer than f + 1 replicas asked yet (or the requests were lost):
@@ -230,15 +232,18 @@ impl FastBftReplica {
     }
 
     /// Sends this view's NEW-VIEW and the votes for it to a replica that missed
-    /// them, once per replica and view.
+    /// them, once per replica and status interval.
     pub(super) fn send_new_view_to(&mut self, replica: ReplicaId, out: &mut Out) {
-        let Some(nv) = &self.vc.installed else {
+        let Some(nv) = self.vc.installed.clone() else {
             return;
         };
+        // Once per replica and status interval: a lost answer is sent again on
+        // the next request, and a flood of requests costs one answer each.
         if replica == self.id || !self.vc.served.insert(replica) {
             return;
         }
-        out.send(replica, Message::NewView(nv.clone()));
+        self.arm_served_timer(out);
+        out.send(replica, Message::NewView(nv));
         for vote in self.vc.votes.values().filter(|a| a.view == self.view) {
             out.send(replica, Message::Accept(vote.clone()));
         }
@@ -466,14 +471,7 @@ impl FastBftReplica {
     /// votes are counted, says whose it is, whoever relays it).
     pub(super) fn on_accept(&mut self, accept: Accept, out: &mut Out) {
         let voter = accept.replica;
-        let own_view = accept.view == self.view && self.primary.is_some();
-        if (accept.view <= self.view && !own_view)
-            || self
-                .vc
-                .votes
-                .get(&voter)
-                .is_some_and(|known| known.view >= accept.view)
-        {
+        if accept.view < self.view {
             return;
         }
         // Checked now, so that a vote relayed in another's name cannot take the
@@ -486,8 +484,38 @@ impl FastBftReplica {
         if !genuine {
             return;
         }
+        if accept.view == self.view && voter != self.id && self.vc.served.insert(voter) {
+            // A vote for the view this replica is in: its voter is still waiting
+            // for votes (it sends its own again until it enters); answer with ours.
+            self.arm_served_timer(out);
+            if let Some(own) = self.vc.votes.get(&self.id).filter(|a| a.view == self.view) {
+                out.send(voter, Message::Accept(own.clone()));
+            }
+        }
+        let own_view = accept.view == self.view && self.primary.is_some();
+        if (accept.view == self.view && !own_view)
+            || self
+                .vc
+                .votes
+                .get(&voter)
+                .is_some_and(|known| known.view >= accept.view)
+        {
+            return;
+        }
         self.vc.votes.insert(voter, accept);
         self.try_enter(out);
+    }
+
+    /// While a NEW-VIEW waits for votes: sends this replica's own vote again (the
+    /// replicas in the view answer with theirs).
+    pub(super) fn repeat_vote(&mut self, out: &mut Out) {
+        let Some(pending) = &self.vc.pending else {
+            return;
+        };
+        let view = pending.0.view;
+        if let Some(own) = self.vc.votes.get(&self.id).filter(|a| a.view == view) {
+            out.broadcast(Message::Accept(own.clone()));
+        }
     }
 
     /// Enters the pending NEW-VIEW's view once `f` replicas other than its primary
@@ -588,5 +616,20 @@ impl FastBftReplica {
             .base()
             .map(|b| b.decision.entries().map(|(s, b)| (s, b.clone())).collect())
             .unwrap_or_default()
+    }
+}
+
+impl FastBftReplica {
+    fn arm_served_timer(&mut self, out: &mut Out) {
+        if !self.vc.served_timer {
+            self.vc.served_timer = true;
+            out.set_timer(Timer::Served, self.options.base.status_interval);
+        }
+    }
+
+    /// A status interval passed: NEW-VIEWs and votes may be sent again.
+    pub(super) fn on_served_timer(&mut self) {
+        self.vc.served_timer = false;
+        self.vc.served.clear();
     }
 }
