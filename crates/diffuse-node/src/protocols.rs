@@ -100,7 +100,7 @@ mod tests {
             Err(ProtocolError::Invalid(_))
         ));
         assert!(survives_chaos("pbft") && survives_chaos("minbft"));
-        assert!(!survives_chaos("fastbft"), "no view change or REJOIN yet");
+        assert!(!survives_chaos("fastbft"), "no REJOIN yet");
         let unknown = ProtocolError::Unknown("raft".into()).to_string();
         assert!(NAMES.iter().all(|name| unknown.contains(name)), "{unknown}");
     }
