@@ -327,6 +327,11 @@ pub enum Message {
     FetchState(diffuse_pbft::message::FetchState),
     /// A piece of a checkpoint's state.
     StateChunk(diffuse_pbft::message::StateChunk),
+    /// A restarted replica with a locked enclave asks for reports on it, over
+    /// its enclave's challenge.
+    Rejoin(Digest),
+    /// A peer's enclave's report for a REJOIN.
+    RejoinReport(Box<Signed<diffuse_tee::CounterReport>>),
 }
 
 impl WireMessage for Message {
@@ -348,6 +353,8 @@ impl WireMessage for Message {
             Message::Accept(_) => "accept",
             Message::FetchState(_) => "fetch-state",
             Message::StateChunk(_) => "state-chunk",
+            Message::Rejoin(_) => "rejoin",
+            Message::RejoinReport(_) => "rejoin-report",
         }
     }
 }

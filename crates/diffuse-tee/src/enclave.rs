@@ -105,6 +105,8 @@ pub struct CounterReport {
     pub checkpoint: u64,
     /// The reporter's view.
     pub view: u64,
+    /// The highest FastBFT view the reporter's enclave is in or voted for.
+    pub fastbft_view: u64,
 }
 
 impl Signable for CounterReport {
@@ -124,10 +126,11 @@ struct SealedBody {
     slot_rules: Option<SlotRules>,
     last_checkpoint: u64,
     seen: Vec<([u8; 32], Seen)>,
-    /// FastBFT's `(c_latest, v)`: restored so that a resumed enclave never
-    /// certifies a position it certified before (its role and view keys are not
-    /// sealed, so it certifies nothing for FastBFT until the protocol restores it).
-    fastbft_position: (u64, u64),
+    /// The highest FastBFT view the enclave took part in or voted for (`None`: it
+    /// never took part): a resumed enclave is out of it for good and enters a
+    /// later one by its NEW-VIEW (`crate::fastbft`; its role and view keys are not
+    /// sealed).
+    fastbft_view: Option<u64>,
 }
 
 /// The rules of [`Scope::Checkpoint`] and [`Scope::Slot`], fixed once: checkpoints
@@ -324,7 +327,7 @@ impl SoftwareEnclave {
             slot_rules: self.slot_rules,
             last_checkpoint: self.last_checkpoint,
             seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
-            fastbft_position: self.fastbft.position(),
+            fastbft_view: self.fastbft.sealed_view(),
         };
         let plaintext = codec::encode_payload(&body);
         let ciphertext = cipher(&*self.platform, &self.measurement)
@@ -396,7 +399,7 @@ impl SoftwareEnclave {
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
-            fastbft: crate::fastbft::FastBftState::resumed(body.fastbft_position),
+            fastbft: crate::fastbft::FastBftState::resumed(body.fastbft_view),
         })
     }
 
@@ -468,6 +471,7 @@ impl SoftwareEnclave {
                 counter: seen.counter,
                 checkpoint: seen.checkpoint,
                 view: self.view,
+                fastbft_view: self.fastbft.known_view(),
             },
             &self.key,
         ))
@@ -489,7 +493,7 @@ impl SoftwareEnclave {
             return Err(TeeError::NotEnoughReports { needed: 1, got: 0 });
         };
         let me = self.key.public();
-        let mut valid: BTreeMap<[u8; 32], (u64, u64, u64)> = BTreeMap::new();
+        let mut valid: BTreeMap<[u8; 32], (u64, u64, u64, u64)> = BTreeMap::new();
         for report in reports {
             let body = &report.value;
             if peers.keys.contains(&body.reporter.to_bytes())
@@ -499,7 +503,7 @@ impl SoftwareEnclave {
             {
                 valid.insert(
                     body.reporter.to_bytes(),
-                    (body.counter, body.checkpoint, body.view),
+                    (body.counter, body.checkpoint, body.view, body.fastbft_view),
                 );
             }
         }
@@ -509,9 +513,14 @@ impl SoftwareEnclave {
                 got: valid.len(),
             });
         }
-        let counter = valid.values().map(|(c, _, _)| *c).max().unwrap_or(0);
-        let checkpoint = valid.values().map(|(_, k, _)| *k).max().unwrap_or(0);
-        let view = valid.values().map(|(_, _, v)| *v).max().unwrap_or(0);
+        let counter = valid.values().map(|(c, _, _, _)| *c).max().unwrap_or(0);
+        let checkpoint = valid.values().map(|(_, k, _, _)| *k).max().unwrap_or(0);
+        let view = valid.values().map(|(_, _, v, _)| *v).max().unwrap_or(0);
+        // FastBFT: of any f + 1 enclaves, one voted for (or started) every view
+        // this one entered, so the highest they report bounds this enclave's own.
+        let fastbft_view = valid.values().map(|(_, _, _, w)| *w).max().unwrap_or(0);
+        self.fastbft =
+            crate::fastbft::FastBftState::rejoined(fastbft_view.max(self.fastbft.known_view()));
         self.counter = self.counter.max(counter).max(at_least);
         self.last_checkpoint = self.last_checkpoint.max(checkpoint);
         self.view = self.view.max(view);

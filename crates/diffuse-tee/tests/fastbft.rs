@@ -477,28 +477,28 @@ fn update_view_checks_the_certificate_and_the_wrapped_key() {
     );
 }
 
-/// Only the position is sealed: a resumed enclave keeps it, and has no role (it neither prepares nor opens shares) until the protocol
-/// gives it one again.
+/// Only the highest view is sealed: a resumed enclave is out of that view for
+/// good (it certifies, releases and steps over nothing there), and has no role
+/// until it enters a later view by its NEW-VIEW.
 #[test]
-fn a_resumed_enclave_keeps_its_position_but_not_its_role() {
+fn a_resumed_enclave_is_out_of_its_view() {
     let mut cluster = Cluster::new(5, 2);
     let prepared = cluster.primary.preprocessing(1).unwrap();
     let before = cluster.primary.request_counter(&digest("x")).unwrap();
-    let position = cluster.primary.fastbft_counter();
-    assert_eq!(position, (before.counter, before.view));
+    assert_eq!(diffuse_tee::view_of_epoch(before.view), 0);
     let sealed = cluster.primary.shutdown();
     let mut resumed = SoftwareEnclave::resume(cluster.primary_platform, &sealed).unwrap();
     assert!(!resumed.is_locked());
-    assert_eq!(resumed.fastbft_counter(), position);
+    let (counter, epoch) = resumed.fastbft_counter();
+    assert_eq!(diffuse_tee::view_of_epoch(epoch), 0);
+    assert!((epoch, counter) > (before.view, before.counter));
+    assert_eq!(resumed.fastbft_leaving(), Some(1));
     assert_eq!(
         resumed.request_counter(&digest("y")),
-        Err(FastBftError::WrongRole("the primary")),
-        "a resumed enclave certifies nothing until it has a role again, so no position twice"
+        Err(FastBftError::Leaving(1)),
+        "a resumed enclave certifies nothing in its view, so no position twice"
     );
-    assert!(
-        resumed.preprocessing(1).is_err(),
-        "the primary role (and its view keys) is not sealed"
-    );
+    assert!(resumed.preprocessing(1).is_err());
     drop(prepared);
 }
 

@@ -291,3 +291,58 @@ fn a_new_tree_stays_in_its_view_and_comes_from_its_primary() {
     enclaves[2].update_view(&keys[0], &cert, None).unwrap();
     assert_eq!(view_of_epoch(enclaves[2].fastbft_counter().1), 0);
 }
+
+/// After an unscheduled reboot the enclave is locked; `f + 1` peers' reports
+/// unlock it out of the highest view any of them knows, which bounds every view
+/// it took part in (one of any `f + 1` enclaves voted for each view it entered).
+/// It then enters the next view by its NEW-VIEW, like any replica.
+#[test]
+fn a_rebooted_enclave_rejoins_out_of_every_view_it_may_have_been_in() {
+    let mut enclaves = cluster(5);
+    let keys = public_keys(&enclaves);
+    // Replica 4 seals, and comes back on a machine whose counter does not match
+    // the sealed state: an unscheduled reboot (or a rollback).
+    let sealed = enclaves[4].seal_and_stop();
+    let locked =
+        SoftwareEnclave::resume(Arc::new(SoftwarePlatform::new([5; 32])), &sealed).unwrap();
+    assert!(locked.is_locked());
+    enclaves[4] = locked;
+    assert!(enclaves[4].leave_view(1, &digest("log")).is_err());
+    // View 1 started by replica 1, voted for by replicas 2 and 3.
+    let (cert, _, _) = start(&mut enclaves, 1, 1);
+    votes(&mut enclaves, 1, &cert, &[2, 3]);
+    let challenge = enclaves[4].rejoin_challenge().unwrap();
+    let me = keys[4];
+    // Replicas 0 (view 0 only), 2 and 3 (voted for view 1) report.
+    let reports: Vec<_> = [0, 2, 3]
+        .iter()
+        .map(|&i| enclaves[i].report_counter(me, challenge).unwrap())
+        .collect();
+    assert_eq!(reports[0].value.fastbft_view, 0);
+    assert_eq!(reports[2].value.fastbft_view, 1);
+    assert!(
+        enclaves[4].reset_counter(&reports[..2], 0).is_err(),
+        "f + 1 = 3 reports"
+    );
+    enclaves[4].reset_counter(&reports, 0).unwrap();
+    assert!(!enclaves[4].is_locked());
+    assert_eq!(
+        enclaves[4].fastbft_leaving(),
+        Some(2),
+        "out of view 1 and below"
+    );
+    assert_eq!(view_of_epoch(enclaves[4].fastbft_counter().1), 1);
+    // View 1's NEW-VIEW is refused; view 2's is entered.
+    let accepts = votes(&mut enclaves, 1, &cert, &[2, 3]);
+    assert!(
+        enclaves[4]
+            .enter_view(&keys[1], &cert, &accepts, None)
+            .is_err()
+    );
+    let (cert2, _, _) = start(&mut enclaves, 2, 2);
+    let accepts2 = votes(&mut enclaves, 2, &cert2, &[1, 3]);
+    enclaves[4]
+        .enter_view(&keys[2], &cert2, &accepts2, None)
+        .unwrap();
+    assert_eq!(enclaves[4].fastbft_counter(), (0, first_epoch(2).unwrap()));
+}

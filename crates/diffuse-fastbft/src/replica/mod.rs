@@ -24,6 +24,7 @@
 mod checkpoints;
 mod log;
 mod primary;
+mod rejoin;
 mod rounds;
 mod view_change;
 
@@ -44,7 +45,7 @@ use diffuse_core::service::{Execution, ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
 use diffuse_minbft::tee_host::EnclaveHandle;
 use diffuse_pbft::message::Batch;
-use diffuse_tee::{FastBftComponent, Package, SlotRules, Tree, TrustedComponent, view_of_epoch};
+use diffuse_tee::{FastBftComponent, Package, SlotRules, Tree, view_of_epoch};
 use primary::PrimaryState;
 use rounds::Round;
 use std::collections::BTreeMap;
@@ -67,6 +68,8 @@ pub enum Timer {
     ViewChange,
     /// The primary may send its NEW-VIEW again to replicas that missed it.
     Served,
+    /// REJOIN reports may be sent again.
+    RejoinServed,
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -183,6 +186,7 @@ pub struct FastBftReplica {
     snapshots: BTreeMap<Seq, StateSnapshot>,
     transfer: Option<checkpoints::Transfer>,
     vc: view_change::ViewChangeState,
+    rejoin: rejoin::RejoinState,
     stall_armed: bool,
     /// The position last fetched from, so that a gap is fetched once per position
     /// and then on the stall timer.
@@ -228,6 +232,7 @@ impl FastBftReplica {
             snapshots: BTreeMap::new(),
             transfer: None,
             vc: view_change::ViewChangeState::default(),
+            rejoin: rejoin::RejoinState::default(),
             stall_armed: false,
             fetched_at: None,
             package_waits: 0,
@@ -296,7 +301,7 @@ impl FastBftReplica {
 
     /// Whether this replica follows its view's stream: in a view, not leaving it.
     fn in_view(&self) -> bool {
-        self.vc.target.is_none()
+        self.vc.target.is_none() && !self.rejoin.locked
     }
 
     /// Stops taking part, for a reason written to the trace as a fault of itself.
@@ -316,18 +321,10 @@ impl FastBftReplica {
         };
         self.enclave_keys = booted.enclave_keys;
         self.enclave = Some(booted.enclave);
-        // A locked enclave (an unscheduled reboot) needs REJOIN, which is not built
-        // yet; FastBFT's enclave state is not sealed either, so a restarted replica
-        // stays out (see docs/protocols/fastbft.md, "Not built yet").
-        if self.enclave_call(|e| e.is_locked() || e.fastbft_counter() != (0, 0)) {
-            return self.halt("restarted-without-rejoin", out);
-        }
         if self.enclave_keys.len() != self.n {
             return self.halt("enclave-keys-do-not-match-the-cluster", out);
         }
-        if self.is_primary() {
-            self.start_as_primary(out);
-        }
+        self.after_boot(out);
     }
 
     fn on_message(&mut self, from: NodeId, message: Message, out: &mut Out) {
@@ -390,6 +387,16 @@ impl FastBftReplica {
             Message::StateChunk(chunk) => {
                 if let NodeId::Replica(r) = from {
                     self.on_state_chunk(r, chunk, out);
+                }
+            }
+            Message::Rejoin(challenge) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_rejoin(r, challenge, out);
+                }
+            }
+            Message::RejoinReport(report) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_rejoin_report(r, *report, out);
                 }
             }
         }
@@ -545,6 +552,9 @@ impl FastBftReplica {
 
     fn on_stall(&mut self, out: &mut Out) {
         self.stall_armed = false;
+        if self.rejoin.locked {
+            return self.ask_to_rejoin(out);
+        }
         self.continue_transfer(out);
         self.repeat_vote(out);
         if self.held.is_empty() {
@@ -1085,12 +1095,26 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::Request) => self.on_request_timer(&mut out),
             Input::Timer(Timer::ViewChange) => self.on_view_change_timer(&mut out),
             Input::Timer(Timer::Served) => self.on_served_timer(),
+            Input::Timer(Timer::RejoinServed) => self.on_rejoin_served_timer(),
         }
         out
     }
 
     fn view(&self) -> View {
         View(self.view)
+    }
+
+    /// Seals the enclave (a scheduled shutdown): the next start resumes it
+    /// unlocked, out of its view, and the replica takes part again from the next.
+    fn shutdown(&mut self) -> Result<(), diffuse_core::protocol::ShutdownError> {
+        self.halted = true;
+        let Some(enclave) = self.enclave.take() else {
+            return Ok(());
+        };
+        self.options
+            .tee
+            .shutdown(self.id, enclave)
+            .map_err(|e| diffuse_core::protocol::ShutdownError(e.to_string()))
     }
 }
 

@@ -287,8 +287,16 @@ impl FastBftReplica {
     }
 
     /// Leaves the view for `target`: the enclave certifies this replica's position
-    /// and log, and the VIEW-CHANGE goes to the new primary.
+    /// and log, and the VIEW-CHANGE goes to the new primary. A replica whose log
+    /// a restart lost waits for the view without a VIEW-CHANGE.
     fn start_view_change(&mut self, target: u64, out: &mut Out) {
+        if self.rejoin.log_lost {
+            if self.vc.target.is_none_or(|t| t < target) && !self.rejoin.locked {
+                self.vc.target = Some(target);
+                self.arm_view_change_timer(out);
+            }
+            return;
+        }
         let log = self.log.to_view_log(self.view, self.stable.as_ref());
         let digest = log.digest();
         let Ok(cert) = self.enclave_call(|e| e.leave_view(target, &digest)) else {
@@ -578,6 +586,7 @@ impl FastBftReplica {
     fn install_view(&mut self, header: NewViewHeader, tree: Tree, out: &mut Out) {
         let view = header.view;
         self.view = view;
+        self.rejoin.log_lost = false;
         self.vc.target = None;
         self.vc.pending = None;
         self.vc.received.retain(|_, vc| vc.cert.target > view);
@@ -616,6 +625,13 @@ impl FastBftReplica {
             .base()
             .map(|b| b.decision.entries().map(|(s, b)| (s, b.clone())).collect())
             .unwrap_or_default()
+    }
+}
+
+impl ViewChangeState {
+    /// Records that this replica asked for `view` already.
+    pub(crate) fn note_asked(&mut self, view: u64) {
+        self.asked = self.asked.max(view);
     }
 }
 

@@ -576,8 +576,9 @@ pub trait FastBftComponent: TrustedComponent {
     ) -> Result<(), FastBftError>;
 }
 
-/// The FastBFT state of an enclave. Only `(counter, view)` is sealed (see
-/// `docs/tee.md`): a resumed enclave has no role until the protocol gives it one.
+/// The FastBFT state of an enclave. Only the highest view it knows of is sealed
+/// (see `docs/tee.md`): a resumed enclave is out of that view and every earlier
+/// one ([`FastBftState::rejoined`]) until it enters a later view.
 #[derive(Default)]
 pub(crate) struct FastBftState {
     counter: u64,
@@ -585,21 +586,48 @@ pub(crate) struct FastBftState {
     role: Role,
     /// The view this enclave left its own for, until it enters one.
     leaving: Option<u64>,
+    /// The highest view whose NEW-VIEW this enclave voted for.
+    accepted: u64,
 }
 
 impl FastBftState {
-    /// `(counter, view)`, as sealed.
-    pub(crate) fn position(&self) -> (u64, u64) {
-        (self.counter, self.view)
+    /// The highest protocol view this enclave is in or voted for: what it seals,
+    /// and reports to a rebooted peer.
+    pub(crate) fn known_view(&self) -> u64 {
+        view_of_epoch(self.view).max(self.accepted)
     }
 
-    /// The state of a resumed enclave: its last position, no role.
-    pub(crate) fn resumed((counter, view): (u64, u64)) -> FastBftState {
+    /// What is sealed: `None` for an enclave that never took part in FastBFT (it
+    /// resumes at genesis), else [`FastBftState::known_view`].
+    pub(crate) fn sealed_view(&self) -> Option<u64> {
+        let untouched = self.counter == 0
+            && self.view == 0
+            && matches!(self.role, Role::None)
+            && self.leaving.is_none()
+            && self.accepted == 0;
+        (!untouched).then(|| self.known_view())
+    }
+
+    /// The state resumed from [`FastBftState::sealed_view`].
+    pub(crate) fn resumed(sealed: Option<u64>) -> FastBftState {
+        sealed.map_or_else(FastBftState::default, FastBftState::rejoined)
+    }
+
+    /// The state after a restart, once the highest view the enclave may have
+    /// taken part in is known to be at most `view`: out of `view` (and every
+    /// earlier one) for good, at a position beyond any of its stream, so that it
+    /// certifies nothing there again and no log of it can reach its position; it
+    /// enters a later view by its NEW-VIEW. (Resuming within `view` would need a
+    /// position above every share it released before the restart, which nothing
+    /// it can be shown bounds.)
+    pub(crate) fn rejoined(view: u64) -> FastBftState {
+        let last_epoch = first_epoch(view).map_or(u64::MAX, |e| e | u64::from(u32::MAX));
         FastBftState {
-            counter,
-            view,
+            counter: 0,
+            view: last_epoch,
             role: Role::None,
-            leaving: None,
+            leaving: Some(view.saturating_add(1)),
+            accepted: view,
         }
     }
 }
@@ -964,6 +992,7 @@ impl FastBftComponent for SoftwareEnclave {
             view: epoch,
             role,
             leaving: None,
+            accepted: self.fastbft.accepted,
         };
         Ok(wrapped)
     }
@@ -994,6 +1023,7 @@ impl FastBftComponent for SoftwareEnclave {
             view: epoch,
             role,
             leaving: None,
+            accepted: self.fastbft.accepted,
         };
         Ok(())
     }
@@ -1214,6 +1244,7 @@ mod tests {
                 view_key,
             },
             leaving: None,
+            accepted: 0,
         };
         enclave
     }

@@ -158,6 +158,7 @@ pub(super) fn start_view(
         view: epoch,
         role: role.0,
         leaving: None,
+        accepted: enclave.fastbft.accepted.max(view),
     };
     let certificate = Signed::sign(
         super::CounterCertificate {
@@ -177,6 +178,8 @@ pub(super) fn accept_view(
 ) -> Result<Signed<ViewAccept>, FastBftError> {
     enclave.fastbft_unlocked()?;
     check_new_view(enclave, new_primary, certificate)?;
+    let view = view_of_epoch(certificate.view);
+    enclave.fastbft.accepted = enclave.fastbft.accepted.max(view);
     Ok(Signed::sign(
         ViewAccept {
             new_view: new_view_id(new_primary, certificate),
@@ -247,6 +250,10 @@ pub(super) fn enter_view(
         view: certificate.view,
         role,
         leaving: None,
+        accepted: enclave
+            .fastbft
+            .accepted
+            .max(view_of_epoch(certificate.view)),
     };
     Ok(())
 }
