@@ -63,7 +63,7 @@ impl ProtocolSuite for FastBft {
 
     const REPLACES_PRIMARY: bool = true;
 
-    const SURVIVES_RESTARTS: bool = false;
+    const SURVIVES_RESTARTS: bool = true;
 
     /// The client hears from the primary only.
     const CLIENT_HEARS_FROM_EVERY_REPLICA: bool = false;

@@ -8,7 +8,7 @@
 
 use crate::checkpoint::CheckpointProof;
 use crate::merkle::{self, Path};
-use crate::view_log::{NewView, ViewChange};
+use crate::view_log::{NewView, RejoinEntry, ViewChange, ViewLog};
 use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
 use diffuse_core::crypto::{Digest, PublicKey, Signed};
 use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq};
@@ -332,6 +332,26 @@ pub enum Message {
     Rejoin(Digest),
     /// A peer's enclave's report for a REJOIN.
     RejoinReport(Box<Signed<diffuse_tee::CounterReport>>),
+    /// A restarted replica asks the primary for a position to rejoin at, over
+    /// its enclave's nonce.
+    RejoinRequest(Digest),
+    /// The primary's position where a restarted replica rejoins (a stream
+    /// position every replica takes).
+    Rejoined(RejoinEntry),
+    /// What a rejoining replica needs: the primary's log up to its rejoin
+    /// position, the current tree, and the UPDATEs above the log's checkpoint.
+    RejoinState(Box<RejoinState>),
+}
+
+/// The primary's answer to a rejoining replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinState {
+    /// The primary's log, ending at the rejoin position.
+    pub log: ViewLog,
+    /// The current epoch's tree.
+    pub config: TreeConfig,
+    /// The UPDATEs of the batches replied above the log's checkpoint.
+    pub updates: BoundedVec<Update, { diffuse_pbft::message::MAX_WINDOW }>,
 }
 
 impl WireMessage for Message {
@@ -355,6 +375,9 @@ impl WireMessage for Message {
             Message::StateChunk(_) => "state-chunk",
             Message::Rejoin(_) => "rejoin",
             Message::RejoinReport(_) => "rejoin-report",
+            Message::RejoinRequest(_) => "rejoin-request",
+            Message::Rejoined(_) => "rejoined",
+            Message::RejoinState(_) => "rejoin-state",
         }
     }
 }

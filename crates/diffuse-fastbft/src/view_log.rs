@@ -36,7 +36,9 @@ use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{Digest, PublicKey, SignatureBatch, Signed};
 use diffuse_core::ids::{MAX_REPLICAS, ReplicaId, Seq};
 use diffuse_pbft::message::{Batch, MAX_WINDOW};
-use diffuse_tee::{ViewChangeCertificate, WrappedViewKey, first_epoch, view_of_epoch};
+use diffuse_tee::{
+    ViewChangeCertificate, WrappedViewKey, first_epoch, rejoin_digest, view_of_epoch,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -76,6 +78,18 @@ pub struct NewTreeEntry {
     pub cert: Cert,
 }
 
+/// A position where a restarted replica rejoined the view: the primary's
+/// certificate over `rejoin_digest(replica's enclave key, nonce)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RejoinEntry {
+    /// The replica that rejoined.
+    pub replica: ReplicaId,
+    /// Its enclave's nonce.
+    pub nonce: Digest,
+    /// The certificate.
+    pub cert: Cert,
+}
+
 /// One position of a view's stream, with what its certificate binds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LogEntry {
@@ -85,6 +99,8 @@ pub enum LogEntry {
     Commit(CommitEntry),
     /// A NEW-TREE.
     NewTree(NewTreeEntry),
+    /// A restarted replica rejoined here.
+    Rejoin(RejoinEntry),
 }
 
 impl LogEntry {
@@ -94,11 +110,13 @@ impl LogEntry {
             LogEntry::Prepare(p) => &p.cert,
             LogEntry::Commit(c) => &c.cert,
             LogEntry::NewTree(t) => &t.cert,
+            LogEntry::Rejoin(r) => &r.cert,
         }
     }
 
-    /// Whether the certificate binds this content.
-    pub fn binds(&self) -> bool {
+    /// Whether the certificate binds this content (`enclave_keys`: every
+    /// replica's, for a rejoin).
+    pub fn binds(&self, enclave_keys: &[PublicKey]) -> bool {
         match self {
             LogEntry::Prepare(p) => {
                 p.cert.message
@@ -112,6 +130,9 @@ impl LogEntry {
                 t.cert.message == new_tree_digest(&t.config)
                     && t.config.epoch == t.cert.view.saturating_add(1)
             }
+            LogEntry::Rejoin(r) => enclave_keys
+                .get(r.replica.index())
+                .is_some_and(|key| r.cert.message == rejoin_digest(key, &r.nonce)),
         }
     }
 }
@@ -286,6 +307,14 @@ pub fn check_view_change(vc: &ViewChange, target: u64, rules: &Rules<'_>) -> Res
     if log.view != view || view >= target {
         return Err(Invalid("view-change view"));
     }
+    check_log(log, (cert.epoch, cert.counter), rules)
+}
+
+/// Checks a log of view `log.view` that must reach position `end`: its base and
+/// checkpoint are valid, and its entries run from its start to `end` without a
+/// gap, each bound by the view's primary.
+pub fn check_log(log: &ViewLog, end: Position, rules: &Rules<'_>) -> Result<(), Invalid> {
+    let view = log.view;
     match (&log.base, view) {
         (None, 0) => {}
         (Some(base), _) if base.view == view && base.is_valid(rules) => {}
@@ -302,7 +331,7 @@ pub fn check_view_change(vc: &ViewChange, target: u64, rules: &Rules<'_>) -> Res
         let cert = entry.cert();
         if position(cert) != (at.0, at.1.saturating_add(1))
             || !cert.verify(&primary)
-            || !entry.binds()
+            || !entry.binds(rules.enclave_keys)
         {
             return Err(Invalid("view-change log entry"));
         }
@@ -315,7 +344,7 @@ pub fn check_view_change(vc: &ViewChange, target: u64, rules: &Rules<'_>) -> Res
             at = (next, 0);
         }
     }
-    if at != (cert.epoch, cert.counter) {
+    if at != end {
         return Err(Invalid("view-change log does not reach its position"));
     }
     Ok(())
@@ -439,30 +468,9 @@ pub fn decide(view_changes: &[ViewChange], rules: &Rules<'_>) -> Decision {
             .cmp(&(b.log.view, b.cert.epoch, b.cert.counter))
             .then(b.replica.cmp(&a.replica))
     });
-    let mut batches: BTreeMap<Seq, Batch> = BTreeMap::new();
-    if let Some(vc) = furthest {
-        let log = &vc.log;
-        let decided = log.base.as_ref().map(|b| &b.decision);
-        let mut stream = decided.map(StreamState::after).unwrap_or_default();
-        for (seq, batch) in decided.into_iter().flat_map(|d| d.entries()) {
-            batches.insert(seq, batch.clone());
-        }
-        if let Some(proof) = &log.checkpoint
-            && view_of_epoch(proof.commit_cert.view) == log.view
-        {
-            // The stream's checkpoint when that COMMIT was taken: one interval below.
-            stream.checkpoint = Seq(proof.seq.0.saturating_sub(interval)).max(stream.checkpoint);
-        }
-        for entry in log.entries.iter() {
-            if let LogEntry::Prepare(prepare) = entry
-                && stream.accept_prepare(prepare, rules, true).is_ok()
-            {
-                batches
-                    .entry(prepare.seq)
-                    .or_insert_with(|| prepare.batch.clone());
-            }
-        }
-    }
+    let batches = furthest
+        .map(|vc| replay(&vc.log, rules).1)
+        .unwrap_or_default();
     let mut decided: Vec<Batch> = Vec::new();
     let last = batches
         .range(base.next()..)
@@ -480,6 +488,35 @@ pub fn decide(view_changes: &[ViewChange], rules: &Rules<'_>) -> Decision {
         checkpoint,
         batches: BoundedVec::truncating(decided),
     }
+}
+
+/// A log replayed under the PREPARE rule from its start: the stream's state at
+/// its end, and the batch fixed for each sequence number (the NEW-VIEW's
+/// decision's, then each PREPARE's that counted).
+pub fn replay(log: &ViewLog, rules: &Rules<'_>) -> (StreamState, BTreeMap<Seq, Batch>) {
+    let interval = rules.interval.max(1);
+    let decided = log.base.as_ref().map(|b| &b.decision);
+    let mut stream = decided.map(StreamState::after).unwrap_or_default();
+    let mut batches: BTreeMap<Seq, Batch> = BTreeMap::new();
+    for (seq, batch) in decided.into_iter().flat_map(|d| d.entries()) {
+        batches.insert(seq, batch.clone());
+    }
+    if let Some(proof) = &log.checkpoint
+        && view_of_epoch(proof.commit_cert.view) == log.view
+    {
+        // The stream's checkpoint when that COMMIT was taken: one interval below.
+        stream.checkpoint = Seq(proof.seq.0.saturating_sub(interval)).max(stream.checkpoint);
+    }
+    for entry in log.entries.iter() {
+        if let LogEntry::Prepare(prepare) = entry
+            && stream.accept_prepare(prepare, rules, true).is_ok()
+        {
+            batches
+                .entry(prepare.seq)
+                .or_insert_with(|| prepare.batch.clone());
+        }
+    }
+    (stream, batches)
 }
 
 /// Checks a NEW-VIEW for `nv.view`: exactly `f + 1` VIEW-CHANGEs from distinct

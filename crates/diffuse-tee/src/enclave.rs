@@ -126,11 +126,8 @@ struct SealedBody {
     slot_rules: Option<SlotRules>,
     last_checkpoint: u64,
     seen: Vec<([u8; 32], Seen)>,
-    /// The highest FastBFT view the enclave took part in or voted for (`None`: it
-    /// never took part): a resumed enclave is out of it for good and enters a
-    /// later one by its NEW-VIEW (`crate::fastbft`; its role and view keys are not
-    /// sealed).
-    fastbft_view: Option<u64>,
+    /// FastBFT's whole state, role and view keys included (`crate::fastbft`).
+    fastbft: crate::fastbft::SealedFastBft,
 }
 
 /// The rules of [`Scope::Checkpoint`] and [`Scope::Slot`], fixed once: checkpoints
@@ -327,7 +324,7 @@ impl SoftwareEnclave {
             slot_rules: self.slot_rules,
             last_checkpoint: self.last_checkpoint,
             seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
-            fastbft_view: self.fastbft.sealed_view(),
+            fastbft: self.fastbft.seal(),
         };
         let plaintext = codec::encode_payload(&body);
         let ciphertext = cipher(&*self.platform, &self.measurement)
@@ -384,6 +381,7 @@ impl SoftwareEnclave {
             threshold: threshold as usize,
         });
         let challenge = locked.then(|| Digest(platform.random()));
+        let fastbft = crate::fastbft::FastBftState::unsealed(body.fastbft);
         Ok(SoftwareEnclave {
             measurement,
             key: SecretKey::from_seed(body.key_seed),
@@ -399,7 +397,7 @@ impl SoftwareEnclave {
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
-            fastbft: crate::fastbft::FastBftState::resumed(body.fastbft_view),
+            fastbft,
         })
     }
 
@@ -519,8 +517,10 @@ impl SoftwareEnclave {
         // FastBFT: of any f + 1 enclaves, one voted for (or started) every view
         // this one entered, so the highest they report bounds this enclave's own.
         let fastbft_view = valid.values().map(|(_, _, _, w)| *w).max().unwrap_or(0);
-        self.fastbft =
-            crate::fastbft::FastBftState::rejoined(fastbft_view.max(self.fastbft.known_view()));
+        self.fastbft = crate::fastbft::FastBftState::rejoined(
+            fastbft_view.max(self.fastbft.known_view()),
+            self.platform.random(),
+        );
         self.counter = self.counter.max(counter).max(at_least);
         self.last_checkpoint = self.last_checkpoint.max(checkpoint);
         self.view = self.view.max(view);

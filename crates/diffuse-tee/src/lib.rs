@@ -29,7 +29,7 @@ pub use enclave::{
 pub use fastbft::{
     CounterCertificate, FastBftComponent, FastBftError, OpenedShare, Package, Preprocessed,
     SecretCommitment, Share, Tree, ViewAccept, ViewChangeCertificate, WrappedViewKey,
-    aggregate_hash, first_epoch, new_view_id, secret_hash, view_of_epoch,
+    aggregate_hash, first_epoch, new_view_id, rejoin_digest, secret_hash, view_of_epoch,
 };
 pub use platform::{
     Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,

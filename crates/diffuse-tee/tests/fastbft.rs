@@ -477,29 +477,24 @@ fn update_view_checks_the_certificate_and_the_wrapped_key() {
     );
 }
 
-/// Only the highest view is sealed: a resumed enclave is out of that view for
-/// good (it certifies, releases and steps over nothing there), and has no role
-/// until it enters a later view by its NEW-VIEW.
+/// A scheduled shutdown seals the whole FastBFT state: the resumed enclave goes
+/// on where it stopped, as the primary with its view keys, and never certifies a
+/// position twice.
 #[test]
-fn a_resumed_enclave_is_out_of_its_view() {
+fn a_resumed_enclave_goes_on_where_it_stopped() {
     let mut cluster = Cluster::new(5, 2);
     let prepared = cluster.primary.preprocessing(1).unwrap();
     let before = cluster.primary.request_counter(&digest("x")).unwrap();
-    assert_eq!(diffuse_tee::view_of_epoch(before.view), 0);
     let sealed = cluster.primary.shutdown();
     let mut resumed = SoftwareEnclave::resume(cluster.primary_platform, &sealed).unwrap();
     assert!(!resumed.is_locked());
-    let (counter, epoch) = resumed.fastbft_counter();
-    assert_eq!(diffuse_tee::view_of_epoch(epoch), 0);
-    assert!((epoch, counter) > (before.view, before.counter));
-    assert_eq!(resumed.fastbft_leaving(), Some(1));
-    assert_eq!(
-        resumed.request_counter(&digest("y")),
-        Err(FastBftError::Leaving(1)),
-        "a resumed enclave certifies nothing in its view, so no position twice"
-    );
-    assert!(resumed.preprocessing(1).is_err());
-    drop(prepared);
+    assert_eq!(resumed.fastbft_counter(), (before.counter, before.view));
+    assert_eq!(resumed.fastbft_leaving(), None);
+    let next = resumed.request_counter(&digest("y")).unwrap();
+    assert_eq!((next.view, next.counter), (before.view, before.counter + 1));
+    // Its view keys came back too: the next preprocessing opens at the actives.
+    let more = resumed.preprocessing(1).unwrap();
+    assert!(more[0].commitment.counter > prepared[0].commitment.counter);
 }
 
 #[test]

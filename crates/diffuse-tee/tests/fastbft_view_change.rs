@@ -346,3 +346,50 @@ fn a_rebooted_enclave_rejoins_out_of_every_view_it_may_have_been_in() {
         .unwrap();
     assert_eq!(enclaves[4].fastbft_counter(), (0, first_epoch(2).unwrap()));
 }
+
+/// A rebooted enclave, once REJOIN reset it, rejoins its view at a position its
+/// primary certified over the enclave's fresh nonce: after everything it did
+/// before the reboot.
+#[test]
+fn a_rebooted_enclave_rejoins_at_a_certified_position_over_its_nonce() {
+    let mut enclaves = cluster(5);
+    let keys = public_keys(&enclaves);
+    let sealed = enclaves[4].seal_and_stop();
+    let mut rebooted =
+        SoftwareEnclave::resume(Arc::new(SoftwarePlatform::new([5; 32])), &sealed).unwrap();
+    assert!(rebooted.is_locked());
+    assert_eq!(rebooted.fastbft_rejoin_nonce(), None, "not while locked");
+    let challenge = rebooted.rejoin_challenge().unwrap();
+    let reports: Vec<_> = [0, 1, 2]
+        .iter()
+        .map(|&i| enclaves[i].report_counter(keys[4], challenge).unwrap())
+        .collect();
+    rebooted.reset_counter(&reports, 0).unwrap();
+    assert_eq!(rebooted.fastbft_leaving(), Some(1));
+    let nonce = rebooted.fastbft_rejoin_nonce().expect("a fresh nonce");
+    let wrong = enclaves[0]
+        .request_counter(&diffuse_tee::rejoin_digest(&keys[4], &digest("old")))
+        .unwrap();
+    assert!(rebooted.rejoin_at(&keys[0], &wrong).is_err());
+    let cert = enclaves[0]
+        .request_counter(&diffuse_tee::rejoin_digest(&keys[4], &nonce))
+        .unwrap();
+    assert!(
+        rebooted.rejoin_at(&keys[1], &cert).is_err(),
+        "not signed by replica 1"
+    );
+    rebooted.rejoin_at(&keys[0], &cert).unwrap();
+    assert_eq!(rebooted.fastbft_counter(), (cert.counter, cert.view));
+    assert_eq!(rebooted.fastbft_leaving(), None);
+    assert_eq!(
+        rebooted.fastbft_rejoin_nonce(),
+        None,
+        "a nonce is used once"
+    );
+    // A passive replica of the epoch from there on.
+    let next = enclaves[0].request_counter(&digest("prepare")).unwrap();
+    rebooted.follow_counter(&next).unwrap();
+    // A replica that left its view normally has no nonce: it cannot rejoin.
+    enclaves[3].leave_view(1, &digest("log")).unwrap();
+    assert_eq!(enclaves[3].fastbft_rejoin_nonce(), None);
+}

@@ -30,6 +30,13 @@ pub(crate) struct Transfer {
     total: Option<u64>,
 }
 
+impl Transfer {
+    /// The checkpoint being transferred.
+    pub(crate) fn target(&self) -> Seq {
+        self.target.seq
+    }
+}
+
 impl FastBftReplica {
     /// Snapshots the state after checkpoint `seq`, keeps it, and reports it.
     pub(super) fn take_snapshot(&mut self, seq: Seq, out: &mut Out) -> Digest {
@@ -67,6 +74,10 @@ impl FastBftReplica {
         let seq = proof.seq;
         self.log.truncate(self.view, &proof);
         self.stable = Some(proof);
+        self.persist_stable();
+        if let Some(snapshot) = self.snapshots.get(&seq).cloned() {
+            self.persist_snapshot(seq, &snapshot);
+        }
         // Results stay for the batches a COMMIT may still name: those above the
         // stream's checkpoint (a re-COMMIT after a NEW-TREE).
         let keep = seq.min(self.stream.checkpoint.next());
@@ -81,7 +92,7 @@ impl FastBftReplica {
     }
 
     /// Starts (or retargets) a state transfer to the stable checkpoint.
-    fn start_transfer(&mut self, out: &mut Out) {
+    pub(super) fn start_transfer(&mut self, out: &mut Out) {
         let Some(target) = self.stable.clone() else {
             return;
         };
@@ -218,6 +229,7 @@ impl FastBftReplica {
             state: snapshot.digest,
             app: snapshot.app_digest,
         });
+        self.persist_snapshot(seq, &snapshot);
         self.snapshots.insert(seq, snapshot);
         self.executed = seq;
         self.recent.clear();

@@ -1,12 +1,15 @@
 //! What a replica logs of its view's stream: every position it takes since the
 //! log's start, with the content its certificate binds (`crate::view_log`). The
 //! log starts at the view's NEW-VIEW (genesis in view 0) and moves up to a stable
-//! checkpoint's COMMIT once one in the view is known.
+//! checkpoint's COMMIT once one in the view is known. Every change is also a
+//! durable write (`super::durable`), handed to the driver with the input's output.
 
+use super::durable::{delete, log_key, put};
 use crate::checkpoint::CheckpointProof;
 use crate::message::Position;
 use crate::view_log::{LogEntry, MAX_LOG_ENTRIES, NewViewHeader, ViewLog, start_of};
 use diffuse_core::codec::BoundedVec;
+use diffuse_core::protocol::WriteOp;
 use std::collections::BTreeMap;
 
 /// The positions of the current view taken since the log's start.
@@ -15,6 +18,8 @@ pub(crate) struct PositionLog {
     /// The view's NEW-VIEW (`None` in view 0).
     base: Option<NewViewHeader>,
     entries: BTreeMap<Position, LogEntry>,
+    /// Writes not handed to the driver yet.
+    writes: Vec<WriteOp>,
 }
 
 impl PositionLog {
@@ -27,8 +32,33 @@ impl PositionLog {
     pub(crate) fn entered(base: NewViewHeader) -> PositionLog {
         PositionLog {
             base: Some(base),
-            entries: BTreeMap::new(),
+            ..PositionLog::default()
         }
+    }
+
+    /// A log taken whole: read back from disk, or a rejoining replica's from its
+    /// primary.
+    pub(crate) fn recovered(log: ViewLog) -> PositionLog {
+        PositionLog {
+            base: log.base,
+            entries: log
+                .entries
+                .into_inner()
+                .into_iter()
+                .map(|e| (crate::message::position(e.cert()), e))
+                .collect(),
+            writes: Vec::new(),
+        }
+    }
+
+    /// Replaces this log with `next` (another view's, or one taken whole): the
+    /// old entries are deleted from disk and the new ones written.
+    pub(crate) fn replace(&mut self, next: PositionLog) {
+        let mut writes = std::mem::take(&mut self.writes);
+        writes.extend(self.entries.keys().map(|at| delete(&log_key(*at))));
+        writes.extend(next.entries.iter().map(|(at, e)| put(&log_key(*at), e)));
+        *self = next;
+        self.writes = writes;
     }
 
     /// The view's NEW-VIEW.
@@ -44,6 +74,7 @@ impl PositionLog {
     /// Records a position just taken.
     pub(crate) fn record(&mut self, entry: LogEntry) {
         let at = crate::message::position(entry.cert());
+        self.writes.push(put(&log_key(at), &entry));
         self.entries.insert(at, entry);
     }
 
@@ -51,10 +82,18 @@ impl PositionLog {
     /// `view`.
     pub(crate) fn truncate(&mut self, view: u64, checkpoint: &CheckpointProof) {
         if let Some(start) = start_of(view, Some(checkpoint)) {
-            self.entries = self
+            let kept = self
                 .entries
                 .split_off(&(start.0, start.1.saturating_add(1)));
+            let dropped = std::mem::replace(&mut self.entries, kept);
+            self.writes
+                .extend(dropped.keys().map(|at| delete(&log_key(*at))));
         }
+    }
+
+    /// The writes not handed to the driver yet.
+    pub(crate) fn take_writes(&mut self) -> Vec<WriteOp> {
+        std::mem::take(&mut self.writes)
     }
 
     /// The log as a VIEW-CHANGE carries it, for a replica in `view` with stable

@@ -22,6 +22,7 @@
 //! proven committed (its PREPARE's secret opened) and every earlier one ran.
 
 mod checkpoints;
+mod durable;
 mod log;
 mod primary;
 mod rejoin;
@@ -95,6 +96,8 @@ enum Item {
     UpdatePrepare(Arc<Update>),
     /// The COMMIT position of that batch.
     UpdateCommit(Arc<Update>),
+    /// A restarted replica rejoins the view here.
+    Rejoined(Box<crate::view_log::RejoinEntry>),
 }
 
 impl Item {
@@ -105,6 +108,7 @@ impl Item {
             Item::NewTree(t) => position(&t.cert),
             Item::UpdatePrepare(u) => position(&u.prepare_cert),
             Item::UpdateCommit(u) => position(&u.commit_cert),
+            Item::Rejoined(r) => position(&r.cert),
         }
     }
 }
@@ -140,6 +144,8 @@ struct Committed {
     batch: Batch,
     results_root: Digest,
     state: Option<Digest>,
+    /// Read back from this replica's own disk: its results are not known ahead.
+    recovered: bool,
 }
 
 /// The outcome of one batch's execution.
@@ -194,6 +200,8 @@ pub struct FastBftReplica {
     package_waits: u32,
     primary: Option<PrimaryState>,
     halted: bool,
+    /// Durable writes of the input being handled (`durable`).
+    writes: Vec<diffuse_core::protocol::WriteOp>,
 }
 
 impl FastBftReplica {
@@ -238,6 +246,7 @@ impl FastBftReplica {
             package_waits: 0,
             primary: None,
             halted: false,
+            writes: Vec::new(),
         }
     }
 
@@ -310,7 +319,7 @@ impl FastBftReplica {
         out.fault(self.id, why);
     }
 
-    fn on_start(&mut self, out: &mut Out) {
+    fn on_start(&mut self, recovered: &diffuse_core::protocol::Recovered, out: &mut Out) {
         let rules = SlotRules {
             checkpoint_interval: self.options.base.checkpoint_interval,
             window: self.options.base.window,
@@ -324,7 +333,7 @@ impl FastBftReplica {
         if self.enclave_keys.len() != self.n {
             return self.halt("enclave-keys-do-not-match-the-cluster", out);
         }
-        self.after_boot(out);
+        self.after_boot(recovered, out);
     }
 
     fn on_message(&mut self, from: NodeId, message: Message, out: &mut Out) {
@@ -397,6 +406,24 @@ impl FastBftReplica {
             Message::RejoinReport(report) => {
                 if let NodeId::Replica(r) = from {
                     self.on_rejoin_report(r, *report, out);
+                }
+            }
+            Message::RejoinRequest(nonce) => {
+                if let NodeId::Replica(r) = from
+                    && self.primary.is_some()
+                    && self.in_view()
+                {
+                    self.on_rejoin_request(r, nonce, out);
+                }
+            }
+            Message::Rejoined(entry) => {
+                if self.is_stream_primary(from, entry.cert.view, out) {
+                    self.offer(Item::Rejoined(Box::new(entry)), out);
+                }
+            }
+            Message::RejoinState(state) => {
+                if let NodeId::Replica(r) = from {
+                    self.on_rejoin_state(r, *state, out);
                 }
             }
         }
@@ -555,6 +582,7 @@ impl FastBftReplica {
         if self.rejoin.locked {
             return self.ask_to_rejoin(out);
         }
+        self.ask_for_rejoin_position(out);
         self.continue_transfer(out);
         self.repeat_vote(out);
         if self.held.is_empty() {
@@ -601,6 +629,10 @@ impl FastBftReplica {
             }
             Item::UpdateCommit(update) => {
                 self.step_update_commit(&update, out);
+                Step::Done
+            }
+            Item::Rejoined(entry) => {
+                self.step_rejoined(*entry, out);
                 Step::Done
             }
         }
@@ -656,6 +688,7 @@ impl FastBftReplica {
             config: new_tree.config,
             tree,
         });
+        self.persist_tree();
     }
 
     /// The tree of `config`, if it is one a correct primary of this view sends.
@@ -739,9 +772,18 @@ impl FastBftReplica {
     }
 
     fn remember_batch(&mut self, seq: Seq, batch: Batch) {
-        if seq > self.executed && seq.0 - self.executed.0 <= MAX_WAITING_COMMITS {
+        let base = self.execution_base();
+        if seq > base && seq.0 - base.0 <= MAX_WAITING_COMMITS {
             self.batches.insert(seq, batch);
         }
+    }
+
+    /// Where execution goes on from: the last batch run, or the checkpoint being
+    /// transferred.
+    fn execution_base(&self) -> Seq {
+        self.transfer
+            .as_ref()
+            .map_or(self.executed, |t| t.target().max(self.executed))
     }
 
     /// Whether `commit` proves its batch committed in this view: the certificates
@@ -989,13 +1031,16 @@ impl FastBftReplica {
         state: Option<Digest>,
         out: &mut Out,
     ) {
-        if seq <= self.executed || seq.0 - self.executed.0 > MAX_WAITING_COMMITS {
+        // During a state transfer the batches above its checkpoint wait for it.
+        let base = self.execution_base();
+        if seq <= base || seq.0 - base.0 > MAX_WAITING_COMMITS {
             return;
         }
         self.commits.entry(seq).or_insert(Committed {
             batch,
             results_root,
             state,
+            recovered: false,
         });
         self.run_committed(out);
     }
@@ -1008,7 +1053,9 @@ impl FastBftReplica {
         while let Some(committed) = self.commits.remove(&self.executed.next()) {
             let seq = self.executed.next();
             let executed = self.execute(seq, &committed.batch, out);
-            if executed.results_root != committed.results_root || executed.state != committed.state
+            if !committed.recovered
+                && (executed.results_root != committed.results_root
+                    || executed.state != committed.state)
             {
                 out.fault(self.primary_id(), "wrong-results");
             }
@@ -1049,6 +1096,7 @@ impl FastBftReplica {
         }
         let results_root = merkle::root(&leaves);
         self.executed = seq;
+        self.persist_executed();
         self.batches = self.batches.split_off(&seq.next());
         out.observe(Observation::Executed {
             seq,
@@ -1083,7 +1131,7 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             return out;
         }
         match input {
-            Input::Start(_) => self.on_start(&mut out),
+            Input::Start(recovered) => self.on_start(&recovered, &mut out),
             Input::Message { .. } | Input::Timer(_) if self.enclave.is_none() => {}
             Input::Message { from, message } => self.on_message(from, message, &mut out),
             Input::Timer(Timer::Batch) => self.on_batch_timer(&mut out),
@@ -1097,6 +1145,7 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::Served) => self.on_served_timer(),
             Input::Timer(Timer::RejoinServed) => self.on_rejoin_served_timer(),
         }
+        self.flush_writes(&mut out);
         out
     }
 

@@ -84,6 +84,8 @@ pub(crate) struct PrimaryState {
     suspected: Option<(ReplicaId, ReplicaId)>,
     /// The proof of the latest checkpoint, until a PREPARE carries it.
     proof_to_carry: Option<CheckpointProof>,
+    /// Rejoin positions given to restarted replicas.
+    pub(crate) rejoins: super::rejoin::RejoinsGiven,
 }
 
 impl PrimaryState {
@@ -213,6 +215,7 @@ impl FastBftReplica {
         state.pool.clear();
         state.suspected = None;
         self.epoch = Some(Epoch { config, tree });
+        self.persist_tree();
         self.refill(out);
         self.resume_in_flight(out);
         self.propose(false, out);
@@ -756,6 +759,35 @@ impl FastBftReplica {
         let accusers = &state.accusers;
         actives.sort_by_key(|r| (accusers.contains(r), *r == accuser));
         self.install_tree(actives, out);
+    }
+
+    /// A rejoin position was certified: every replica takes it (it is logged for
+    /// FETCH answers like any position).
+    pub(super) fn primary_issued_rejoin(
+        &mut self,
+        entry: crate::view_log::RejoinEntry,
+        checkpoint: Seq,
+        count: u32,
+        out: &mut Out,
+    ) {
+        let at = position(&entry.cert);
+        self.log.record(LogEntry::Rejoin(entry.clone()));
+        out.broadcast(Message::Rejoined(entry.clone()));
+        let state = self.state();
+        state.log(at, Message::Rejoined(entry.clone()), None);
+        state
+            .rejoins
+            .given
+            .insert(entry.replica, (entry, checkpoint, count));
+    }
+
+    /// The UPDATEs kept for batches above `stable`.
+    pub(super) fn primary_updates_above(&mut self, stable: Seq) -> Vec<Update> {
+        self.state()
+            .updates
+            .range(stable.next()..)
+            .map(|(_, u)| u.clone())
+            .collect()
     }
 
     /// Answers a replica that is missing stream messages or packages.

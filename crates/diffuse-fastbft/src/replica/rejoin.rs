@@ -24,6 +24,8 @@ pub(crate) struct RejoinState {
     /// The log of the view the enclave is out of was lost in the restart: no
     /// VIEW-CHANGE can be sent until a view is entered.
     pub(crate) log_lost: bool,
+    /// A restarted primary asking to be replaced, until a view is entered.
+    pub(crate) replace_me: bool,
     /// Reports on this replica, by reporter, for the current challenge.
     reports: BTreeMap<ReplicaId, Signed<CounterReport>>,
     /// Peers answered this status interval (a report costs a signature).
@@ -34,20 +36,47 @@ impl FastBftReplica {
     /// After the enclave booted: a fresh cluster starts at genesis; an enclave that
     /// resumed is out of its view and waits for the next; a locked one asks to
     /// rejoin first.
-    pub(super) fn after_boot(&mut self, out: &mut Out) {
+    pub(super) fn after_boot(
+        &mut self,
+        recovered: &diffuse_core::protocol::Recovered,
+        out: &mut Out,
+    ) {
         if self.enclave_call(|e| e.is_locked()) {
             self.rejoin.locked = true;
             self.rejoin.log_lost = true;
             self.ask_to_rejoin(out);
             return;
         }
-        if self.enclave_call(|e| e.fastbft_leaving().is_some()) {
+        if self.enclave_call(|e| e.fastbft_rejoin_nonce().is_some()) {
+            // Reset by a REJOIN, and restarted again before it rejoined.
             self.rejoin.log_lost = true;
             self.out_of_view(out);
+            return self.ask_for_rejoin_position(out);
+        }
+        // An enclave that never took a position: whatever the disk says (a replica
+        // can execute replied batches before its stream reaches them), it starts
+        // afresh.
+        if self.enclave_call(|e| e.fastbft_counter()) == (0, 0) {
+            if self.is_primary() {
+                self.start_as_primary(out);
+            }
             return;
         }
-        if self.is_primary() {
-            self.start_as_primary(out);
+        if let Err(why) = self.recover(recovered, out) {
+            self.halt(why, out);
+        }
+    }
+
+    /// A restarted primary lost its pool and batches in flight: it asks to be
+    /// replaced (the backups take its request alone as enough).
+    pub(super) fn ask_to_be_replaced(&mut self, out: &mut Out) {
+        self.rejoin.replace_me = true;
+        out.broadcast(Message::ReqViewChange(crate::message::ReqViewChange {
+            view: self.view.saturating_add(1),
+        }));
+        if !self.stall_armed {
+            self.stall_armed = true;
+            out.set_timer(Timer::Stall, self.options.base.status_interval);
         }
     }
 
@@ -57,7 +86,6 @@ impl FastBftReplica {
         let leaving = self.enclave_call(|e| e.fastbft_leaving());
         self.view = view_of_epoch(epoch);
         self.vc.target = leaving;
-        self.vc.note_asked(self.view.saturating_add(1));
         if let Some(target) = leaving {
             out.observe(diffuse_core::protocol::Observation::ViewChangeStarted {
                 view: diffuse_core::ids::View(target),
@@ -96,6 +124,9 @@ impl FastBftReplica {
 
     pub(super) fn on_rejoin_served_timer(&mut self) {
         self.rejoin.served.clear();
+        if let Some(state) = self.primary.as_mut() {
+            state.rejoins.served.clear();
+        }
     }
 
     /// A report for this replica's REJOIN: with `f + 1` valid ones the enclave
@@ -127,6 +158,238 @@ impl FastBftReplica {
         self.rejoin.reports.clear();
         self.rejoin.locked = false;
         self.out_of_view(out);
+        self.ask_for_rejoin_position(out);
+        self.drain(out);
+    }
+}
+
+/// New rejoin positions the primary certifies for one replica between two stable
+/// checkpoints, at most: a faulty replica asking again and again costs a bounded
+/// number of stream positions.
+const REJOINS_PER_CHECKPOINT: u32 = 2;
+
+/// What the primary gave each rejoining replica.
+#[derive(Debug, Default)]
+pub(crate) struct RejoinsGiven {
+    /// By replica: the rejoin position's entry, the stream checkpoint then, and
+    /// how many positions it got since that checkpoint.
+    pub(crate) given:
+        BTreeMap<ReplicaId, (crate::view_log::RejoinEntry, diffuse_core::ids::Seq, u32)>,
+    /// Replicas answered this status interval.
+    pub(crate) served: BTreeSet<ReplicaId>,
+}
+
+impl FastBftReplica {
+    /// While the replica's log is lost (after a restart) and it is in no view:
+    /// asks the primary of the view it is out of for a rejoin position.
+    pub(super) fn ask_for_rejoin_position(&mut self, out: &mut Out) {
+        if self.rejoin.replace_me && self.in_view() {
+            return self.ask_to_be_replaced(out);
+        }
+        if !self.rejoin.log_lost || self.rejoin.locked {
+            return;
+        }
+        // A restarted primary cannot rejoin its own view: it asks to be replaced.
+        if self.is_primary() {
+            out.broadcast(Message::ReqViewChange(crate::message::ReqViewChange {
+                view: self.view.saturating_add(1),
+            }));
+        } else if let Some(nonce) = self.enclave_call(|e| e.fastbft_rejoin_nonce()) {
+            out.send(self.primary_id(), Message::RejoinRequest(nonce));
+        }
+        if !self.stall_armed {
+            self.stall_armed = true;
+            out.set_timer(Timer::Stall, self.options.base.status_interval);
+        }
+    }
+
+    /// The primary: a restarted replica asks for a position to rejoin at. The
+    /// position (a certificate over its nonce) is a position of the stream every
+    /// replica takes; the replica gets the log up to it.
+    pub(super) fn on_rejoin_request(&mut self, from: ReplicaId, nonce: Digest, out: &mut Out) {
+        let Some(key) = self.enclave_keys.get(from.index()).copied() else {
+            return;
+        };
+        if from == self.id || self.log.is_full() {
+            return;
+        }
+        let checkpoint = self.stream.checkpoint;
+        let Some(state) = self.primary.as_mut() else {
+            return;
+        };
+        if !state.rejoins.served.insert(from) {
+            return;
+        }
+        let first_served = state.rejoins.served.len() == 1;
+        let previous = state.rejoins.given.get(&from).cloned();
+        let log_start =
+            crate::view_log::start_of(self.view, self.stable.as_ref()).unwrap_or((0, 0));
+        // The tree sent along is the current epoch's: the position must be in it.
+        let current_epoch = self.epoch.as_ref().map(|e| e.config.epoch);
+        let entry = match previous {
+            // The same request again (the answer was lost), while the log still
+            // reaches back to the position given and its epoch goes on.
+            Some((entry, _, _))
+                if entry.nonce == nonce
+                    && crate::message::position(&entry.cert) > log_start
+                    && Some(entry.cert.view) == current_epoch =>
+            {
+                entry
+            }
+            Some((_, at, count)) if at == checkpoint && count >= REJOINS_PER_CHECKPOINT => return,
+            _ => {
+                let digest = diffuse_tee::rejoin_digest(&key, &nonce);
+                let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
+                    return;
+                };
+                let entry = crate::view_log::RejoinEntry {
+                    replica: from,
+                    nonce,
+                    cert,
+                };
+                let count = match previous {
+                    Some((_, at, count)) if at == checkpoint => count + 1,
+                    _ => 1,
+                };
+                self.primary_issued_rejoin(entry.clone(), checkpoint, count, out);
+                entry
+            }
+        };
+        if first_served {
+            out.set_timer(Timer::RejoinServed, self.options.base.status_interval);
+        }
+        self.send_rejoin_state(from, &entry, out);
+    }
+
+    /// Sends a rejoining replica the log up to its rejoin position.
+    fn send_rejoin_state(
+        &mut self,
+        to: ReplicaId,
+        entry: &crate::view_log::RejoinEntry,
+        out: &mut Out,
+    ) {
+        let Some(config) = self.epoch.as_ref().map(|e| e.config.clone()) else {
+            return;
+        };
+        let mut log = self.log.to_view_log(self.view, self.stable.as_ref());
+        let end = crate::message::position(&entry.cert);
+        let kept: Vec<crate::view_log::LogEntry> = log
+            .entries
+            .iter()
+            .filter(|e| crate::message::position(e.cert()) <= end)
+            .cloned()
+            .collect();
+        log.entries = diffuse_core::codec::BoundedVec::truncating(kept);
+        let stable = super::stable_seq(self.stable.as_ref());
+        let updates = self.primary_updates_above(stable);
+        out.send(
+            to,
+            Message::RejoinState(Box::new(crate::message::RejoinState {
+                log,
+                config,
+                updates: diffuse_core::codec::BoundedVec::truncating(updates),
+            })),
+        );
+    }
+
+    /// A backup takes a rejoin position: only what the primary's certificate binds.
+    pub(super) fn step_rejoined(&mut self, entry: crate::view_log::RejoinEntry, out: &mut Out) {
+        let logged = crate::view_log::LogEntry::Rejoin(entry);
+        if !logged.binds(&self.enclave_keys) {
+            return self.primary_misbehaved("bad-rejoin", out);
+        }
+        if !self.follow(logged.cert()) {
+            return self.primary_misbehaved("bad-rejoin", out);
+        }
+        self.log.record(logged);
+    }
+
+    /// The rejoining replica: the primary's log up to its rejoin position. Checked
+    /// like a VIEW-CHANGE's, then the enclave takes the position, and the replica
+    /// takes the log as its own, the stream's state from replaying it, the tree,
+    /// the stable checkpoint (and its state by transfer) and the replied batches.
+    pub(super) fn on_rejoin_state(
+        &mut self,
+        from: ReplicaId,
+        state: crate::message::RejoinState,
+        out: &mut Out,
+    ) {
+        if !self.rejoin.log_lost || self.rejoin.locked {
+            return;
+        }
+        let Some(nonce) = self.enclave_call(|e| e.fastbft_rejoin_nonce()) else {
+            return;
+        };
+        let log = state.log;
+        let view = log.view;
+        let Some(crate::view_log::LogEntry::Rejoin(entry)) = log.entries.last().cloned() else {
+            return out.fault(from, "bad-rejoin-state");
+        };
+        let end = crate::message::position(&entry.cert);
+        let rules = self.rules();
+        if from != crate::checkpoint::primary_of(view, self.n)
+            || entry.replica != self.id
+            || entry.nonce != nonce
+            || diffuse_tee::view_of_epoch(end.0) != view
+            || view < self.view
+            || crate::view_log::check_log(&log, end, &rules).is_err()
+        {
+            return out.fault(from, "bad-rejoin-state");
+        }
+        let (stream, batches) = crate::view_log::replay(&log, &rules);
+        let Some(primary) = crate::checkpoint::primary_key(&self.enclave_keys, view) else {
+            return;
+        };
+        self.view = view;
+        let tree = match self.check_config(&state.config) {
+            Some(tree) if state.config.epoch == end.0 => tree,
+            _ => return out.fault(from, "bad-rejoin-state"),
+        };
+        if self
+            .enclave_call(|e| e.rejoin_at(&primary, &entry.cert))
+            .is_err()
+        {
+            return;
+        }
+        // Rejoined: from here on a passive replica of the view.
+        self.vc.target = None;
+        self.rejoin.log_lost = false;
+        self.epoch = Some(super::Epoch {
+            config: state.config,
+            tree,
+        });
+        self.stream = stream;
+        let checkpoint = log.checkpoint.clone().or_else(|| {
+            log.base
+                .as_ref()
+                .and_then(|b| b.decision.checkpoint.clone())
+        });
+        self.persist_base(log.base.as_ref());
+        self.log.replace(super::log::PositionLog::recovered(log));
+        self.persist_tree();
+        self.held = self.held.split_off(&(end.0, end.1.saturating_add(1)));
+        self.fetched_at = None;
+        out.observe(diffuse_core::protocol::Observation::ViewInstalled {
+            view: diffuse_core::ids::View(view),
+        });
+        if let Some(proof) = checkpoint {
+            self.adopt_stable(proof, out);
+        }
+        // The batches its stream fixed, for the COMMITs still to come.
+        for (seq, batch) in batches {
+            self.remember_batch(seq, batch);
+        }
+        for update in state.updates.into_inner() {
+            if self.update_is_valid(&update) {
+                self.add_commit(
+                    update.seq,
+                    update.batch,
+                    update.results_root,
+                    update.state,
+                    out,
+                );
+            }
+        }
         self.drain(out);
     }
 }

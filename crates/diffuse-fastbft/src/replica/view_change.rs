@@ -265,8 +265,13 @@ impl FastBftReplica {
             .filter(|v| *v > self.view)
             .collect();
         views.sort_unstable_by(|a, b| b.cmp(a));
-        let Some(&agreed) = views.get(self.f) else {
-            return;
+        // The primary asking to be replaced (it restarted, and cannot rejoin its
+        // own view) is enough: a faulty primary can stop the view anyway.
+        let primary_asks = from == self.primary_id() && from != self.id && view == self.view + 1;
+        let agreed = match views.get(self.f) {
+            Some(&agreed) => agreed,
+            None if primary_asks => view,
+            None => return,
         };
         if self.vc.target.is_none_or(|t| agreed > t) {
             self.start_view_change(agreed, out);
@@ -289,7 +294,7 @@ impl FastBftReplica {
     /// Leaves the view for `target`: the enclave certifies this replica's position
     /// and log, and the VIEW-CHANGE goes to the new primary. A replica whose log
     /// a restart lost waits for the view without a VIEW-CHANGE.
-    fn start_view_change(&mut self, target: u64, out: &mut Out) {
+    pub(super) fn start_view_change(&mut self, target: u64, out: &mut Out) {
         if self.rejoin.log_lost {
             if self.vc.target.is_none_or(|t| t < target) && !self.rejoin.locked {
                 self.vc.target = Some(target);
@@ -587,6 +592,7 @@ impl FastBftReplica {
         let view = header.view;
         self.view = view;
         self.rejoin.log_lost = false;
+        self.rejoin.replace_me = false;
         self.vc.target = None;
         self.vc.pending = None;
         self.vc.received.retain(|_, vc| vc.cert.target > view);
@@ -611,7 +617,9 @@ impl FastBftReplica {
         self.package_waits = 0;
         self.batches.clear();
         let checkpoint = header.decision.checkpoint.clone();
-        self.log = super::log::PositionLog::entered(header);
+        self.persist_base(Some(&header));
+        self.log.replace(super::log::PositionLog::entered(header));
+        self.persist_tree();
         out.observe(Observation::ViewInstalled { view: View(view) });
         if let Some(proof) = checkpoint {
             self.adopt_stable(proof, out);
@@ -625,13 +633,6 @@ impl FastBftReplica {
             .base()
             .map(|b| b.decision.entries().map(|(s, b)| (s, b.clone())).collect())
             .unwrap_or_default()
-    }
-}
-
-impl ViewChangeState {
-    /// Records that this replica asked for `view` already.
-    pub(crate) fn note_asked(&mut self, view: u64) {
-        self.asked = self.asked.max(view);
     }
 }
 

@@ -34,7 +34,8 @@ use std::sync::OnceLock;
 mod view_change;
 
 pub use view_change::{
-    TREE_BITS, ViewAccept, ViewChangeCertificate, first_epoch, new_view_id, view_of_epoch,
+    TREE_BITS, ViewAccept, ViewChangeCertificate, first_epoch, new_view_id, rejoin_digest,
+    view_of_epoch,
 };
 
 /// The widest fan-out of a share tree.
@@ -531,6 +532,23 @@ pub trait FastBftComponent: TrustedComponent {
     /// enters one.
     fn fastbft_leaving(&self) -> Option<u64>;
 
+    /// After a restart (or a REJOIN's reset): the nonce a primary's certificate
+    /// must bind ([`rejoin_digest`]) for [`Self::rejoin_at`].
+    fn fastbft_rejoin_nonce(&self) -> Option<Digest>;
+
+    /// Rejoins a view after a restart at the position of `certificate`: the
+    /// certificate of `primary` (another configured peer) over
+    /// [`rejoin_digest`]`(this enclave, its nonce)`, in the view it was out of or
+    /// a later one. The nonce is fresh since the restart, so that position comes
+    /// after every position of the view this enclave took before it: no share is
+    /// ever released twice and no log can hide one. The enclave is then a passive
+    /// replica of that epoch.
+    fn rejoin_at(
+        &mut self,
+        primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError>;
+
     /// VIEW-CHANGE: certifies this enclave's position `(c_latest, v)` with the
     /// digest of the host's `log` for view `target` (above the current view, and
     /// not below a view it left for already), and from then on takes no position of
@@ -576,9 +594,9 @@ pub trait FastBftComponent: TrustedComponent {
     ) -> Result<(), FastBftError>;
 }
 
-/// The FastBFT state of an enclave. Only the highest view it knows of is sealed
-/// (see `docs/tee.md`): a resumed enclave is out of that view and every earlier
-/// one ([`FastBftState::rejoined`]) until it enters a later view.
+/// The FastBFT state of an enclave, sealed whole at a scheduled shutdown
+/// ([`FastBftState::seal`]); after an unscheduled reboot the REJOIN's reset puts
+/// the enclave out of every view it may have been in ([`FastBftState::rejoined`]).
 #[derive(Default)]
 pub(crate) struct FastBftState {
     counter: u64,
@@ -588,6 +606,9 @@ pub(crate) struct FastBftState {
     leaving: Option<u64>,
     /// The highest view whose NEW-VIEW this enclave voted for.
     accepted: u64,
+    /// After a restart: the fresh value a primary's certificate must bind for this
+    /// enclave to rejoin its view ([`FastBftComponent::rejoin_at`]).
+    rejoin_nonce: Option<Digest>,
 }
 
 impl FastBftState {
@@ -597,20 +618,62 @@ impl FastBftState {
         view_of_epoch(self.view).max(self.accepted)
     }
 
-    /// What is sealed: `None` for an enclave that never took part in FastBFT (it
-    /// resumes at genesis), else [`FastBftState::known_view`].
-    pub(crate) fn sealed_view(&self) -> Option<u64> {
-        let untouched = self.counter == 0
-            && self.view == 0
-            && matches!(self.role, Role::None)
-            && self.leaving.is_none()
-            && self.accepted == 0;
-        (!untouched).then(|| self.known_view())
+    /// The whole state, as a scheduled shutdown seals it: the sealed state is
+    /// exact (the rollback protection refuses a stale one), so the enclave resumes
+    /// where it stopped, role and view keys included, and never certifies,
+    /// releases or steps over a position twice.
+    pub(crate) fn seal(&self) -> SealedFastBft {
+        let role = match &self.role {
+            Role::None => SealedRole::None,
+            Role::Primary {
+                actives,
+                tree,
+                prepared,
+            } => SealedRole::Primary {
+                actives: actives.clone(),
+                tree: *tree,
+                prepared: *prepared,
+            },
+            Role::Active { primary, view_key } => SealedRole::Active {
+                primary: *primary,
+                view_key: *view_key,
+            },
+            Role::Passive { primary } => SealedRole::Passive { primary: *primary },
+        };
+        SealedFastBft {
+            counter: self.counter,
+            view: self.view,
+            role,
+            leaving: self.leaving,
+            accepted: self.accepted,
+            rejoin_nonce: self.rejoin_nonce,
+        }
     }
 
-    /// The state resumed from [`FastBftState::sealed_view`].
-    pub(crate) fn resumed(sealed: Option<u64>) -> FastBftState {
-        sealed.map_or_else(FastBftState::default, FastBftState::rejoined)
+    /// The state [`FastBftState::seal`] sealed.
+    pub(crate) fn unsealed(sealed: SealedFastBft) -> FastBftState {
+        let role = match sealed.role {
+            SealedRole::None => Role::None,
+            SealedRole::Primary {
+                actives,
+                tree,
+                prepared,
+            } => Role::Primary {
+                actives,
+                tree,
+                prepared,
+            },
+            SealedRole::Active { primary, view_key } => Role::Active { primary, view_key },
+            SealedRole::Passive { primary } => Role::Passive { primary },
+        };
+        FastBftState {
+            counter: sealed.counter,
+            view: sealed.view,
+            role,
+            leaving: sealed.leaving,
+            accepted: sealed.accepted,
+            rejoin_nonce: sealed.rejoin_nonce,
+        }
     }
 
     /// The state after a restart, once the highest view the enclave may have
@@ -620,7 +683,7 @@ impl FastBftState {
     /// enters a later view by its NEW-VIEW. (Resuming within `view` would need a
     /// position above every share it released before the restart, which nothing
     /// it can be shown bounds.)
-    pub(crate) fn rejoined(view: u64) -> FastBftState {
+    pub(crate) fn rejoined(view: u64, nonce: [u8; 32]) -> FastBftState {
         let last_epoch = first_epoch(view).map_or(u64::MAX, |e| e | u64::from(u32::MAX));
         FastBftState {
             counter: 0,
@@ -628,8 +691,44 @@ impl FastBftState {
             role: Role::None,
             leaving: Some(view.saturating_add(1)),
             accepted: view,
+            rejoin_nonce: Some(Digest(nonce)),
         }
     }
+}
+
+/// [`FastBftState`] as sealed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SealedFastBft {
+    counter: u64,
+    view: u64,
+    role: SealedRole,
+    leaving: Option<u64>,
+    accepted: u64,
+    rejoin_nonce: Option<Digest>,
+}
+
+impl Default for SealedFastBft {
+    fn default() -> Self {
+        FastBftState::default().seal()
+    }
+}
+
+/// [`Role`] as sealed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum SealedRole {
+    None,
+    Primary {
+        actives: Vec<(PublicKey, [u8; 32])>,
+        tree: Tree,
+        prepared: u64,
+    },
+    Active {
+        primary: PublicKey,
+        view_key: [u8; 32],
+    },
+    Passive {
+        primary: PublicKey,
+    },
 }
 
 #[derive(Default)]
@@ -993,6 +1092,7 @@ impl FastBftComponent for SoftwareEnclave {
             role,
             leaving: None,
             accepted: self.fastbft.accepted,
+            rejoin_nonce: None,
         };
         Ok(wrapped)
     }
@@ -1024,6 +1124,7 @@ impl FastBftComponent for SoftwareEnclave {
             role,
             leaving: None,
             accepted: self.fastbft.accepted,
+            rejoin_nonce: None,
         };
         Ok(())
     }
@@ -1179,6 +1280,18 @@ impl FastBftComponent for SoftwareEnclave {
         self.fastbft.leaving
     }
 
+    fn fastbft_rejoin_nonce(&self) -> Option<Digest> {
+        self.fastbft.rejoin_nonce.filter(|_| !self.is_locked())
+    }
+
+    fn rejoin_at(
+        &mut self,
+        primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError> {
+        view_change::rejoin_at(self, primary, certificate)
+    }
+
     fn leave_view(
         &mut self,
         target: u64,
@@ -1245,6 +1358,7 @@ mod tests {
             },
             leaving: None,
             accepted: 0,
+            rejoin_nonce: None,
         };
         enclave
     }

@@ -119,6 +119,51 @@ impl SoftwareEnclave {
     }
 }
 
+/// What a primary certifies for a restarted replica's enclave `replica` with
+/// nonce `nonce` to rejoin its view.
+pub fn rejoin_digest(replica: &PublicKey, nonce: &Digest) -> Digest {
+    Digest::of_value("diffuse/tee/fastbft/rejoin", &(replica.to_bytes(), nonce))
+}
+
+pub(super) fn rejoin_at(
+    enclave: &mut SoftwareEnclave,
+    primary: &PublicKey,
+    certificate: &Signed<super::CounterCertificate>,
+) -> Result<(), FastBftError> {
+    enclave.fastbft_unlocked()?;
+    let Some(nonce) = enclave.fastbft.rejoin_nonce else {
+        return Err(FastBftError::WrongRole("restarted"));
+    };
+    let (voters, _) = enclave.voters()?;
+    let me = enclave.public_key();
+    if !voters.contains(&primary.to_bytes()) || *primary == me {
+        return Err(FastBftError::Invalid(
+            "the primary is another configured peer",
+        ));
+    }
+    if !certificate.verify(primary) {
+        return Err(FastBftError::BadSignature);
+    }
+    let floor = enclave.fastbft.leaving.map_or(0, |t| t.saturating_sub(1));
+    if certificate.message != rejoin_digest(&me, &nonce)
+        || certificate.counter == 0
+        || view_of_epoch(certificate.view) < floor
+    {
+        return Err(FastBftError::Invalid(
+            "a rejoin certificate binds this enclave's nonce, in its view or a later one",
+        ));
+    }
+    enclave.fastbft = FastBftState {
+        counter: certificate.counter,
+        view: certificate.view,
+        role: super::Role::Passive { primary: *primary },
+        leaving: None,
+        accepted: enclave.fastbft.accepted,
+        rejoin_nonce: None,
+    };
+    Ok(())
+}
+
 pub(super) fn leave_view(
     enclave: &mut SoftwareEnclave,
     target: u64,
@@ -130,6 +175,7 @@ pub(super) fn leave_view(
     }
     enclave.check_view_ahead(target)?;
     enclave.fastbft.leaving = Some(target);
+    enclave.fastbft.rejoin_nonce = None;
     Ok(Signed::sign(
         ViewChangeCertificate {
             log: *log,
@@ -159,6 +205,7 @@ pub(super) fn start_view(
         role: role.0,
         leaving: None,
         accepted: enclave.fastbft.accepted.max(view),
+        rejoin_nonce: None,
     };
     let certificate = Signed::sign(
         super::CounterCertificate {
@@ -254,6 +301,7 @@ pub(super) fn enter_view(
             .fastbft
             .accepted
             .max(view_of_epoch(certificate.view)),
+        rejoin_nonce: None,
     };
     Ok(())
 }
