@@ -9,16 +9,16 @@
 //!
 //! Three rules make the view change safe with `n = 2f + 1`:
 //!
-//! * **Leaving freezes.** [`FastBftComponent::leave_view`] certifies the replica's
+//! * **Leaving freezes.** [`crate::fastbft::FastBftComponent::leave_view`] certifies the replica's
 //!   position together with the digest of its log, and from then on the enclave
 //!   takes no position of its view: no share, no step. Every VIEW-CHANGE is
 //!   therefore the whole truth up to a position the enclave vouches for.
-//! * **One NEW-VIEW per view.** [`FastBftComponent::start_view`] moves the new
+//! * **One NEW-VIEW per view.** [`crate::fastbft::FastBftComponent::start_view`] moves the new
 //!   primary's enclave to the view's first epoch and certifies the NEW-VIEW there,
 //!   at counter value 0 (no other certificate ever takes counter value 0); it never
 //!   starts that view, or a lower one, again.
-//! * **A checked NEW-VIEW.** [`FastBftComponent::accept_view`] is a replica's vote
-//!   that it checked a NEW-VIEW; [`FastBftComponent::enter_view`] enters the view
+//! * **A checked NEW-VIEW.** [`crate::fastbft::FastBftComponent::accept_view`] is a replica's vote
+//!   that it checked a NEW-VIEW; [`crate::fastbft::FastBftComponent::enter_view`] enters the view
 //!   only with votes from `f` distinct configured enclaves besides the new
 //!   primary's. Of those `f + 1`, one is correct, so the execution history of every
 //!   view an enclave is in was checked by a correct replica: a VIEW-CHANGE from
@@ -45,7 +45,7 @@ pub fn first_epoch(view: u64) -> Option<u64> {
 
 /// `⟨H(L), (c, e), v'⟩_σi`: a replica's enclave, at position `(c, e)`, leaves its
 /// view for view `target` with the log whose digest is `log`
-/// ([`FastBftComponent::leave_view`]).
+/// ([`crate::fastbft::FastBftComponent::leave_view`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewChangeCertificate {
     /// The digest of the sender's log.
@@ -63,7 +63,7 @@ impl Signable for ViewChangeCertificate {
 }
 
 /// A replica's enclave vouches that its host checked the NEW-VIEW `new_view`
-/// ([`new_view_id`]) of the view starting at `epoch` ([`FastBftComponent::accept_view`]).
+/// ([`new_view_id`]) of the view starting at `epoch` ([`crate::fastbft::FastBftComponent::accept_view`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ViewAccept {
     /// [`new_view_id`] of the NEW-VIEW's certificate.
