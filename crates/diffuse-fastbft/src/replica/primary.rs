@@ -822,6 +822,12 @@ impl FastBftReplica {
             }
             return;
         }
+        let asked = (fetch.epoch, fetch.counter);
+        let oldest = self.state().log.first_key_value().map(|(at, _)| *at);
+        if oldest.is_some_and(|oldest| asked < oldest) {
+            // Too far behind to catch up position by position: the log itself.
+            return self.send_catch_up(replica, out);
+        }
         let state = self.state();
         let mut sent_updates = BTreeSet::new();
         let mut answers = Vec::new();

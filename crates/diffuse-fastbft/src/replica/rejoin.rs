@@ -261,6 +261,35 @@ impl FastBftReplica {
         self.send_rejoin_state(from, &entry, out);
     }
 
+    /// The primary: a replica fetches positions older than this primary keeps
+    /// for FETCH answers. It gets the log (up to the primary's position) and jumps
+    /// there (`on_rejoin_state`); once per replica and status interval.
+    pub(super) fn send_catch_up(&mut self, to: ReplicaId, out: &mut Out) {
+        let Some(state) = self.primary.as_mut() else {
+            return;
+        };
+        if !state.rejoins.served.insert(to) {
+            return;
+        }
+        if state.rejoins.served.len() == 1 {
+            out.set_timer(Timer::RejoinServed, self.options.base.status_interval);
+        }
+        let Some(config) = self.epoch.as_ref().map(|e| e.config.clone()) else {
+            return;
+        };
+        let log = self.log.to_view_log(self.view, self.stable.as_ref());
+        let stable = super::stable_seq(self.stable.as_ref());
+        let updates = self.primary_updates_above(stable);
+        out.send(
+            to,
+            Message::RejoinState(Box::new(crate::message::RejoinState {
+                log,
+                config,
+                updates: diffuse_core::codec::BoundedVec::truncating(updates),
+            })),
+        );
+    }
+
     /// Sends a rejoining replica the log up to its rejoin position.
     fn send_rejoin_state(
         &mut self,
@@ -304,60 +333,99 @@ impl FastBftReplica {
         self.log.record(logged);
     }
 
-    /// The rejoining replica: the primary's log up to its rejoin position. Checked
-    /// like a VIEW-CHANGE's, then the enclave takes the position, and the replica
-    /// takes the log as its own, the stream's state from replaying it, the tree,
-    /// the stable checkpoint (and its state by transfer) and the replied batches.
+    /// The primary's log, for a rejoining replica (ending at its rejoin position)
+    /// or for one too far behind to catch up position by position (ending at the
+    /// primary's position). Checked like a VIEW-CHANGE's; then the enclave jumps
+    /// to its end (`rejoin_at` over the replica's nonce, or `follow_to`), and the
+    /// replica takes the log as its own, the stream's state from replaying it, the
+    /// tree, the stable checkpoint (its state by transfer) and the replied batches.
     pub(super) fn on_rejoin_state(
         &mut self,
         from: ReplicaId,
         state: crate::message::RejoinState,
         out: &mut Out,
     ) {
-        if !self.rejoin.log_lost || self.rejoin.locked {
+        if self.rejoin.locked {
             return;
         }
-        let Some(nonce) = self.enclave_call(|e| e.fastbft_rejoin_nonce()) else {
-            return;
-        };
         let log = state.log;
         let view = log.view;
-        let Some(crate::view_log::LogEntry::Rejoin(entry)) = log.entries.last().cloned() else {
-            return out.fault(from, "bad-rejoin-state");
-        };
-        let end = crate::message::position(&entry.cert);
         let rules = self.rules();
+        let nonce = self.enclave_call(|e| e.fastbft_rejoin_nonce());
+        let Some(last) = log.entries.last().cloned() else {
+            return;
+        };
+        let rejoin = match &last {
+            crate::view_log::LogEntry::Rejoin(entry)
+                if self.rejoin.log_lost
+                    && Some(entry.nonce) == nonce
+                    && entry.replica == self.id =>
+            {
+                true
+            }
+            _ if !self.rejoin.log_lost && self.in_view() && view == self.view => false,
+            _ => return,
+        };
+        // Where the log reaches, and (after a final NEW-TREE) the position before.
+        let last_position = crate::message::position(last.cert());
+        let (end, final_tree) = match &last {
+            crate::view_log::LogEntry::NewTree(tree) => {
+                ((last_position.0.saturating_add(1), 0), Some(tree.clone()))
+            }
+            _ => (last_position, None),
+        };
         if from != crate::checkpoint::primary_of(view, self.n)
-            || entry.replica != self.id
-            || entry.nonce != nonce
-            || diffuse_tee::view_of_epoch(end.0) != view
+            || diffuse_tee::view_of_epoch(last_position.0) != view
             || view < self.view
+            || (!rejoin && end <= self.next_position())
             || crate::view_log::check_log(&log, end, &rules).is_err()
         {
-            return out.fault(from, "bad-rejoin-state");
+            if rejoin {
+                out.fault(from, "bad-rejoin-state");
+            }
+            return;
         }
         let (stream, batches) = crate::view_log::replay(&log, &rules);
         let Some(primary) = crate::checkpoint::primary_key(&self.enclave_keys, view) else {
             return;
         };
         self.view = view;
-        let tree = match self.check_config(&state.config) {
-            Some(tree) if state.config.epoch == end.0 => tree,
+        let config = final_tree
+            .as_ref()
+            .map_or(state.config, |t| t.config.clone());
+        let tree = match self.check_config(&config) {
+            Some(tree) if config.epoch == end.0 => tree,
             _ => return out.fault(from, "bad-rejoin-state"),
         };
-        if self
-            .enclave_call(|e| e.rejoin_at(&primary, &entry.cert))
-            .is_err()
-        {
+        let jumped = if rejoin {
+            self.enclave_call(|e| e.rejoin_at(&primary, last.cert()))
+        } else {
+            // To the position before a final NEW-TREE, then through it (passive).
+            let target = match &final_tree {
+                Some(_) => log.entries.iter().rev().nth(1).map(|e| e.cert().clone()),
+                None => Some(last.cert().clone()),
+            };
+            match target {
+                Some(target) => self.enclave_call(|e| {
+                    e.follow_to(&primary, &target)?;
+                    match &final_tree {
+                        Some(tree) => e.update_view(&primary, &tree.cert, None),
+                        None => Ok(()),
+                    }
+                }),
+                None => return,
+            }
+        };
+        if jumped.is_err() {
             return;
         }
-        // Rejoined: from here on a passive replica of the view.
+        // From here on a passive replica of the view, at the log's end.
         self.vc.target = None;
         self.rejoin.log_lost = false;
-        self.epoch = Some(super::Epoch {
-            config: state.config,
-            tree,
-        });
+        for (at, _) in std::mem::take(&mut self.rounds) {
+            out.cancel_timer(Timer::Round(at.0, at.1));
+        }
+        self.epoch = Some(super::Epoch { config, tree });
         self.stream = stream;
         let checkpoint = log.checkpoint.clone().or_else(|| {
             log.base
@@ -368,10 +436,13 @@ impl FastBftReplica {
         self.log.replace(super::log::PositionLog::recovered(log));
         self.persist_tree();
         self.held = self.held.split_off(&(end.0, end.1.saturating_add(1)));
+        self.packages = self.packages.split_off(&(end.0, end.1.saturating_add(1)));
         self.fetched_at = None;
-        out.observe(diffuse_core::protocol::Observation::ViewInstalled {
-            view: diffuse_core::ids::View(view),
-        });
+        if rejoin {
+            out.observe(diffuse_core::protocol::Observation::ViewInstalled {
+                view: diffuse_core::ids::View(view),
+            });
+        }
         if let Some(proof) = checkpoint {
             self.adopt_stable(proof, out);
         }

@@ -549,6 +549,18 @@ pub trait FastBftComponent: TrustedComponent {
         certificate: &Signed<CounterCertificate>,
     ) -> Result<(), FastBftError>;
 
+    /// A backup far behind its primary jumps forward to the position of
+    /// `certificate` (its primary's, later in the same view), without taking the
+    /// positions in between; passive from there if the epoch changed. Safe: it
+    /// releases nothing for the positions it skips, and a VIEW-CHANGE of it must
+    /// still list every position from its log's start (its host takes that log from
+    /// the primary), so it can hide nothing it did before the jump.
+    fn follow_to(
+        &mut self,
+        primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError>;
+
     /// VIEW-CHANGE: certifies this enclave's position `(c_latest, v)` with the
     /// digest of the host's `log` for view `target` (above the current view, and
     /// not below a view it left for already), and from then on takes no position of
@@ -1290,6 +1302,40 @@ impl FastBftComponent for SoftwareEnclave {
         certificate: &Signed<CounterCertificate>,
     ) -> Result<(), FastBftError> {
         view_change::rejoin_at(self, primary, certificate)
+    }
+
+    fn follow_to(
+        &mut self,
+        primary: &PublicKey,
+        certificate: &Signed<CounterCertificate>,
+    ) -> Result<(), FastBftError> {
+        self.fastbft_in_view()?;
+        let role_primary = match &self.fastbft.role {
+            Role::Active { primary, .. } | Role::Passive { primary } => *primary,
+            Role::None | Role::Primary { .. } => {
+                return Err(FastBftError::WrongRole("a backup"));
+            }
+        };
+        if role_primary != *primary {
+            return Err(FastBftError::Invalid(
+                "the certificate is the epoch's primary's",
+            ));
+        }
+        if !certificate.verify(primary) {
+            return Err(FastBftError::BadSignature);
+        }
+        let (epoch, counter) = (self.fastbft.view, self.fastbft.counter);
+        if view_of_epoch(certificate.view) != view_of_epoch(epoch)
+            || (certificate.view, certificate.counter) <= (epoch, counter)
+        {
+            return Err(FastBftError::Invalid("a later position of the same view"));
+        }
+        if certificate.view != epoch {
+            self.fastbft.role = Role::Passive { primary: *primary };
+        }
+        self.fastbft.view = certificate.view;
+        self.fastbft.counter = certificate.counter;
+        Ok(())
     }
 
     fn leave_view(
