@@ -393,3 +393,43 @@ fn a_rebooted_enclave_rejoins_at_a_certified_position_over_its_nonce() {
     enclaves[3].leave_view(1, &digest("log")).unwrap();
     assert_eq!(enclaves[3].fastbft_rejoin_nonce(), None);
 }
+
+/// A backup far behind jumps forward to a later position of its primary in the
+/// same view, never backwards, never to another view or another primary's
+/// certificate; past an epoch it is passive.
+#[test]
+fn a_backup_far_behind_follows_to_a_later_position_of_its_view_only() {
+    let mut enclaves = cluster(5);
+    let keys = public_keys(&enclaves);
+    let prepared = enclaves[0].preprocessing(3).unwrap();
+    let first = enclaves[0].request_counter(&digest("1")).unwrap();
+    enclaves[0].request_counter(&digest("2")).unwrap();
+    let third = enclaves[0].request_counter(&digest("3")).unwrap();
+    // Replica 1 (active) jumps over the first two positions to the third.
+    enclaves[1].follow_to(&keys[0], &third).unwrap();
+    assert_eq!(enclaves[1].fastbft_counter(), (third.counter, third.view));
+    assert!(enclaves[1].follow_to(&keys[0], &first).is_err(), "never backwards");
+    assert!(
+        enclaves[1]
+            .verify_counter(&first, &prepared[0].packages[0])
+            .is_err(),
+        "no share for a position it skipped"
+    );
+    // Not with another replica's certificate.
+    let rogue = Signed::sign(third.value, &diffuse_core::crypto::SecretKey::from_seed([3; 32]));
+    assert!(enclaves[2].follow_to(&keys[0], &rogue).is_err());
+    // Past a NEW-TREE: the primary's next epoch.
+    let tree = enclaves[0].request_counter(&digest("tree")).unwrap();
+    enclaves[0]
+        .be_primary(&keys[1..3], Tree::balanced(2, 2).unwrap())
+        .unwrap();
+    let later = enclaves[0].request_counter(&digest("later")).unwrap();
+    assert!(later.view > tree.view);
+    enclaves[3].follow_to(&keys[0], &later).unwrap();
+    assert_eq!(enclaves[3].fastbft_counter(), (later.counter, later.view));
+    // Another view's certificate is not followed to.
+    let (cert, _, _) = start(&mut enclaves, 1, 1);
+    let next_view = enclaves[1].request_counter(&digest("v1")).unwrap();
+    assert_eq!(view_of_epoch(cert.view), 1);
+    assert!(enclaves[4].follow_to(&keys[1], &next_view).is_err());
+}
