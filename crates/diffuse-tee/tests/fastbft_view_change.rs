@@ -408,7 +408,10 @@ fn a_backup_far_behind_follows_to_a_later_position_of_its_view_only() {
     // Replica 1 (active) jumps over the first two positions to the third.
     enclaves[1].follow_to(&keys[0], &third).unwrap();
     assert_eq!(enclaves[1].fastbft_counter(), (third.counter, third.view));
-    assert!(enclaves[1].follow_to(&keys[0], &first).is_err(), "never backwards");
+    assert!(
+        enclaves[1].follow_to(&keys[0], &first).is_err(),
+        "never backwards"
+    );
     assert!(
         enclaves[1]
             .verify_counter(&first, &prepared[0].packages[0])
@@ -416,7 +419,10 @@ fn a_backup_far_behind_follows_to_a_later_position_of_its_view_only() {
         "no share for a position it skipped"
     );
     // Not with another replica's certificate.
-    let rogue = Signed::sign(third.value, &diffuse_core::crypto::SecretKey::from_seed([3; 32]));
+    let rogue = Signed::sign(
+        third.value,
+        &diffuse_core::crypto::SecretKey::from_seed([3; 32]),
+    );
     assert!(enclaves[2].follow_to(&keys[0], &rogue).is_err());
     // Past a NEW-TREE: the primary's next epoch.
     let tree = enclaves[0].request_counter(&digest("tree")).unwrap();

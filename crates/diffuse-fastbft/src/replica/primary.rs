@@ -241,11 +241,13 @@ impl FastBftReplica {
         }
     }
 
-    /// Forgets the batches at or below the stream's checkpoint: their replies did
-    /// not open, but the checkpoint covers them, and no COMMIT for them counts any
-    /// more. Their clients retransmit and get the cached result in a new batch.
+    /// Forgets the batches at or below the stable checkpoint: their replies did not
+    /// open, but the checkpoint covers them (a replica that took its state by
+    /// transfer could not check their COMMITs). Their clients retransmit and get
+    /// the cached result in a new batch.
     fn prune_in_flight(&mut self) {
-        let keep = self.stream.checkpoint.next();
+        let stable = super::stable_seq(self.stable.as_ref());
+        let keep = self.stream.checkpoint.max(stable).next();
         let state = self.state();
         state.in_flight = state.in_flight.split_off(&keep);
         state.preparing = state.preparing.split_off(&keep);
@@ -666,6 +668,7 @@ impl FastBftReplica {
                 self.state().proof_to_carry = Some(proof.clone());
             }
             self.adopt_stable(proof, out);
+            self.prune_in_flight();
         }
         let carried_digest = flight.carried.as_ref().map(|p| p.digest());
         let actives: BTreeSet<ReplicaId> = self
