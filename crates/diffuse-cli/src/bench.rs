@@ -74,6 +74,10 @@ pub struct BenchArgs {
     /// secret for --n replicas (default 201), f + 1 of them active.
     #[arg(long, conflicts_with_all = ["compare", "sweep", "history"])]
     preprocessing: bool,
+    /// With --preprocessing: the fallback's Shamir preprocessing (every backup
+    /// gets a share of a degree-f polynomial) instead of the tree's XOR shares.
+    #[arg(long, requires = "preprocessing")]
+    fallback: bool,
 }
 
 /// Parses `KEY=VALUE` pairs into an `[options]` table (integers, booleans, or text).
@@ -255,7 +259,7 @@ pub(crate) async fn measure(
 
 pub fn run(args: BenchArgs) -> ExitCode {
     if args.preprocessing {
-        return crate::preprocessing::run(args.n.unwrap_or(201), args.json);
+        return crate::preprocessing::run(args.n.unwrap_or(201), args.fallback, args.json);
     }
     block_on(async {
         bench(args).await.unwrap_or_else(|error| {

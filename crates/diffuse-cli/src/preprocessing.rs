@@ -1,6 +1,7 @@
 //! `diffuse bench --preprocessing`: the CPU time of FastBFT's `preprocessing` in the
 //! software enclave, per secret, for `n` replicas (`f = (n - 1) / 2`, `f + 1` active
-//! replicas, one share and one encrypted package each).
+//! replicas, one share and one encrypted package each). With `--fallback`: the
+//! fallback's (every backup gets a Shamir share of a degree-`f` polynomial).
 
 use diffuse_core::crypto::SecretKey;
 use diffuse_tee::{FastBftComponent, Platform, SoftwareEnclave, SoftwarePlatform, Tree};
@@ -23,17 +24,25 @@ fn thread_cpu_ns() -> Option<u64> {
 }
 
 /// Runs the measurement and prints µs per secret (or one JSON object).
-pub fn run(n: usize, json: bool) -> ExitCode {
-    match measure(n) {
+pub fn run(n: usize, fallback: bool, json: bool) -> ExitCode {
+    match measure(n, fallback) {
         Ok(result) => {
             if json {
                 println!("{result}");
             } else {
                 let number = |key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+                let shape = if fallback {
+                    format!(
+                        "{} Shamir shares, threshold {}",
+                        result["active"],
+                        result["f"].as_u64().unwrap_or(0) + 1
+                    )
+                } else {
+                    format!("{} active replicas, fan-out {FAN_OUT}", result["active"])
+                };
                 println!(
-                    "FastBFT preprocessing, n = {n} ({} active replicas, fan-out {FAN_OUT}): \
+                    "FastBFT preprocessing, n = {n} ({shape}): \
                      {:.1} µs CPU per secret ({:.1} µs wall) over {} secrets",
-                    result["active"],
                     number("cpu_us_per_secret"),
                     number("wall_us_per_secret"),
                     result["secrets"]
@@ -48,7 +57,7 @@ pub fn run(n: usize, json: bool) -> ExitCode {
     }
 }
 
-fn measure(n: usize) -> Result<serde_json::Value, String> {
+fn measure(n: usize, fallback: bool) -> Result<serde_json::Value, String> {
     if !(3..=diffuse_tee::enclave::MAX_PEERS).contains(&n) {
         return Err(format!(
             "--n must be between 3 and {}",
@@ -56,7 +65,7 @@ fn measure(n: usize) -> Result<serde_json::Value, String> {
         ));
     }
     let f = (n - 1) / 2;
-    let active = f + 1;
+    let active = if fallback { n - 1 } else { f + 1 };
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| format!("no OS randomness: {e}"))?;
     let platform: Arc<dyn Platform> = Arc::new(SoftwarePlatform::new(seed));
@@ -68,10 +77,16 @@ fn measure(n: usize) -> Result<serde_json::Value, String> {
             SecretKey::from_seed(key).public()
         })
         .collect();
-    let tree = Tree::balanced(active, FAN_OUT).map_err(|e| e.to_string())?;
-    primary
-        .be_primary(&actives, tree)
-        .map_err(|e| e.to_string())?;
+    if fallback {
+        primary
+            .be_primary_threshold(&actives)
+            .map_err(|e| e.to_string())?;
+    } else {
+        let tree = Tree::balanced(active, FAN_OUT).map_err(|e| e.to_string())?;
+        primary
+            .be_primary(&actives, tree)
+            .map_err(|e| e.to_string())?;
+    }
     thread_cpu_ns().ok_or("cannot read /proc/thread-self/schedstat")?;
     let mut cpu = 0u64;
     let mut wall = 0f64;
@@ -95,7 +110,8 @@ fn measure(n: usize) -> Result<serde_json::Value, String> {
                 "n": n,
                 "f": f,
                 "active": active,
-                "fan_out": FAN_OUT,
+                "fallback": fallback,
+                "fan_out": if fallback { 0 } else { FAN_OUT },
                 "secrets": secrets,
                 "cpu_us_per_secret": cpu as f64 / 1e3 / secrets as f64,
                 "wall_us_per_secret": wall * 1e6 / secrets as f64,

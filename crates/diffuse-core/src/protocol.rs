@@ -141,6 +141,11 @@ pub enum Observation {
         /// The new view.
         view: View,
     },
+    /// The protocol switched modes (FastBFT's fallback and back).
+    ModeChanged {
+        /// The mode it is in now.
+        mode: &'static str,
+    },
     /// A peer sent something only a faulty node would send.
     Fault {
         /// The node to blame: always the authenticated sender.

@@ -9,9 +9,10 @@
 //! to the passive replicas, one verified REPLY per client), failure detection
 //! (per-child timers, SUSPECT, NEW-TREE with a passive replica in place of the
 //! accused and the accuser at a leaf, FETCH to catch up), stable checkpoints with
-//! state transfer, and the view change (REQ-VIEW-CHANGE, VIEW-CHANGE with the
+//! state transfer, the view change (REQ-VIEW-CHANGE, VIEW-CHANGE with the
 //! enclave-certified log, NEW-VIEW with a decision every replica recomputes, votes
-//! from the enclaves). Not built yet: the fallback, REJOIN, persistence.
+//! from the enclaves), durable state with recovery and REJOIN, and the fallback
+//! (Shamir aggregation, every backup active) after repeated failures.
 
 pub mod authentic;
 pub mod byzantine;
@@ -80,6 +81,7 @@ impl ProtocolSuite for FastBft {
             preprocess_ahead: 64,
             share_timeout: Duration::from_millis(200),
             failure_threshold: 16,
+            fallback_duration: Duration::from_secs(10),
             tee: TeeHost::simulated([0; 32]),
             mutant: None,
         }
@@ -92,6 +94,7 @@ impl ProtocolSuite for FastBft {
             "preprocess_ahead",
             "share_timeout_ms",
             "failure_threshold",
+            "fallback_duration_ms",
         ] {
             base_section.remove(key);
         }
@@ -111,6 +114,9 @@ impl ProtocolSuite for FastBft {
         if let Some(v) = positive(section, "failure_threshold")? {
             options.failure_threshold = v;
         }
+        if let Some(v) = positive(section, "fallback_duration_ms")? {
+            options.fallback_duration = Duration::from_millis(v);
+        }
         options.validate()?;
         Ok(options)
     }
@@ -128,7 +134,8 @@ impl ProtocolSuite for FastBft {
             fan_out: pick(entropy, &[1, 2, 3]) as usize,
             preprocess_ahead: pick(entropy, &[4, 16, 64]) as usize,
             share_timeout: Duration::from_millis(pick(entropy, &[40, 100])),
-            failure_threshold: 16,
+            failure_threshold: pick(entropy, &[4, 16]),
+            fallback_duration: Duration::from_millis(pick(entropy, &[500, 2000])),
             tee: TeeHost::simulated(seed),
             mutant: None,
         }

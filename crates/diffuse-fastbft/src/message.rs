@@ -109,6 +109,9 @@ pub struct TreeConfig {
     pub actives: BoundedVec<ReplicaId, MAX_REPLICAS>,
     /// Children per node.
     pub fan_out: u16,
+    /// The fallback (§4.5): every backup is active and holds a Shamir share, no
+    /// tree; the primary needs any `f` backups' shares with its own.
+    pub fallback: bool,
 }
 
 /// PREPARE: the batch at `seq`, bound to the next counter value.

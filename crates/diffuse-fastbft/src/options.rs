@@ -81,9 +81,12 @@ pub struct FastBftOptions {
     pub preprocess_ahead: usize,
     /// How long a parent waits for a child's aggregate, per level below the parent.
     pub share_timeout: Duration,
-    /// Detected failures (tree rebuilds) after which the fallback protocol would
-    /// start; the fallback is not built yet, so crossing it is only reported.
+    /// Detected failures (tree rebuilds) after which the primary switches to the
+    /// fallback protocol (§4.5).
     pub failure_threshold: u64,
+    /// How long the fallback lasts before the primary goes back to a tree of the
+    /// backups that answered in it.
+    pub fallback_duration: Duration,
     /// Where the enclaves come from.
     pub tee: TeeHost,
     /// A deliberate bug, for checker tests.

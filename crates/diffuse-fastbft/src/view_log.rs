@@ -546,6 +546,7 @@ pub fn check_new_view(nv: &NewView, rules: &Rules<'_>) -> Result<Decision, Inval
     let new_primary = crate::checkpoint::primary_of(nv.view, n);
     let mut seen = std::collections::BTreeSet::new();
     if nv.config.actives.len() != f
+        || nv.config.fallback
         || nv.keys.len() != f
         || nv.config.epoch != nv.cert.view
         || !nv

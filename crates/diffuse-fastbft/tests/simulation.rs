@@ -135,6 +135,38 @@ fn a_false_accuser_ends_at_a_leaf() {
     }
 }
 
+/// False accusers flooding SUSPECTs (§4.3, §4.5): the primary's detected failures
+/// reach the threshold, it switches to the fallback (every backup holds a Shamir
+/// share, any f with the primary's open a secret), and after the fallback's
+/// duration back to a tree of backups that answered; requests complete throughout.
+#[test]
+fn suspect_floods_end_in_the_fallback_and_back() {
+    let mut into = 0;
+    let mut back = 0;
+    for seed in 0..30 {
+        let report = run_traced(5, seed, mix("false-accuse"), None, true);
+        assert!(
+            report.violations.is_empty(),
+            "seed {seed}: {:?}",
+            report.violations
+        );
+        assert!(report.metrics.completed_ops > 0);
+        let changes: Vec<&String> = report
+            .trace
+            .iter()
+            .filter(|line| line.contains("ModeChanged"))
+            .collect();
+        if changes.iter().any(|l| l.contains("\"fallback\"")) {
+            into += 1;
+        }
+        if changes.iter().any(|l| l.contains("\"tree\"")) {
+            back += 1;
+        }
+    }
+    assert!(into > 0, "no flood reached the fallback");
+    assert!(back > 0, "no fallback ended");
+}
+
 /// Sweep seeds where five false accusers at n = 11 took turns at the inner
 /// positions of the tree: every accuser now goes to the leaves.
 #[test]

@@ -448,6 +448,9 @@ impl<S: ProtocolSuite> Driver<S> {
                 metrics.view.set(view.0 as i64);
                 tracing::info!(view = view.0, "view installed");
             }
+            Observation::ModeChanged { mode } => {
+                tracing::warn!(mode, "mode changed");
+            }
             Observation::Fault { culprit, kind } if culprit == self.id => {
                 tracing::error!(kind, "this replica stopped taking part");
             }

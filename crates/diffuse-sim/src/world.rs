@@ -619,7 +619,9 @@ impl<P: ProtocolSuite> Simulation<P> {
                     self.checks.false_accusation(replica, culprit, kind);
                 }
             }
-            Observation::ViewChangeStarted { .. } | Observation::StableCheckpoint { .. } => {}
+            Observation::ViewChangeStarted { .. }
+            | Observation::StableCheckpoint { .. }
+            | Observation::ModeChanged { .. } => {}
         }
     }
 

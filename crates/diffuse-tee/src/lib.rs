@@ -28,8 +28,9 @@ pub use enclave::{
 };
 pub use fastbft::{
     CounterCertificate, FastBftComponent, FastBftError, OpenedShare, Package, Preprocessed,
-    SecretCommitment, Share, Tree, ViewAccept, ViewChangeCertificate, WrappedViewKey,
-    aggregate_hash, first_epoch, new_view_id, rejoin_digest, secret_hash, view_of_epoch,
+    SecretCommitment, Share, THRESHOLD_PRIMARY_POINT, Tree, ViewAccept, ViewChangeCertificate,
+    WrappedViewKey, aggregate_hash, combine_threshold, first_epoch, new_view_id, rejoin_digest,
+    secret_hash, threshold_point, view_of_epoch,
 };
 pub use platform::{
     Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,

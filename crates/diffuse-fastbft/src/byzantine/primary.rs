@@ -141,6 +141,7 @@ impl BadNewView {
             epoch: first_epoch(view)?,
             actives: BoundedVec::truncating(actives.clone()),
             fan_out,
+            fallback: false,
         };
         let digest = new_view_digest(view, &config, &decision);
         let keys: Vec<PublicKey> = actives.iter().map(|r| enclave_keys[r.index()]).collect();

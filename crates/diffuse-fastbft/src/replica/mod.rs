@@ -71,6 +71,8 @@ pub enum Timer {
     Served,
     /// REJOIN reports may be sent again.
     RejoinServed,
+    /// The fallback started at this epoch has lasted `fallback_duration`.
+    FallbackEnd(u64),
 }
 
 pub(crate) type Out = Actions<Message, Timer>;
@@ -692,9 +694,12 @@ impl FastBftReplica {
     }
 
     /// The tree of `config`, if it is one a correct primary of this view sends.
+    /// In the fallback every backup is active and the tree is not used (every
+    /// backup answers the primary directly).
     fn check_config(&self, config: &TreeConfig) -> Option<Tree> {
         let mut seen = std::collections::BTreeSet::new();
-        let valid = config.actives.len() == self.f
+        let expected = if config.fallback { self.n - 1 } else { self.f };
+        let valid = config.actives.len() == expected
             && config
                 .actives
                 .iter()
@@ -702,7 +707,12 @@ impl FastBftReplica {
         if !valid {
             return None;
         }
-        Tree::balanced(config.actives.len(), usize::from(config.fan_out)).ok()
+        let fan_out = if config.fallback {
+            1
+        } else {
+            usize::from(config.fan_out)
+        };
+        Tree::balanced(config.actives.len(), fan_out).ok()
     }
 
     fn step_prepare(&mut self, mut prepare: Prepare, out: &mut Out) -> Step {
@@ -1149,6 +1159,7 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::ViewChange) => self.on_view_change_timer(&mut out),
             Input::Timer(Timer::Served) => self.on_served_timer(),
             Input::Timer(Timer::RejoinServed) => self.on_rejoin_served_timer(),
+            Input::Timer(Timer::FallbackEnd(epoch)) => self.on_fallback_end(epoch, &mut out),
         }
         self.flush_writes(&mut out);
         out

@@ -20,7 +20,7 @@ use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::{Digest, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
 use diffuse_pbft::message::{Batch, Request};
-use diffuse_tee::{FastBftComponent, Package, SecretCommitment, Tree};
+use diffuse_tee::{FastBftComponent, Package, SecretCommitment};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -55,6 +55,8 @@ impl std::fmt::Debug for Executed {
 struct Pooled {
     commitment: Signed<SecretCommitment>,
     root_hashes: Vec<Digest>,
+    /// The primary's own share, in a fallback epoch.
+    own_share: Option<diffuse_tee::Share>,
     /// `ϱ_c^i` per active replica, for FETCH answers.
     packages: Vec<Package>,
 }
@@ -86,6 +88,8 @@ pub(crate) struct PrimaryState {
     proof_to_carry: Option<CheckpointProof>,
     /// Rejoin positions given to restarted replicas.
     pub(crate) rejoins: super::rejoin::RejoinsGiven,
+    /// In the fallback: the backups whose shares came since it started.
+    pub(crate) responsive: BTreeSet<ReplicaId>,
 }
 
 impl PrimaryState {
@@ -114,7 +118,7 @@ impl FastBftReplica {
             passives,
             ..PrimaryState::default()
         });
-        self.install_tree(actives, out);
+        self.install_tree(actives, false, out);
     }
 
     /// The primary of a view just entered by its NEW-VIEW: PREPAREs the decided
@@ -168,15 +172,17 @@ impl FastBftReplica {
         self.propose(false, out);
     }
 
-    /// Ends the current epoch (or the genesis one) with a NEW-TREE for `actives`.
-    fn install_tree(&mut self, actives: Vec<ReplicaId>, out: &mut Out) {
+    /// Ends the current epoch (or the genesis one) with a NEW-TREE for `actives`
+    /// (in the fallback: every backup, no tree).
+    fn install_tree(&mut self, actives: Vec<ReplicaId>, fallback: bool, out: &mut Out) {
         let current = self.enclave_call(|e| e.fastbft_counter().1);
         let config = TreeConfig {
             epoch: current + 1,
             actives: BoundedVec::truncating(actives),
             fan_out: self.options.fan_out as u16,
+            fallback,
         };
-        let Ok(tree) = Tree::balanced(config.actives.len(), self.options.fan_out) else {
+        let Some(tree) = self.check_config(&config) else {
             self.halt("no-tree-for-these-actives", out);
             return;
         };
@@ -188,7 +194,11 @@ impl FastBftReplica {
         let digest = new_tree_digest(&config);
         let made = self.enclave_call(|e| {
             let cert = e.request_counter(&digest)?;
-            let wrapped = e.be_primary(&keys, tree)?;
+            let wrapped = if fallback {
+                e.be_primary_threshold(&keys)?
+            } else {
+                e.be_primary(&keys, tree)?
+            };
             Ok::<_, diffuse_tee::FastBftError>((cert, wrapped))
         });
         let Ok((cert, wrapped)) = made else {
@@ -292,6 +302,7 @@ impl FastBftReplica {
                 Pooled {
                     commitment: prepared.commitment,
                     root_hashes: prepared.root_children_hashes,
+                    own_share: prepared.primary_share,
                     packages: prepared.packages,
                 },
             );
@@ -492,8 +503,12 @@ impl FastBftReplica {
             // a child's timeout will rebuild the tree.
             return;
         };
-        let (hash, hashes) = (pooled.commitment.secret_hash, pooled.root_hashes.clone());
-        self.start_root_round(at, phase, hash, hashes, out);
+        let (hash, hashes, own) = (
+            pooled.commitment.secret_hash,
+            pooled.root_hashes.clone(),
+            pooled.own_share,
+        );
+        self.start_root_round(at, phase, hash, hashes, own, out);
     }
 
     /// The root of the round of `at` has the secret.
@@ -712,7 +727,6 @@ impl FastBftReplica {
         let Some(epoch) = self.epoch.as_ref().map(|e| e.number()) else {
             return;
         };
-        let timeout = self.options.share_timeout;
         let state = self.state();
         if state.suspected.is_some() {
             return;
@@ -720,15 +734,33 @@ impl FastBftReplica {
         state.suspected = Some((accused, accuser));
         match state.rebuilds_without_progress {
             0 => self.on_rebuild_timer(epoch, out),
-            k => out.set_timer(Timer::Rebuild(epoch), timeout * (1u32 << k.min(6))),
+            k => out.set_timer(Timer::Rebuild(epoch), self.rebuild_back_off(k)),
         }
+    }
+
+    /// The wait before the `k`-th rebuild in a row without progress: doubling from
+    /// `share_timeout`, at most 64 times it, and never as long as half a request
+    /// timer period, so that the stream moves often enough for the backups not to
+    /// take failures the tree handles for a stalled primary.
+    fn rebuild_back_off(&self, k: u32) -> std::time::Duration {
+        (self.options.share_timeout * (1u32 << k.min(6)))
+            .min(self.options.base.view_change_timeout / 2)
+            .max(self.options.share_timeout)
     }
 
     pub(super) fn on_rebuild_timer(&mut self, epoch: u64, out: &mut Out) {
         if self.primary.is_none() || self.epoch.as_ref().map(|e| e.number()) != Some(epoch) {
             return;
         }
+        let fallback = self.epoch.as_ref().is_some_and(|e| e.config.fallback);
         if let Some((accused, accuser)) = self.state().suspected.take() {
+            if fallback {
+                let backups = self.epoch.as_ref().map(|e| e.config.actives.to_vec());
+                if let Some(backups) = backups {
+                    self.install_tree(backups, true, out);
+                }
+                return;
+            }
             self.rebuild_tree(accused, accuser, out);
         }
     }
@@ -761,7 +793,75 @@ impl FastBftReplica {
         // several false accusers taking turns that can go on for ever).
         let accusers = &state.accusers;
         actives.sort_by_key(|r| (accusers.contains(r), *r == accuser));
-        self.install_tree(actives, out);
+        if state.failures >= self.options.failure_threshold {
+            return self.enter_fallback(out);
+        }
+        self.install_tree(actives, false, out);
+    }
+
+    /// Too many failures detected (§4.3, §4.5): the fallback, classical BFT with
+    /// Shamir aggregation (every backup active, any `f` of them with the primary),
+    /// for `fallback_duration`; then back to a tree of backups that answered.
+    pub(super) fn enter_fallback(&mut self, out: &mut Out) {
+        let backups: Vec<ReplicaId> = (0..self.n as u16)
+            .map(ReplicaId)
+            .filter(|r| *r != self.id)
+            .collect();
+        let state = self.state();
+        state.responsive.clear();
+        state.rebuilds_without_progress = 0;
+        out.observe(diffuse_core::protocol::Observation::ModeChanged { mode: "fallback" });
+        self.install_tree(backups, true, out);
+        if let Some(epoch) = self.epoch.as_ref().map(|e| e.number()) {
+            out.set_timer(Timer::FallbackEnd(epoch), self.options.fallback_duration);
+        }
+    }
+
+    /// A fallback round got fewer than `f` shares in time (they were lost): a
+    /// fresh fallback epoch prepares the batches again, after a back-off while
+    /// this brings no progress.
+    pub(super) fn fallback_stalled(&mut self, out: &mut Out) {
+        let Some(epoch) = self.epoch.as_ref().map(|e| e.number()) else {
+            return;
+        };
+        let me = self.id;
+        let state = self.state();
+        if state.suspected.is_some() {
+            return;
+        }
+        state.suspected = Some((me, me));
+        let k = state.rebuilds_without_progress;
+        state.rebuilds_without_progress = k.saturating_add(1);
+        out.set_timer(Timer::Rebuild(epoch), self.rebuild_back_off(k));
+    }
+
+    /// The fallback's time is up: back to the normal case with `f` backups that
+    /// answered in it (accusers last), or another round of fallback if fewer did.
+    pub(super) fn on_fallback_end(&mut self, epoch: u64, out: &mut Out) {
+        if self.primary.is_none() || !self.epoch.as_ref().is_some_and(|e| e.config.fallback) {
+            return;
+        }
+        let f = self.f;
+        let state = self.state();
+        let accusers = state.accusers.clone();
+        let mut responsive: Vec<ReplicaId> = state.responsive.iter().copied().collect();
+        if responsive.len() < f {
+            let current = self.epoch.as_ref().map_or(epoch, |e| e.number());
+            out.set_timer(Timer::FallbackEnd(current), self.options.fallback_duration);
+            return;
+        }
+        responsive.sort_by_key(|r| (accusers.contains(r), *r));
+        responsive.truncate(f);
+        let (me, n) = (self.id, self.n);
+        let state = self.state();
+        state.failures = 0;
+        state.rebuilds_without_progress = 0;
+        state.passives = (0..n as u16)
+            .map(ReplicaId)
+            .filter(|r| *r != me && !responsive.contains(r))
+            .collect();
+        out.observe(diffuse_core::protocol::Observation::ModeChanged { mode: "tree" });
+        self.install_tree(responsive, false, out);
     }
 
     /// A rejoin position was certified: every replica takes it (it is logged for

@@ -46,6 +46,9 @@ pub(crate) struct Round {
     excused: Vec<bool>,
     /// The XOR so far (this replica's share, or zero at the primary).
     aggregate: Share,
+    /// In a fallback epoch, at the primary: its own Shamir share, and the shares
+    /// needed besides (`f`); the children's points are `threshold_point(i)`.
+    threshold: Option<(Share, usize)>,
     /// `None` at the primary.
     parent: Option<ReplicaId>,
     pub(super) done: bool,
@@ -54,7 +57,34 @@ pub(crate) struct Round {
 
 impl Round {
     fn complete(&self) -> bool {
-        self.received.iter().all(Option::is_some)
+        match self.threshold {
+            Some((_, needed)) => self.received.iter().flatten().count() >= needed,
+            None => self.received.iter().all(Option::is_some),
+        }
+    }
+
+    /// What goes up (or, at the primary, the secret): the XOR of this replica's
+    /// share and its children's aggregates, or in a fallback epoch the Shamir
+    /// combination of the primary's share and the backups'.
+    fn result(&self) -> Option<Share> {
+        match self.threshold {
+            Some((own, _)) => {
+                let mut points = vec![(diffuse_tee::THRESHOLD_PRIMARY_POINT, own)];
+                points.extend(
+                    self.received
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, s)| s.map(|s| (diffuse_tee::threshold_point(i), s))),
+                );
+                diffuse_tee::combine_threshold(&points)
+            }
+            None => Some(
+                self.received
+                    .iter()
+                    .flatten()
+                    .fold(self.aggregate, |acc, s| acc.xor(s)),
+            ),
+        }
     }
 }
 
@@ -81,18 +111,22 @@ impl FastBftReplica {
         let Some(i) = epoch.index_of(self.id) else {
             return;
         };
-        let children: Vec<ReplicaId> = epoch
-            .tree
-            .children(i)
-            .map(|c| epoch.config.actives[c])
-            .collect();
-        let parent = Some(
+        // In a fallback epoch every backup is a leaf under the primary.
+        let fallback = epoch.config.fallback;
+        let children: Vec<ReplicaId> = if fallback {
+            Vec::new()
+        } else {
             epoch
                 .tree
-                .parent(i)
-                .map_or(self.primary_id(), |p| epoch.config.actives[p]),
-        );
-        let levels = height(&epoch.tree, i);
+                .children(i)
+                .map(|c| epoch.config.actives[c])
+                .collect()
+        };
+        let parent = Some(match epoch.tree.parent(i) {
+            Some(p) if !fallback => epoch.config.actives[p],
+            _ => self.primary_id(),
+        });
+        let levels = if fallback { 0 } else { height(&epoch.tree, i) };
         self.open_round(
             at,
             Round {
@@ -103,6 +137,7 @@ impl FastBftReplica {
                 hashes: opened.children_hashes,
                 children,
                 aggregate: opened.share,
+                threshold: None,
                 parent,
                 done: false,
                 accused: false,
@@ -119,22 +154,31 @@ impl FastBftReplica {
         phase: Phase,
         secret_hash: Digest,
         hashes: Vec<Digest>,
+        own_share: Option<Share>,
         out: &mut Out,
     ) {
         let Some(epoch) = &self.epoch else {
             return;
         };
-        let children: Vec<ReplicaId> = epoch
-            .tree
-            .root_children()
-            .map(|c| epoch.config.actives[c])
-            .collect();
-        let levels = 1 + epoch
-            .tree
-            .root_children()
-            .map(|c| height(&epoch.tree, c))
-            .max()
-            .unwrap_or(0);
+        let (children, levels, threshold): (Vec<ReplicaId>, u32, _) = if epoch.config.fallback {
+            let Some(own) = own_share else {
+                return;
+            };
+            (epoch.config.actives.to_vec(), 1, Some((own, self.f)))
+        } else {
+            let children = epoch
+                .tree
+                .root_children()
+                .map(|c| epoch.config.actives[c])
+                .collect();
+            let levels = 1 + epoch
+                .tree
+                .root_children()
+                .map(|c| height(&epoch.tree, c))
+                .max()
+                .unwrap_or(0);
+            (children, levels, None)
+        };
         self.open_round(
             at,
             Round {
@@ -145,6 +189,7 @@ impl FastBftReplica {
                 hashes,
                 children,
                 aggregate: Share::default(),
+                threshold,
                 parent: None,
                 done: false,
                 accused: false,
@@ -232,9 +277,18 @@ impl FastBftReplica {
         }
         if check && aggregate_hash(&share.aggregate, at.1, at.0) != round.hashes[k] {
             out.fault(child, "wrong-aggregate");
+            if round.threshold.is_some() {
+                // The fallback: the other shares will do.
+                return;
+            }
             return self.suspect(at, child, out);
         }
         round.received[k] = Some(share.aggregate);
+        if round.threshold.is_some()
+            && let Some(state) = self.primary.as_mut()
+        {
+            state.responsive.insert(child);
+        }
         if round.complete() {
             self.finish_round(at, out);
         }
@@ -245,13 +299,12 @@ impl FastBftReplica {
             return;
         };
         round.done = true;
-        let aggregate = round
-            .received
-            .iter()
-            .flatten()
-            .fold(round.aggregate, |acc, s| acc.xor(s));
+        let result = round.result();
         let (phase, parent) = (round.phase, round.parent);
         out.cancel_timer(Timer::Round(at.0, at.1));
+        let Some(aggregate) = result else {
+            return;
+        };
         match parent {
             Some(parent) => out.send(
                 parent,
@@ -271,6 +324,11 @@ impl FastBftReplica {
         };
         if round.done || round.accused {
             return;
+        }
+        if round.threshold.is_some() {
+            // The fallback: fewer than f backups answered in time (shares lost):
+            // a fresh fallback epoch prepares the batches again.
+            return self.fallback_stalled(out);
         }
         let late = round
             .children
@@ -331,7 +389,7 @@ impl FastBftReplica {
         let Some(epoch) = &self.epoch else {
             return;
         };
-        if suspect.epoch != epoch.number() {
+        if suspect.epoch != epoch.number() || epoch.config.fallback {
             return;
         }
         let (Some(i), Some(j)) = (epoch.index_of(accuser), epoch.index_of(suspect.accused)) else {

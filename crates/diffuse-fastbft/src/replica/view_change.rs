@@ -390,6 +390,7 @@ impl FastBftReplica {
             epoch,
             actives: BoundedVec::truncating(actives),
             fan_out: fan_out as u16,
+            fallback: false,
         };
         let digest = new_view_digest(target, &config, &decision);
         let keys: Vec<PublicKey> = config

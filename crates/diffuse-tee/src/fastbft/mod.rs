@@ -31,7 +31,10 @@ use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+mod threshold;
 mod view_change;
+
+pub use threshold::{THRESHOLD_PRIMARY_POINT, combine_threshold, threshold_point};
 
 pub use view_change::{
     TREE_BITS, ViewAccept, ViewChangeCertificate, first_epoch, new_view_id, rejoin_digest,
@@ -226,6 +229,9 @@ pub struct Preprocessed {
     pub root_children_hashes: Vec<Digest>,
     /// `ϱ_c^i` for each active replica, in tree order.
     pub packages: Vec<Package>,
+    /// In a threshold epoch: the primary's own share (its point is
+    /// [`THRESHOLD_PRIMARY_POINT`]).
+    pub primary_share: Option<Share>,
 }
 
 /// What [`FastBftComponent::verify_counter`] releases.
@@ -473,6 +479,15 @@ pub trait FastBftComponent: TrustedComponent {
         tree: Tree,
     ) -> Result<Vec<WrappedViewKey>, FastBftError>;
 
+    /// The fallback (§4.5): like [`Self::be_primary`], but every configured peer is
+    /// active and gets a Shamir share of each secret (a polynomial of degree `f`,
+    /// the primary holding a share too), so that any `f` backups' shares with the
+    /// primary's open it: no tree, and `f` silent backups cannot stop it.
+    fn be_primary_threshold(
+        &mut self,
+        actives: &[PublicKey],
+    ) -> Result<Vec<WrappedViewKey>, FastBftError>;
+
     /// Enters the next view under `new_primary`: `certificate` is the new primary's
     /// `⟨x, (c, v)⟩` for `c = c_latest + 1` in the current view `v`; then `v := v +
     /// 1`, `c_latest := 0`. With `view_key` (wrapped for this enclave for `v + 1`)
@@ -639,11 +654,11 @@ impl FastBftState {
             Role::None => SealedRole::None,
             Role::Primary {
                 actives,
-                tree,
+                aggregation,
                 prepared,
             } => SealedRole::Primary {
                 actives: actives.clone(),
-                tree: *tree,
+                aggregation: *aggregation,
                 prepared: *prepared,
             },
             Role::Active { primary, view_key } => SealedRole::Active {
@@ -668,11 +683,11 @@ impl FastBftState {
             SealedRole::None => Role::None,
             SealedRole::Primary {
                 actives,
-                tree,
+                aggregation,
                 prepared,
             } => Role::Primary {
                 actives,
-                tree,
+                aggregation,
                 prepared,
             },
             SealedRole::Active { primary, view_key } => Role::Active { primary, view_key },
@@ -725,13 +740,24 @@ impl Default for SealedFastBft {
     }
 }
 
+/// How the shares of an epoch's secrets combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Aggregation {
+    /// XOR shares, one per active replica, aggregated up the tree (§4.2).
+    Tree(Tree),
+    /// Shamir shares of a polynomial of degree `threshold - 1`, one per backup and
+    /// one for the primary: any `threshold` of them open the secret (§4.5, the
+    /// fallback).
+    Threshold(usize),
+}
+
 /// [`Role`] as sealed.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 enum SealedRole {
     None,
     Primary {
         actives: Vec<(PublicKey, [u8; 32])>,
-        tree: Tree,
+        aggregation: Aggregation,
         prepared: u64,
     },
     Active {
@@ -751,7 +777,7 @@ enum Role {
     Primary {
         /// `(enclave key, view key)` in tree order.
         actives: Vec<(PublicKey, [u8; 32])>,
-        tree: Tree,
+        aggregation: Aggregation,
         /// The highest counter value prepared in this view.
         prepared: u64,
     },
@@ -865,13 +891,8 @@ impl SoftwareEnclave {
         &self,
         epoch: u64,
         actives: &[PublicKey],
-        tree: Tree,
+        aggregation: Aggregation,
     ) -> Result<(Role, Vec<WrappedViewKey>), FastBftError> {
-        if actives.len() != tree.len() {
-            return Err(FastBftError::Invalid(
-                "one active replica per tree position",
-            ));
-        }
         let me = self.public_key();
         let distinct: BTreeSet<[u8; 32]> = actives.iter().map(|k| k.to_bytes()).collect();
         if distinct.len() != actives.len() || distinct.contains(&me.to_bytes()) {
@@ -879,14 +900,38 @@ impl SoftwareEnclave {
                 "the active replicas are distinct and exclude the primary",
             ));
         }
-        if let Some((peers, threshold)) = self.peer_set() {
-            // Once configured, the primary and exactly f peers are the f + 1 active
-            // replicas (threshold = f + 1): fewer would let a primary open secrets
-            // with a smaller coalition.
-            if actives.len() + 1 != threshold || !distinct.iter().all(|k| peers.contains(k)) {
-                return Err(FastBftError::Invalid(
-                    "the active replicas are the primary and f configured peers",
-                ));
+        match aggregation {
+            Aggregation::Tree(tree) => {
+                if actives.len() != tree.len() {
+                    return Err(FastBftError::Invalid(
+                        "one active replica per tree position",
+                    ));
+                }
+                if let Some((peers, threshold)) = self.peer_set() {
+                    // Once configured, the primary and exactly f peers are the f + 1
+                    // active replicas (threshold = f + 1): fewer would let a primary
+                    // open secrets with a smaller coalition.
+                    if actives.len() + 1 != threshold || !distinct.iter().all(|k| peers.contains(k))
+                    {
+                        return Err(FastBftError::Invalid(
+                            "the active replicas are the primary and f configured peers",
+                        ));
+                    }
+                }
+            }
+            Aggregation::Threshold(threshold) => {
+                // Every backup holds a share; any `threshold` shares with the
+                // primary's open the secret. Once configured: every peer, f + 1.
+                let configured = self.peer_set().is_none_or(|(peers, t)| {
+                    threshold == t
+                        && distinct.len() == peers.len()
+                        && distinct.iter().all(|k| peers.contains(k))
+                });
+                if !configured || threshold < 2 || threshold > actives.len() + 1 {
+                    return Err(FastBftError::Invalid(
+                        "a threshold epoch shares with every configured peer, f + 1 to open",
+                    ));
+                }
             }
         }
         let agreement = KeyAgreement::new(self.secret_key());
@@ -918,7 +963,7 @@ impl SoftwareEnclave {
         }
         let role = Role::Primary {
             actives: keys,
-            tree,
+            aggregation,
             prepared: 0,
         };
         Ok((role, wrapped))
@@ -1082,6 +1127,7 @@ impl SoftwareEnclave {
                 ))?
                 .to_vec(),
             packages,
+            primary_share: None,
         })
     }
 }
@@ -1097,7 +1143,32 @@ impl FastBftComponent for SoftwareEnclave {
             return Err(FastBftError::WrongRole("the primary"));
         }
         let epoch = self.next_epoch()?;
-        let (role, wrapped) = self.primary_role(epoch, actives, tree)?;
+        let (role, wrapped) = self.primary_role(epoch, actives, Aggregation::Tree(tree))?;
+        self.fastbft = FastBftState {
+            counter: 0,
+            view: epoch,
+            role,
+            leaving: None,
+            accepted: self.fastbft.accepted,
+            rejoin_nonce: None,
+        };
+        Ok(wrapped)
+    }
+
+    fn be_primary_threshold(
+        &mut self,
+        actives: &[PublicKey],
+    ) -> Result<Vec<WrappedViewKey>, FastBftError> {
+        self.fastbft_in_view()?;
+        if !self.may_certify() {
+            return Err(FastBftError::WrongRole("the primary"));
+        }
+        let threshold = self
+            .peer_set()
+            .map_or((actives.len() + 2) / 2, |(_, threshold)| threshold);
+        let epoch = self.next_epoch()?;
+        let (role, wrapped) =
+            self.primary_role(epoch, actives, Aggregation::Threshold(threshold))?;
         self.fastbft = FastBftState {
             counter: 0,
             view: epoch,
@@ -1146,7 +1217,7 @@ impl FastBftComponent for SoftwareEnclave {
         let (counter, view) = (self.fastbft.counter, self.fastbft.view);
         let Role::Primary {
             actives,
-            tree,
+            aggregation,
             prepared,
         } = &self.fastbft.role
         else {
@@ -1168,9 +1239,14 @@ impl FastBftComponent for SoftwareEnclave {
             .collect::<Result<Vec<_>, FastBftError>>()?;
         let mut randomness = Randomness::new(self.random_bytes());
         let mut scratch = Scratch::default();
-        let batch = (first + 1..=last)
-            .map(|c| self.prepare_one(c, view, &keys, tree, &mut randomness, &mut scratch))
-            .collect::<Result<Vec<_>, FastBftError>>()?;
+        let batch = match aggregation {
+            Aggregation::Tree(tree) => (first + 1..=last)
+                .map(|c| self.prepare_one(c, view, &keys, tree, &mut randomness, &mut scratch))
+                .collect::<Result<Vec<_>, FastBftError>>()?,
+            Aggregation::Threshold(threshold) => (first + 1..=last)
+                .map(|c| threshold::prepare_one(self, c, view, &keys, *threshold, &mut randomness))
+                .collect::<Result<Vec<_>, FastBftError>>()?,
+        };
         if let Role::Primary { prepared, .. } = &mut self.fastbft.role {
             *prepared = last;
         }

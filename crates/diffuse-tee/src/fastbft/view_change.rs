@@ -197,7 +197,7 @@ pub(super) fn start_view(
     enclave.fastbft_unlocked()?;
     let epoch = first_epoch(view).ok_or(FastBftError::Invalid("the view is too high"))?;
     enclave.check_view_ahead(view)?;
-    let role = enclave.primary_role(epoch, actives, tree)?;
+    let role = enclave.primary_role(epoch, actives, super::Aggregation::Tree(tree))?;
     let wrapped = role.1;
     enclave.fastbft = FastBftState {
         counter: 0,
