@@ -38,6 +38,15 @@ use diffuse_minbft::TeeHost;
 use diffuse_pbft::{ClientTimer, Pbft};
 use std::time::Duration;
 
+/// Parses a boolean option.
+fn boolean(section: &toml::Table, key: &str) -> Result<Option<bool>, String> {
+    match section.get(key) {
+        None => Ok(None),
+        Some(toml::Value::Boolean(v)) => Ok(Some(*v)),
+        Some(_) => Err(format!("options.{key} must be true or false")),
+    }
+}
+
 /// FastBFT as a [`ProtocolSuite`] for the simulator.
 pub struct FastBft;
 
@@ -82,6 +91,7 @@ impl ProtocolSuite for FastBft {
             share_timeout: Duration::from_millis(200),
             failure_threshold: 16,
             fallback_duration: Duration::from_secs(10),
+            fallback_only: false,
             tee: TeeHost::simulated([0; 32]),
             mutant: None,
         }
@@ -95,6 +105,7 @@ impl ProtocolSuite for FastBft {
             "share_timeout_ms",
             "failure_threshold",
             "fallback_duration_ms",
+            "fallback_only",
         ] {
             base_section.remove(key);
         }
@@ -117,6 +128,9 @@ impl ProtocolSuite for FastBft {
         if let Some(v) = positive(section, "fallback_duration_ms")? {
             options.fallback_duration = Duration::from_millis(v);
         }
+        if let Some(v) = boolean(section, "fallback_only")? {
+            options.fallback_only = v;
+        }
         options.validate()?;
         Ok(options)
     }
@@ -136,6 +150,8 @@ impl ProtocolSuite for FastBft {
             share_timeout: Duration::from_millis(pick(entropy, &[40, 100])),
             failure_threshold: pick(entropy, &[4, 16]),
             fallback_duration: Duration::from_millis(pick(entropy, &[500, 2000])),
+            // One run in eight stays in the fallback for good.
+            fallback_only: entropy.below(8) == 0,
             tee: TeeHost::simulated(seed),
             mutant: None,
         }

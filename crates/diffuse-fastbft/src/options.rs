@@ -87,6 +87,10 @@ pub struct FastBftOptions {
     /// How long the fallback lasts before the primary goes back to a tree of the
     /// backups that answered in it.
     pub fallback_duration: Duration,
+    /// Stay in the fallback for good: every view starts in it and never goes back
+    /// to a tree. For clusters where tree failures are the rule (and to measure
+    /// the fallback: `diffuse bench --protocol fastbft --set fallback_only=true`).
+    pub fallback_only: bool,
     /// Where the enclaves come from.
     pub tee: TeeHost,
     /// A deliberate bug, for checker tests.

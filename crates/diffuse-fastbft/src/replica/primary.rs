@@ -118,6 +118,9 @@ impl FastBftReplica {
             passives,
             ..PrimaryState::default()
         });
+        if self.options.fallback_only {
+            return self.enter_fallback(out);
+        }
         self.install_tree(actives, false, out);
     }
 
@@ -161,10 +164,15 @@ impl FastBftReplica {
             .map(|(r, _)| r)
             .collect();
         self.primary = Some(state);
-        self.refill(out);
-        let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
-        for seq in seqs {
-            self.send_prepare(seq, out);
+        if self.options.fallback_only {
+            // A NEW-TREE into the fallback; it PREPAREs the decided batches again.
+            self.enter_fallback(out);
+        } else {
+            self.refill(out);
+            let seqs: Vec<Seq> = self.state().in_flight.keys().copied().collect();
+            for seq in seqs {
+                self.send_prepare(seq, out);
+            }
         }
         for request in waiting {
             self.queue_request(request, out);
@@ -812,6 +820,9 @@ impl FastBftReplica {
         state.rebuilds_without_progress = 0;
         out.observe(diffuse_core::protocol::Observation::ModeChanged { mode: "fallback" });
         self.install_tree(backups, true, out);
+        if self.options.fallback_only {
+            return;
+        }
         if let Some(epoch) = self.epoch.as_ref().map(|e| e.number()) {
             out.set_timer(Timer::FallbackEnd(epoch), self.options.fallback_duration);
         }
@@ -838,7 +849,10 @@ impl FastBftReplica {
     /// The fallback's time is up: back to the normal case with `f` backups that
     /// answered in it (accusers last), or another round of fallback if fewer did.
     pub(super) fn on_fallback_end(&mut self, epoch: u64, out: &mut Out) {
-        if self.primary.is_none() || !self.epoch.as_ref().is_some_and(|e| e.config.fallback) {
+        if self.primary.is_none()
+            || self.options.fallback_only
+            || !self.epoch.as_ref().is_some_and(|e| e.config.fallback)
+        {
             return;
         }
         let f = self.f;
