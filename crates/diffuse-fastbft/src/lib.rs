@@ -197,3 +197,30 @@ impl ProtocolSuite for FastBft {
         byzantine::build(name, setup, coalition)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<FastBftOptions, String> {
+        FastBft::configured_options(&text.parse::<toml::Table>().expect("toml"))
+    }
+
+    #[test]
+    fn options_parse_and_refuse_bad_values() {
+        let options = parse(
+            "fan_out = 4\nfailure_threshold = 3\nfallback_duration_ms = 250\nfallback_only = true\nmax_in_flight = 2",
+        )
+        .expect("valid");
+        assert_eq!(options.fan_out, 4);
+        assert_eq!(options.failure_threshold, 3);
+        assert_eq!(options.fallback_duration, Duration::from_millis(250));
+        assert!(options.fallback_only);
+        assert_eq!(options.base.max_in_flight, 2);
+        assert!(!parse("").expect("defaults").fallback_only);
+        assert!(parse("fallback_only = 1").is_err(), "not a boolean");
+        assert!(parse("failure_threshold = 0").is_err(), "not positive");
+        assert!(parse("fan_out = 99").is_err(), "over MAX_FAN_OUT");
+        assert!(parse("no_such_option = 1").is_err(), "unknown key");
+    }
+}
