@@ -194,6 +194,9 @@ pub struct SoftwareEnclave {
     /// protection` mutant), a stale sealed state is accepted. The checkers must then
     /// catch the equivocation this allows.
     rollback_protection: bool,
+    /// Test switch: REJOIN's reset takes this many reports instead of the
+    /// configured threshold (a broken variant, [`Self::weaken_rejoin_for_tests`]).
+    rejoin_reports: Option<usize>,
     /// FastBFT's `(c_latest, v)`, role and view keys (not sealed: `docs/tee.md`).
     pub(crate) fastbft: crate::fastbft::FastBftState,
 }
@@ -242,6 +245,7 @@ impl SoftwareEnclave {
             last_checkpoint: 0,
             seen: BTreeMap::new(),
             rollback_protection: true,
+            rejoin_reports: None,
             fastbft: Default::default(),
         }
     }
@@ -397,6 +401,7 @@ impl SoftwareEnclave {
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
+            rejoin_reports: None,
             fastbft,
         })
     }
@@ -475,6 +480,13 @@ impl SoftwareEnclave {
         ))
     }
 
+    /// Test switch, for tests that the checks catch a broken enclave: REJOIN's
+    /// reset accepts `reports` reports (below the configured `f + 1`, unsafe).
+    #[doc(hidden)]
+    pub fn weaken_rejoin_for_tests(&mut self, reports: usize) {
+        self.rejoin_reports = Some(reports);
+    }
+
     /// REJOIN after an unscheduled reboot: unlocks the enclave once it holds valid
     /// reports (configured, distinct peers; about this enclave; over its current
     /// challenge) from at least the configured threshold of peers. The counter then
@@ -505,9 +517,10 @@ impl SoftwareEnclave {
                 );
             }
         }
-        if valid.len() < peers.threshold {
+        let needed = self.rejoin_reports.unwrap_or(peers.threshold);
+        if valid.len() < needed {
             return Err(TeeError::NotEnoughReports {
-                needed: peers.threshold,
+                needed,
                 got: valid.len(),
             });
         }

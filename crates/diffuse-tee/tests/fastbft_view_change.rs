@@ -16,9 +16,18 @@ fn digest(text: &str) -> Digest {
 /// `n = 2f + 1` enclaves configured with each other (reset threshold `f + 1`),
 /// replica 0 the primary of view 0 with replicas `1..=f` active.
 fn cluster(n: usize) -> Vec<SoftwareEnclave> {
+    cluster_and_platforms(n).0
+}
+
+/// As [`cluster`], with each enclave's platform.
+fn cluster_and_platforms(n: usize) -> (Vec<SoftwareEnclave>, Vec<Arc<SoftwarePlatform>>) {
     let f = (n - 1) / 2;
-    let mut enclaves: Vec<SoftwareEnclave> = (0..n)
-        .map(|i| SoftwareEnclave::create(Arc::new(SoftwarePlatform::new([i as u8 + 1; 32]))))
+    let platforms: Vec<Arc<SoftwarePlatform>> = (0..n)
+        .map(|i| Arc::new(SoftwarePlatform::new([i as u8 + 1; 32])))
+        .collect();
+    let mut enclaves: Vec<SoftwareEnclave> = platforms
+        .iter()
+        .map(|p| SoftwareEnclave::create(p.clone()))
         .collect();
     let keys = public_keys(&enclaves);
     for enclave in &mut enclaves {
@@ -31,7 +40,7 @@ fn cluster(n: usize) -> Vec<SoftwareEnclave> {
         let key = wrapped.get(i - 1).filter(|_| i <= f);
         enclave.update_view(&keys[0], &cert, key).unwrap();
     }
-    enclaves
+    (enclaves, platforms)
 }
 
 fn public_keys(enclaves: &[SoftwareEnclave]) -> Vec<PublicKey> {
@@ -438,4 +447,70 @@ fn a_backup_far_behind_follows_to_a_later_position_of_its_view_only() {
     let next_view = enclaves[1].request_counter(&digest("v1")).unwrap();
     assert_eq!(view_of_epoch(cert.view), 1);
     assert!(enclaves[4].follow_to(&keys[1], &next_view).is_err());
+}
+
+/// Why REJOIN needs `f + 1` reports (§6.1), at `n = 3`: replica 1 starts view 1
+/// (replica 0 votes for it, replica 2 never hears of it), then crashes; only a
+/// sealed state from before view 1 is left. With `f + 1 = 2` reports, one comes
+/// from an enclave that voted for view 1, so the rebooted enclave is out of view
+/// 1 and cannot start it again. With one report (the broken variant, threshold
+/// `f`), replica 2's alone unlocks it, and it starts view 1 a second time under a
+/// different NEW-VIEW: two certificates for one position, the equivocation the
+/// trusted counter exists to prevent.
+#[test]
+fn rejoin_with_f_reports_would_let_a_primary_start_its_view_twice() {
+    for threshold in [2, 1] {
+        let (mut enclaves, platforms) = cluster_and_platforms(3);
+        let keys = public_keys(&enclaves);
+        let platform = platforms[1].clone();
+        // A scheduled restart of replica 1 before view 1: the last state it seals.
+        let old = enclaves[1].seal_and_stop();
+        enclaves[1] = SoftwareEnclave::resume(platform.clone(), &old).unwrap();
+        assert!(!enclaves[1].is_locked());
+        enclaves[1].leave_view(1, &digest("log")).unwrap();
+        let (first, _, _) = start(&mut enclaves, 1, 1);
+        votes(&mut enclaves, 1, &first, &[0]);
+        // The crash: the live enclave is gone, the host resumes the old state.
+        enclaves[1] = SoftwareEnclave::resume(platform.clone(), &old).unwrap();
+        assert!(enclaves[1].is_locked());
+        if threshold == 1 {
+            enclaves[1].weaken_rejoin_for_tests(1);
+        }
+        let challenge = enclaves[1].rejoin_challenge().unwrap();
+        let report = |i: usize| enclaves[i].report_counter(keys[1], challenge).unwrap();
+        let (from_voter, from_unaware) = (report(0), report(2));
+        assert_eq!(from_unaware.value.fastbft_view, 0);
+        let reset = enclaves[1].reset_counter(std::slice::from_ref(&from_unaware), 0);
+        let again = enclaves[1].start_view(
+            1,
+            &digest("another new view"),
+            &[keys[2]],
+            Tree::balanced(1, 2).unwrap(),
+        );
+        if threshold == 2 {
+            assert!(reset.is_err(), "one report is not f + 1");
+            enclaves[1]
+                .reset_counter(&[from_unaware, from_voter], 0)
+                .unwrap();
+            assert!(
+                enclaves[1]
+                    .start_view(
+                        1,
+                        &digest("another new view"),
+                        &[keys[2]],
+                        Tree::balanced(1, 2).unwrap()
+                    )
+                    .is_err(),
+                "view 1 is started once"
+            );
+        } else {
+            assert!(reset.is_ok(), "the broken variant unlocks with f reports");
+            let (second, _) = again.expect("the broken variant starts view 1 again");
+            assert_eq!((second.counter, second.view), (first.counter, first.view));
+            assert_ne!(
+                second.message, first.message,
+                "two NEW-VIEWs at one position"
+            );
+        }
+    }
 }
