@@ -611,6 +611,18 @@ impl FastBftReplica {
         }
     }
 
+    /// Whether the primary has moved past `epoch`: a later epoch's message is held
+    /// here. Then no round of `epoch` waits for this replica's share any more, and
+    /// the primary keeps no packages of it: a replica catching up through old
+    /// epochs follows their positions without waiting for packages (waiting two
+    /// stall periods at each, it fell further behind a primary that kept starting
+    /// fallback epochs: sweep seed 9307 at n = 3).
+    fn epoch_ended(&self, epoch: u64) -> bool {
+        self.held
+            .last_key_value()
+            .is_some_and(|((later, _), _)| *later > epoch)
+    }
+
     fn is_active(&self) -> bool {
         self.epoch
             .as_ref()
@@ -735,7 +747,7 @@ impl FastBftReplica {
                         .enclave_call(|e| e.verify_counter(&prepare.cert, &package))
                         .ok();
                 }
-                None if self.package_waits < PACKAGE_PATIENCE => {
+                None if self.package_waits < PACKAGE_PATIENCE && !self.epoch_ended(at.0) => {
                     return Step::Wait(Item::Prepare(Box::new(prepare)));
                 }
                 None => {}
@@ -888,7 +900,7 @@ impl FastBftReplica {
                 Some(package) => self
                     .enclave_call(|e| e.verify_counter(&commit.cert, &package))
                     .ok(),
-                None if self.package_waits < PACKAGE_PATIENCE => {
+                None if self.package_waits < PACKAGE_PATIENCE && !self.epoch_ended(at.0) => {
                     return Step::Wait(Item::Commit(Box::new(commit)));
                 }
                 None => None,
