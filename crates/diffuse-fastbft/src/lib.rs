@@ -158,11 +158,12 @@ impl ProtocolSuite for FastBft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 4] = [
+        const NAMES: [Named; 5] = [
             Mutant::ALL[0].1,
             Mutant::ALL[1].1,
             Mutant::ALL[2].1,
             Mutant::ALL[3].1,
+            Mutant::ALL[4].1,
         ];
         &NAMES
     }
@@ -171,6 +172,9 @@ impl ProtocolSuite for FastBft {
         match Mutant::from_name(name) {
             Some(mutant) => {
                 options.mutant = Some(mutant);
+                if mutant == Mutant::EnclaveWithoutRollbackProtection {
+                    options.tee = options.tee.clone().without_rollback_protection();
+                }
                 true
             }
             None => false,

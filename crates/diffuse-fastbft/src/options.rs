@@ -25,11 +25,16 @@ pub enum Mutant {
     /// alike, so the NEW-VIEW checks pass): a batch committed in the old view is
     /// ordered again with other requests, or not at all.
     DecideDropsAnEntry,
+    /// Enclaves accept a stale sealed state: the `rollback` behaviour then has a
+    /// second copy of the primary's enclave certify a conflicting PREPARE (and its
+    /// COMMIT) at a position the live enclave used, and the shares of the
+    /// position's secret, bound to the position only, open it for either.
+    EnclaveWithoutRollbackProtection,
 }
 
 impl Mutant {
     /// Every mutant with its name.
-    pub const ALL: [(Mutant, Named); 4] = [
+    pub const ALL: [(Mutant, Named); 5] = [
         (
             Mutant::ParentSkipsAggregateCheck,
             Named {
@@ -56,6 +61,13 @@ impl Mutant {
             Named {
                 name: "decide-drops-an-entry",
                 description: "the view change's decision loses its last batch (run with --faults network)",
+            },
+        ),
+        (
+            Mutant::EnclaveWithoutRollbackProtection,
+            Named {
+                name: "enclave-without-rollback-protection",
+                description: "enclaves accept a stale sealed state (run with --faults rollback)",
             },
         ),
     ];

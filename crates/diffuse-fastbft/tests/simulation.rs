@@ -199,6 +199,7 @@ fn every_mutant_is_caught() {
         ("replica-trusts-updates", "forge-update"),
         ("client-trusts-replies", "forge-update"),
         ("decide-drops-an-entry", "network"),
+        ("enclave-without-rollback-protection", "rollback"),
     ];
     for named in FastBft::mutants() {
         let (mutant, mix_name) = cases

@@ -3,11 +3,14 @@
 //! Each runs on top of an honest replica and rewrites its traffic. An active
 //! replica can spoil or withhold its part of a secret, and lie about its children;
 //! any replica can send forged UPDATEs and REPLYs; a primary can equivocate
-//! through its host and send bad NEW-VIEWs (`primary`). None of it may break
-//! safety; the tree rebuilds restore liveness without a view change when the
-//! primary is correct, a view change when it is not.
+//! through its host and send bad NEW-VIEWs (`primary`), or have its host run a
+//! rolled-back copy of its enclave (`rollback`), which only an enclave without
+//! rollback protection lets certify anything. None of it may break safety; the
+//! tree rebuilds restore liveness without a view change when the primary is
+//! correct, a view change when it is not.
 
 mod primary;
+mod rollback;
 
 use crate::message::{ClientReply, Message, Suspect, TreeConfig, Update};
 use crate::options::FastBftOptions;
@@ -42,6 +45,10 @@ pub const BEHAVIOURS: &[Named] = &[
         description: "as primary, sends some active replicas a second PREPARE for a sequence number, with another batch, certified at the next counter value, instead of the first",
     },
     Named {
+        name: "rollback",
+        description: "as primary, has its host restore an old sealed enclave state to certify an empty PREPARE, then its COMMIT, at the positions of its first PREPARE and that PREPARE's COMMIT, and sends them to the upper half of the active backups (a protected enclave comes up locked)",
+    },
+    Named {
         name: "bad-new-view",
         description: "as primary orders nothing; as a new primary, certifies and sends a NEW-VIEW with a decision that drops its last batch, only f VIEW-CHANGEs, or an impossible tree",
     },
@@ -69,6 +76,7 @@ pub fn build(
         "forge-update" => Some(Box::new(ForgeUpdate { me, n })),
         "equivocate" => Some(Box::new(primary::Equivocate::new(setup))),
         "bad-new-view" => Some(Box::new(primary::BadNewView::new(setup))),
+        "rollback" => Some(Box::new(rollback::Rollback::new(setup))),
         _ => None,
     }
 }
