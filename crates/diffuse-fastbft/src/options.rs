@@ -60,7 +60,7 @@ impl Mutant {
             Mutant::DecideDropsAnEntry,
             Named {
                 name: "decide-drops-an-entry",
-                description: "the view change's decision loses its last batch (run with --faults network)",
+                description: "the view change's decision loses its last batch (run with --faults restart)",
             },
         ),
         (

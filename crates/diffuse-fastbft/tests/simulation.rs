@@ -111,10 +111,12 @@ fn a_failed_active_replica_is_replaced_without_a_view_change() {
 }
 
 /// A faulty first primary (silent, spoiling, or sending garbage) is replaced by
-/// a view change, and every request of a correct client completes.
+/// a view change, and every request of a correct client completes. (A slow one,
+/// `selective-delay`, is replaced only when it stalls: the replicas it delays
+/// catch up from its log and the requests complete, which the sweeps check.)
 #[test]
 fn a_faulty_primary_is_replaced_by_a_view_change() {
-    for behaviour in ["silent", "silent-active", "garbage", "selective-delay"] {
+    for behaviour in ["silent", "silent-active", "garbage"] {
         let mut changed = 0;
         for seed in 0..12 {
             let report = clean(3, seed, mix(behaviour));
@@ -198,7 +200,7 @@ fn every_mutant_is_caught() {
         ("parent-skips-aggregate-check", "wrong-share"),
         ("replica-trusts-updates", "forge-update"),
         ("client-trusts-replies", "forge-update"),
-        ("decide-drops-an-entry", "network"),
+        ("decide-drops-an-entry", "restart"),
         ("enclave-without-rollback-protection", "rollback"),
     ];
     for named in FastBft::mutants() {
@@ -301,4 +303,14 @@ fn counters_out_of_sync_meet_again_at_the_view_change() {
         out_of_sync > 0,
         "no run had correct replicas leave a view from different positions"
     );
+}
+
+/// Sweep seed 9307 at n = 3: a withholding active made the primary start
+/// fallback epoch after fallback epoch, and the passive replica, active in each
+/// of them, waited for packages at every old position and never caught up (no
+/// request completed). It now follows the epochs the primary has left.
+#[test]
+fn a_replica_behind_by_many_fallback_epochs_catches_up() {
+    let report = clean(3, 9307, mix("withhold-reply-share"));
+    assert!(report.metrics.completed_ops > 0);
 }
