@@ -15,8 +15,9 @@ use std::ops::Deref;
 use thiserror::Error;
 
 /// The wire format version this build speaks. 2: PBFT's (and MinBFT's) client
-/// requests carry an authenticator besides the signed body.
-pub const WIRE_VERSION: u8 = 2;
+/// requests carry an authenticator besides the signed body. 3: FastBFT's view
+/// change, checkpoint, REJOIN and fallback messages.
+pub const WIRE_VERSION: u8 = 3;
 
 /// The largest frame any Diffuse endpoint accepts, in bytes.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;

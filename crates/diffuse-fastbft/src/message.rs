@@ -282,6 +282,10 @@ pub struct Fetch {
 pub struct ReqViewChange {
     /// The view asked for.
     pub view: u64,
+    /// Sent by the primary of `view - 1` asking to be replaced (it restarted and
+    /// cannot lead its view again): enough on its own. Any other request, even
+    /// the same replica's from before it led the view, counts as one of `f + 1`.
+    pub replace_me: bool,
 }
 
 /// A replica's vote that it checked the NEW-VIEW of `view`.

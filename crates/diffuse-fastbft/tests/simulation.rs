@@ -314,3 +314,14 @@ fn a_replica_behind_by_many_fallback_epochs_catches_up() {
     let report = clean(3, 9307, mix("withhold-reply-share"));
     assert!(report.metrics.completed_ops > 0);
 }
+
+/// Sweep seed 1556 at n = 7: replica 1, leaving view 0, asked to skip view 1
+/// (its own) when that view change ran late, then led view 1; its request
+/// arrived late at replica 3, which took it for the primary of view 1 asking to
+/// be replaced and left the view alone, and the fallback lacked its share for
+/// good. Only a request marked `replace_me` is enough on its own.
+#[test]
+fn a_late_request_from_before_a_view_does_not_replace_its_primary() {
+    let report = clean(7, 1556, mix("silent"));
+    assert!(report.metrics.completed_ops > 0);
+}

@@ -73,6 +73,7 @@ impl FastBftReplica {
         self.rejoin.replace_me = true;
         out.broadcast(Message::ReqViewChange(crate::message::ReqViewChange {
             view: self.view.saturating_add(1),
+            replace_me: true,
         }));
         if !self.stall_armed {
             self.stall_armed = true;
@@ -193,6 +194,7 @@ impl FastBftReplica {
         if self.is_primary() {
             out.broadcast(Message::ReqViewChange(crate::message::ReqViewChange {
                 view: self.view.saturating_add(1),
+                replace_me: true,
             }));
         } else if let Some(nonce) = self.enclave_call(|e| e.fastbft_rejoin_nonce()) {
             out.send(self.primary_id(), Message::RejoinRequest(nonce));

@@ -175,8 +175,11 @@ impl FastBftReplica {
     /// Broadcasts REQ-VIEW-CHANGE for `view` and waits for it.
     fn request_view(&mut self, view: u64, out: &mut Out) {
         self.vc.asked = self.vc.asked.max(view);
-        out.broadcast(Message::ReqViewChange(ReqViewChange { view }));
-        self.note_request(self.id, view, out);
+        out.broadcast(Message::ReqViewChange(ReqViewChange {
+            view,
+            replace_me: false,
+        }));
+        self.note_request(self.id, view, false, out);
         self.arm_view_change_timer(out);
     }
 
@@ -200,6 +203,7 @@ impl FastBftReplica {
                 // ask again.
                 out.broadcast(Message::ReqViewChange(ReqViewChange {
                     view: self.vc.asked,
+                    replace_me: false,
                 }));
                 self.arm_view_change_timer(out);
             }
@@ -228,7 +232,7 @@ impl FastBftReplica {
             // an earlier one, it did).
             self.send_new_view_to(from, out);
         }
-        self.note_request(from, req.view, out);
+        self.note_request(from, req.view, req.replace_me, out);
     }
 
     /// Sends this view's NEW-VIEW and the votes for it to a replica that missed
@@ -251,7 +255,7 @@ impl FastBftReplica {
 
     /// Records that `from` asked for `view`; leaves for the highest view that
     /// `f + 1` replicas asked for at least, if it is above the current target.
-    fn note_request(&mut self, from: ReplicaId, view: u64, out: &mut Out) {
+    fn note_request(&mut self, from: ReplicaId, view: u64, replace_me: bool, out: &mut Out) {
         if view <= self.view || first_epoch(view).is_none() {
             return;
         }
@@ -266,8 +270,11 @@ impl FastBftReplica {
             .collect();
         views.sort_unstable_by(|a, b| b.cmp(a));
         // The primary asking to be replaced (it restarted, and cannot rejoin its
-        // own view) is enough: a faulty primary can stop the view anyway.
-        let primary_asks = from == self.primary_id() && from != self.id && view == self.view + 1;
+        // own view) is enough: a faulty primary can stop the view anyway. Only
+        // when it says so: a request it sent before it led this view (asking to
+        // skip it, sweep seed 1556 at n = 7) arrives late as one of f + 1.
+        let primary_asks =
+            replace_me && from == self.primary_id() && from != self.id && view == self.view + 1;
         let agreed = match views.get(self.f) {
             Some(&agreed) => agreed,
             None if primary_asks => view,
