@@ -13,9 +13,11 @@
 //! they are of (the high bits of their epoch), so a faulty replica's own enclave
 //! cannot vouch for anything, and a REPLY proves its result whoever relays it.
 //!
-//! The client sends a request to the primary of the last view it heard of, and
-//! every retransmission to all replicas: the backups watch it, and ask for a view
-//! change if the primary does not order it (§4.4).
+//! The client sends a request to the primary of the last view it heard of, its
+//! first retransmission to that primary again, and the later ones to all replicas:
+//! the backups watch it, and ask for a view change if the primary does not order
+//! it (§4.4). When it retransmits adapts to how fast requests complete
+//! (`diffuse_pbft::retransmit`).
 
 use crate::checkpoint::{primary_key, primary_of};
 use crate::merkle;
@@ -30,6 +32,7 @@ use diffuse_core::protocol::{Action, Actions, Input, InvokeError};
 use diffuse_core::suite::ClientSetup;
 use diffuse_pbft::ClientTimer;
 use diffuse_pbft::message::{Authenticator, Request, RequestBody};
+use diffuse_pbft::retransmit::RetransmitTimeout;
 use diffuse_tee::view_of_epoch;
 use std::time::Duration;
 
@@ -47,6 +50,8 @@ pub struct FastBftClient {
     n: usize,
     /// The replicas' enclave keys, read once from the attested list.
     enclave_keys: Vec<diffuse_core::crypto::PublicKey>,
+    /// When to retransmit, adapted to how fast requests complete.
+    timeout: RetransmitTimeout,
 }
 
 impl FastBftClient {
@@ -58,6 +63,7 @@ impl FastBftClient {
             enclave_keys: Vec::new(),
             id: setup.id,
             secret: setup.secret,
+            timeout: RetransmitTimeout::new(&setup.options.base),
             options: setup.options,
             next_timestamp: setup.first_timestamp.max(1),
             outstanding: None,
@@ -70,9 +76,7 @@ impl FastBftClient {
     }
 
     fn retransmit_delay(&self, retransmissions: u32) -> Duration {
-        let base = self.options.base.client_retransmit;
-        (base * (1u32 << retransmissions.min(8)))
-            .min(self.options.base.client_retransmit_max.max(base))
+        self.timeout.delay(retransmissions)
     }
 
     /// Whether `reply` proves the result of `request`.
@@ -116,7 +120,7 @@ impl FastBftClient {
     }
 
     fn on_reply(&mut self, from: NodeId, reply: ClientReply, out: &mut Out) {
-        let Some((request, _)) = self.outstanding.clone() else {
+        let Some((request, retransmissions)) = self.outstanding.clone() else {
             return;
         };
         if reply.client != self.id || reply.timestamp != request.timestamp {
@@ -129,6 +133,7 @@ impl FastBftClient {
             return out.fault(from, "unproven-reply");
         }
         self.view = self.view.max(view_of_epoch(reply.commit_cert.view));
+        self.timeout.completed(retransmissions);
         let timestamp = request.timestamp;
         self.outstanding = None;
         out.cancel_timer(ClientTimer::Retransmit);
@@ -202,8 +207,12 @@ impl diffuse_core::protocol::Client for FastBftClient {
                 if let Some((request, retransmissions)) = &mut self.outstanding {
                     *retransmissions += 1;
                     let (request, retransmissions) = (request.clone(), *retransmissions);
-                    for r in 0..self.n as u16 {
-                        out.send(ReplicaId(r), Message::Request(request.clone()));
+                    if RetransmitTimeout::to_every_replica(retransmissions) {
+                        for r in 0..self.n as u16 {
+                            out.send(ReplicaId(r), Message::Request(request.clone()));
+                        }
+                    } else {
+                        out.send(self.primary(), Message::Request(request));
                     }
                     out.set_timer(
                         ClientTimer::Retransmit,

@@ -7,6 +7,7 @@
 use crate::auth::RequestAuthenticator;
 use crate::message::{Message, Reply, Request, RequestBody};
 use crate::options::{Mutant, PbftOptions};
+use crate::retransmit::RetransmitTimeout;
 use diffuse_core::codec::Blob;
 use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{SecretKey, Signed};
@@ -70,6 +71,8 @@ pub struct PbftClient<M = Message> {
     view: View,
     next_timestamp: u64,
     outstanding: Option<Outstanding>,
+    /// When to retransmit, adapted to how fast requests complete.
+    timeout: RetransmitTimeout,
     /// The keys shared with each replica, if the protocol uses authenticators.
     authenticator: Option<RequestAuthenticator>,
     _keys: Arc<ClusterKeys>,
@@ -95,6 +98,7 @@ impl<M: ClientWire> PbftClient<M> {
             id: setup.id,
             secret: setup.secret,
             quorum,
+            timeout: RetransmitTimeout::new(&setup.options),
             options: setup.options,
             view: View(0),
             next_timestamp: setup.first_timestamp.max(1),
@@ -116,12 +120,7 @@ impl<M: ClientWire> PbftClient<M> {
     }
 
     fn retransmit_delay(&self, retransmissions: u32) -> Duration {
-        let delay = self.options.client_retransmit * (1u32 << retransmissions.min(8));
-        delay.min(
-            self.options
-                .client_retransmit_max
-                .max(self.options.client_retransmit),
-        )
+        self.timeout.delay(retransmissions)
     }
 
     fn on_reply(&mut self, from: NodeId, reply: Reply, out: &mut Out<M>) {
@@ -156,6 +155,7 @@ impl<M: ClientWire> PbftClient<M> {
         let view = views[self.quorum.f().min(views.len() - 1)];
         let result = group[0].result.to_vec();
         let timestamp = outstanding.request.timestamp;
+        self.timeout.completed(outstanding.retransmissions);
         self.view = self.view.max(view);
         self.outstanding = None;
         out.cancel_timer(ClientTimer::Retransmit);
@@ -169,7 +169,12 @@ impl<M: ClientWire> PbftClient<M> {
         };
         outstanding.retransmissions += 1;
         let retransmissions = outstanding.retransmissions;
-        out.broadcast(M::request(outstanding.request.clone()));
+        let request = M::request(outstanding.request.clone());
+        if RetransmitTimeout::to_every_replica(retransmissions) {
+            out.broadcast(request);
+        } else {
+            out.send(self.view.primary(self.quorum.n()), request);
+        }
         out.set_timer(
             ClientTimer::Retransmit,
             self.retransmit_delay(retransmissions),

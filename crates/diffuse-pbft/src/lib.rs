@@ -37,6 +37,7 @@ pub mod message;
 pub mod options;
 pub mod pending;
 pub mod replica;
+pub mod retransmit;
 
 pub use client::{ClientTimer, ClientWire, PbftClient};
 pub use message::Message;
