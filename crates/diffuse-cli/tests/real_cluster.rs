@@ -215,7 +215,8 @@ async fn executing_again(
     while metric(cluster, i, "diffuse_committed_batches_total") <= start.max(0.0) {
         assert!(
             Instant::now() < deadline,
-            "replica {i} did not take part again"
+            "replica {i} did not take part again\n{}",
+            diagnosis(cluster, i)
         );
         progress(
             "while a replica rejoins",
@@ -226,6 +227,29 @@ async fn executing_again(
         )
         .await;
     }
+}
+
+/// What a failed wait on replica `i` prints: the cluster's progress metrics and the
+/// end of the replica's log, so that a rare failure can be understood from CI's
+/// output alone.
+fn diagnosis(cluster: &LocalCluster, i: usize) -> String {
+    let mut text = String::new();
+    for r in 0..cluster.n() {
+        text += &format!(
+            "replica {r}: view {} stable checkpoint {} committed batches {}\n",
+            metric(cluster, r, "diffuse_view"),
+            metric(cluster, r, "diffuse_stable_checkpoint"),
+            metric(cluster, r, "diffuse_committed_batches_total"),
+        );
+    }
+    let log = std::fs::read_to_string(cluster.log_path(i)).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    text += &format!("last lines of replica {i}'s log:\n");
+    for line in &lines[lines.len().saturating_sub(60)..] {
+        text += line;
+        text.push('\n');
+    }
+    text
 }
 
 async fn survive_kills_and_partitions(protocol: &str, n: usize, partition: bool) {

@@ -179,8 +179,7 @@ fn a_request_forged_by_the_primary_is_rejected() {
     // Client 0's own first request (timestamp 1 too) goes through a view change.
     c.invoke(0, KvOp::get(b"forged"));
     c.run();
-    c.fire_client(0);
-    c.run();
+    c.client_retransmits_to_all(0);
     c.fire_all(Timer::Request);
     c.run();
     assert_eq!(c.completed[0].len(), 1);
@@ -225,8 +224,7 @@ fn a_faulty_primary_and_client_cannot_split_the_backups_for_long() {
     // A correct client's request makes the others move too.
     c.invoke(0, KvOp::put(b"ok", b"1"));
     c.run();
-    c.fire_client(0);
-    c.run();
+    c.client_retransmits_to_all(0);
     c.fire_all(Timer::Request);
     c.run();
     assert_eq!(c.completed[0].len(), 1);
@@ -343,8 +341,7 @@ fn requests_staged_at_a_view_change_are_not_lost() {
     // Only the primary has them, staged; client 2 retransmits to everyone, so the
     // backups time its request and, with no batch timer fired, change view.
     assert_eq!(signature_checks(&c), vec![0, 0, 0, 0]);
-    c.fire_client(2);
-    c.run();
+    c.client_retransmits_to_all(2);
     c.fire_all(Timer::Request);
     c.run();
     assert!(

@@ -99,8 +99,7 @@ fn silent_primary_is_replaced() {
         "nothing can complete without the primary"
     );
     // The client times out and sends to everyone; backups forward and start timers.
-    c.fire_client(0);
-    c.run();
+    c.client_retransmits_to_all(0);
     c.fire_all(Timer::Request);
     c.run();
     assert_eq!(
@@ -130,8 +129,7 @@ fn committed_batches_survive_view_changes() {
     c.cut(|from, _, _| from == replica(0));
     c.invoke(0, KvOp::get(b"late"));
     c.run();
-    c.fire_client(0);
-    c.run();
+    c.client_retransmits_to_all(0);
     c.fire_all(Timer::Request);
     c.run();
     assert_eq!(c.completed[0].len(), 5);
@@ -152,8 +150,7 @@ fn two_silent_primaries_in_a_row_are_skipped() {
     c.cut(|from, _, _| from == replica(0) || from == replica(1));
     c.invoke(0, KvOp::put(b"x", b"1"));
     c.run();
-    c.fire_client(0);
-    c.run();
+    c.client_retransmits_to_all(0);
     c.fire_all(Timer::Request);
     c.run();
     // Nobody hears from replica 1, the primary of view 1: the NEW-VIEW timer fires.

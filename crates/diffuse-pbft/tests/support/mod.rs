@@ -281,10 +281,21 @@ impl Cluster {
         }
     }
 
+    /// Fires client `c`'s retransmission timer once, if armed.
     pub fn fire_client(&mut self, c: usize) {
         if self.client_timers[c].remove(&ClientTimer::Retransmit) {
             let actions = self.clients[c].handle(Input::Timer(ClientTimer::Retransmit));
             self.client_actions(c, actions.into_vec());
+        }
+    }
+
+    /// Client `c` times out until its request reaches every replica: its first
+    /// retransmission goes to the primary alone, the second to all
+    /// (`diffuse_pbft::retransmit`).
+    pub fn client_retransmits_to_all(&mut self, c: usize) {
+        for _ in 0..2 {
+            self.fire_client(c);
+            self.run();
         }
     }
 
