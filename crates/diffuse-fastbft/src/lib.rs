@@ -18,7 +18,7 @@ pub mod authentic;
 pub mod byzantine;
 pub mod checkpoint;
 pub mod client;
-pub mod merkle;
+pub use diffuse_tee::fastbft::merkle;
 pub mod message;
 pub mod options;
 pub mod replica;

@@ -7,7 +7,9 @@
 //!   platform's random generator (the host cannot choose it) and never lets it out;
 //!   the outside world sees only its public key, certified by an attestation
 //!   [`Quote`]. [`SoftwareEnclave::configure`] then fixes, once, the peer enclaves
-//!   and the number of their reports a REJOIN needs.
+//!   and the number of their reports a REJOIN needs, and
+//!   [`SoftwareEnclave::configure_clients`] the clients' keys, against which a
+//!   FastBFT primary's enclave verifies every request it certifies.
 //! * [`SoftwareEnclave::shutdown`] (scheduled): increments the platform's monotonic
 //!   counter to `C` and seals the whole state for `C` with an AEAD key only enclave
 //!   code on this platform can derive.
@@ -25,6 +27,7 @@ use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use diffuse_core::codec::{self, Blob};
 use diffuse_core::crypto::{Digest, PublicKey, SecretKey, Signable, Signed};
+use diffuse_core::ids::ClientId;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -123,6 +126,8 @@ struct SealedBody {
     view: u64,
     locked: bool,
     peers: Option<(Vec<[u8; 32]>, u64)>,
+    /// The registered clients' keys, by client id.
+    clients: Option<Vec<(u32, [u8; 32])>>,
     slot_rules: Option<SlotRules>,
     last_checkpoint: u64,
     seen: Vec<([u8; 32], Seen)>,
@@ -152,12 +157,17 @@ struct Seen {
 }
 
 /// The largest sealed state accepted.
-pub const MAX_SEALED_BYTES: usize = 256 * 1024;
+pub const MAX_SEALED_BYTES: usize = 1024 * 1024;
 
 /// The most peers an enclave can be configured with: with their recorded counters
 /// they stay far below [`MAX_SEALED_BYTES`] (about 45 bytes each), so sealing never
 /// outgrows its bound.
 pub const MAX_PEERS: usize = diffuse_core::ids::MAX_REPLICAS;
+
+/// The most clients an enclave can be configured with: about 40 sealed bytes each,
+/// so that with [`MAX_PEERS`] peers the sealed state stays below
+/// [`MAX_SEALED_BYTES`].
+pub const MAX_CLIENTS: usize = 16_384;
 
 /// Sealed enclave state, as the host stores it. Opaque and authenticated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +195,8 @@ pub struct SoftwareEnclave {
     /// While locked: the challenge reports must sign.
     challenge: Option<Digest>,
     peers: Option<Peers>,
+    /// The registered clients' keys, fixed once ([`SoftwareEnclave::configure_clients`]).
+    clients: Option<BTreeMap<ClientId, PublicKey>>,
     slot_rules: Option<SlotRules>,
     /// The highest checkpoint certified here.
     last_checkpoint: u64,
@@ -197,6 +209,9 @@ pub struct SoftwareEnclave {
     /// Test switch: REJOIN's reset takes this many reports instead of the
     /// configured threshold (a broken variant, [`Self::weaken_rejoin_for_tests`]).
     rejoin_reports: Option<usize>,
+    /// Test switch: off only in the broken enclave of the `enclave-skips-request-
+    /// signatures` mutant, which certifies a batch without verifying its requests.
+    verify_request_signatures: bool,
     /// FastBFT's `(c_latest, v)`, role and view keys (not sealed: `docs/tee.md`).
     pub(crate) fastbft: crate::fastbft::FastBftState,
 }
@@ -241,11 +256,13 @@ impl SoftwareEnclave {
             stopped: false,
             challenge: None,
             peers: None,
+            clients: None,
             slot_rules: None,
             last_checkpoint: 0,
             seen: BTreeMap::new(),
             rollback_protection: true,
             rejoin_reports: None,
+            verify_request_signatures: true,
             fastbft: Default::default(),
         }
     }
@@ -272,6 +289,51 @@ impl SoftwareEnclave {
         }
         self.peers = Some(Peers { keys, threshold });
         Ok(())
+    }
+
+    /// Fixes, once, the registered clients and their keys (from the cluster's
+    /// configuration, like the peers): a FastBFT primary's enclave certifies a
+    /// PREPARE only for requests signed by one of them
+    /// (`FastBftComponent::request_counter_for_batch`). At most [`MAX_CLIENTS`],
+    /// each id once.
+    pub fn configure_clients(
+        &mut self,
+        clients: Vec<(ClientId, PublicKey)>,
+    ) -> Result<(), TeeError> {
+        if self.clients.is_some() {
+            return Err(TeeError::Configuration(
+                "the clients are configured already",
+            ));
+        }
+        if clients.len() > MAX_CLIENTS {
+            return Err(TeeError::Configuration("too many clients"));
+        }
+        let count = clients.len();
+        let registry: BTreeMap<ClientId, PublicKey> = clients.into_iter().collect();
+        if registry.len() != count {
+            return Err(TeeError::Configuration("a client id is listed twice"));
+        }
+        self.clients = Some(registry);
+        Ok(())
+    }
+
+    /// The registered clients' keys, once configured.
+    pub(crate) fn client_keys(&self) -> Option<&BTreeMap<ClientId, PublicKey>> {
+        self.clients.as_ref()
+    }
+
+    /// Whether the enclave verifies request signatures (always, but in the
+    /// `enclave-skips-request-signatures` mutant).
+    pub(crate) fn verifies_request_signatures(&self) -> bool {
+        self.verify_request_signatures
+    }
+
+    /// Test switch, for the `enclave-skips-request-signatures` mutant: the enclave
+    /// certifies a batch of registered clients' requests without verifying their
+    /// signatures (unsafe: the checkers must catch a forged request).
+    #[doc(hidden)]
+    pub fn skip_request_signatures_for_tests(&mut self) {
+        self.verify_request_signatures = false;
     }
 
     /// Fixes, once, the rules of [`Scope::Checkpoint`] and [`Scope::Slot`]; until then
@@ -325,6 +387,10 @@ impl SoftwareEnclave {
                 .peers
                 .as_ref()
                 .map(|p| (p.keys.iter().copied().collect(), p.threshold as u64)),
+            clients: self
+                .clients
+                .as_ref()
+                .map(|c| c.iter().map(|(id, key)| (id.0, key.to_bytes())).collect()),
             slot_rules: self.slot_rules,
             last_checkpoint: self.last_checkpoint,
             seen: self.seen.iter().map(|(k, c)| (*k, *c)).collect(),
@@ -345,7 +411,8 @@ impl SoftwareEnclave {
         let mut sealed = platform_counter.to_be_bytes().to_vec();
         sealed.extend_from_slice(&ciphertext);
         SealedState(
-            Blob::try_from_vec(sealed).expect("MAX_PEERS keeps the sealed state within its bound"),
+            Blob::try_from_vec(sealed)
+                .expect("MAX_PEERS and MAX_CLIENTS keep the sealed state within its bound"),
         )
     }
 
@@ -384,6 +451,15 @@ impl SoftwareEnclave {
             keys: keys.into_iter().collect(),
             threshold: threshold as usize,
         });
+        let clients = match body.clients {
+            None => None,
+            Some(list) => Some(
+                list.into_iter()
+                    .map(|(id, key)| Ok((ClientId(id), PublicKey::from_bytes(&key)?)))
+                    .collect::<Result<BTreeMap<_, _>, diffuse_core::crypto::InvalidKey>>()
+                    .map_err(|_| TeeError::BadSealedState)?,
+            ),
+        };
         let challenge = locked.then(|| Digest(platform.random()));
         let fastbft = crate::fastbft::FastBftState::unsealed(body.fastbft);
         Ok(SoftwareEnclave {
@@ -397,11 +473,13 @@ impl SoftwareEnclave {
             stopped: false,
             challenge,
             peers,
+            clients,
             slot_rules: body.slot_rules,
             last_checkpoint: body.last_checkpoint,
             seen: body.seen.into_iter().collect(),
             rollback_protection: true,
             rejoin_reports: None,
+            verify_request_signatures: true,
             fastbft,
         })
     }

@@ -12,8 +12,9 @@
 //!   (sealed state bound to the monotonic counter; locked after an unscheduled
 //!   reboot until `f + 1` consistent counter reports reset it).
 //! * [`fastbft`]: FastBFT's enclave functions (Fig. 3: `be_primary`, `update_view`,
-//!   `preprocessing`, `request_counter`, `verify_counter`, `update_counter`) and the
-//!   share [`Tree`].
+//!   `preprocessing`, `request_counter`, `verify_counter`, `update_counter`), the
+//!   share [`Tree`], and `request_counter_for_batch`, which certifies a PREPARE only
+//!   after verifying every client signature of its batch.
 //!
 //! What the software enclave only models is written down in `docs/tee.md`.
 
@@ -23,15 +24,16 @@ pub mod platform;
 pub mod usig;
 
 pub use enclave::{
-    CounterReport, MAX_SEALED_BYTES, SealedState, SlotRules, SoftwareEnclave, TeeError,
-    TrustedComponent,
+    CounterReport, MAX_CLIENTS, MAX_SEALED_BYTES, SealedState, SlotRules, SoftwareEnclave,
+    TeeError, TrustedComponent,
 };
 pub use fastbft::{
-    CounterCertificate, FastBftComponent, FastBftError, OpenedShare, Package, Preprocessed,
-    SecretCommitment, Share, THRESHOLD_PRIMARY_POINT, Tree, ViewAccept, ViewChangeCertificate,
-    WrappedViewKey, aggregate_hash, combine_threshold, first_epoch, new_view_id, rejoin_digest,
-    secret_hash, threshold_point, view_of_epoch,
+    CertificateKind, CounterCertificate, FastBftComponent, FastBftError, OpenedShare, Package,
+    Preprocessed, SecretCommitment, Share, THRESHOLD_PRIMARY_POINT, Tree, ViewAccept,
+    ViewChangeCertificate, WrappedViewKey, aggregate_hash, combine_threshold, first_epoch,
+    new_view_id, rejoin_digest, secret_hash, threshold_point, view_of_epoch,
 };
+pub use fastbft::{REQUEST_LABEL, SignedRequest};
 pub use platform::{
     Measurement, Platform, Quote, QuoteBody, QuoteError, SoftwarePlatform, verify_quote,
 };

@@ -215,6 +215,7 @@ fn a_view_is_entered_with_f_votes_besides_the_new_primary_only() {
             message: digest("other"),
             counter: 0,
             view: cert.view,
+            kind: diffuse_tee::CertificateKind::Opaque,
         },
         &diffuse_core::crypto::SecretKey::from_seed([7; 32]),
     );

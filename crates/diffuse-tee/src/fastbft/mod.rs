@@ -24,15 +24,19 @@ use crate::enclave::{MAX_PEERS, SoftwareEnclave, TrustedComponent};
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use diffuse_core::codec::Blob;
-use diffuse_core::crypto::{Digest, KeyAgreement, PublicKey, Signable, Signed};
+use diffuse_core::crypto::{Digest, KeyAgreement, PublicKey, Signable, SignatureBatch, Signed};
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, UnboundKey};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::OnceLock;
 
+pub mod batch;
+pub mod merkle;
 mod threshold;
 mod view_change;
+
+pub use batch::{REQUEST_LABEL, SignedRequest, batch_root, prepare_digest, request_leaf};
 
 pub use threshold::{THRESHOLD_PRIMARY_POINT, combine_threshold, threshold_point};
 
@@ -102,6 +106,15 @@ pub enum FastBftError {
     /// position of that view any more.
     #[error("the enclave left its view for view {0}")]
     Leaving(u64),
+    /// [`FastBftComponent::request_counter_for_batch`]: the requests at these
+    /// indices of the batch are not signed by their client, or their client is not
+    /// registered. Nothing was certified.
+    #[error("requests {0:?} of the batch are not signed by a registered client")]
+    UnsignedRequests(Vec<usize>),
+    /// [`FastBftComponent::request_counter_for_batch`] before the enclave learnt
+    /// the clients' keys (`SoftwareEnclave::configure_clients`).
+    #[error("the enclave does not know the clients' keys")]
+    ClientsNotConfigured,
 }
 
 /// A 32-byte secret or share; shares combine by XOR.
@@ -167,6 +180,36 @@ pub struct CounterCertificate {
     pub counter: u64,
     /// `v`.
     pub view: u64,
+    /// What the enclave checked before it certified `x`.
+    pub kind: CertificateKind,
+}
+
+impl CounterCertificate {
+    /// Whether this certifies the PREPARE of `seq` with the batch of root
+    /// `batch_root` (and the checkpoint proof of digest `checkpoint`), after the
+    /// enclave verified every request of that batch: the only certificate a
+    /// replica takes for a PREPARE.
+    pub fn certifies_prepare(
+        &self,
+        seq: u64,
+        batch_root: &Digest,
+        checkpoint: Option<&Digest>,
+    ) -> bool {
+        self.kind == CertificateKind::VerifiedBatch
+            && self.message == prepare_digest(seq, batch_root, checkpoint)
+    }
+}
+
+/// What the enclave checked before it certified a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CertificateKind {
+    /// Nothing: `x` is whatever digest the host asked for
+    /// ([`FastBftComponent::request_counter`], `start_view`).
+    Opaque,
+    /// `x` is the [`prepare_digest`] of a batch every request of which the enclave
+    /// verified against its registered client's key
+    /// ([`FastBftComponent::request_counter_for_batch`]).
+    VerifiedBatch,
 }
 
 impl Signable for CounterCertificate {
@@ -504,10 +547,28 @@ pub trait FastBftComponent: TrustedComponent {
     /// counter value is prepared at most once per view.
     fn preprocessing(&mut self, m: usize) -> Result<Vec<Preprocessed>, FastBftError>;
 
-    /// `c_latest := c_latest + 1` and returns `⟨x, (c_latest, v)⟩` signed.
+    /// `c_latest := c_latest + 1` and returns `⟨x, (c_latest, v)⟩` signed, of kind
+    /// [`CertificateKind::Opaque`]: never a certificate a replica takes for a
+    /// PREPARE.
     fn request_counter(
         &mut self,
         message: &Digest,
+    ) -> Result<Signed<CounterCertificate>, FastBftError>;
+
+    /// The PREPARE of `seq`: verifies the signature of every request of the batch
+    /// against its client's registered key (one ZIP 215 batch verification, under
+    /// [`REQUEST_LABEL`]), then, like [`Self::request_counter`], certifies at the
+    /// next counter value the [`prepare_digest`] of `seq`, the batch's root
+    /// ([`batch_root`], computed here) and `checkpoint`, of kind
+    /// [`CertificateKind::VerifiedBatch`]. If a request's client is not registered
+    /// or its signature does not verify, refuses with
+    /// [`FastBftError::UnsignedRequests`] naming every such request, and certifies
+    /// nothing.
+    fn request_counter_for_batch(
+        &mut self,
+        seq: u64,
+        requests: &[SignedRequest<'_>],
+        checkpoint: Option<&Digest>,
     ) -> Result<Signed<CounterCertificate>, FastBftError>;
 
     /// Active replica: checks the primary's certificate, opens `package`, checks that
@@ -1006,6 +1067,68 @@ impl SoftwareEnclave {
         })
     }
 
+    /// Verifies every request of a batch against its registered client's key, in
+    /// one batch verification; refuses naming every request that fails.
+    fn check_request_signatures(&self, requests: &[SignedRequest<'_>]) -> Result<(), FastBftError> {
+        let clients = self
+            .client_keys()
+            .ok_or(FastBftError::ClientsNotConfigured)?;
+        let mut bad = Vec::new();
+        let mut signatures = SignatureBatch::new();
+        // The index in `requests` of each signature in the batch.
+        let mut checked = Vec::with_capacity(requests.len());
+        for (i, request) in requests.iter().enumerate() {
+            match clients.get(&request.client) {
+                None => bad.push(i),
+                Some(_) if !self.verifies_request_signatures() => {}
+                Some(key) => {
+                    signatures.push(key, REQUEST_LABEL, request.body, request.signature);
+                    checked.push(i);
+                }
+            }
+        }
+        if !signatures.is_empty() {
+            for (i, valid) in checked.into_iter().zip(signatures.verify()) {
+                if !valid {
+                    bad.push(i);
+                }
+            }
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            bad.sort_unstable();
+            Err(FastBftError::UnsignedRequests(bad))
+        }
+    }
+
+    /// `c_latest := c_latest + 1` and `⟨x, (c_latest, v)⟩` of `kind`, signed.
+    fn certify_next(
+        &mut self,
+        message: &Digest,
+        kind: CertificateKind,
+    ) -> Result<Signed<CounterCertificate>, FastBftError> {
+        self.fastbft_in_view()?;
+        if !self.may_certify() {
+            return Err(FastBftError::WrongRole("the primary"));
+        }
+        let counter = self
+            .fastbft
+            .counter
+            .checked_add(1)
+            .ok_or(FastBftError::CounterExhausted)?;
+        self.fastbft.counter = counter;
+        Ok(Signed::sign(
+            CounterCertificate {
+                message: *message,
+                counter,
+                view: self.fastbft.view,
+                kind,
+            },
+            self.secret_key(),
+        ))
+    }
+
     fn check_next(&self, counter: u64, view: u64) -> Result<(), FastBftError> {
         let state = &self.fastbft;
         if view != state.view {
@@ -1257,24 +1380,25 @@ impl FastBftComponent for SoftwareEnclave {
         &mut self,
         message: &Digest,
     ) -> Result<Signed<CounterCertificate>, FastBftError> {
+        self.certify_next(message, CertificateKind::Opaque)
+    }
+
+    fn request_counter_for_batch(
+        &mut self,
+        seq: u64,
+        requests: &[SignedRequest<'_>],
+        checkpoint: Option<&Digest>,
+    ) -> Result<Signed<CounterCertificate>, FastBftError> {
         self.fastbft_in_view()?;
         if !self.may_certify() {
             return Err(FastBftError::WrongRole("the primary"));
         }
-        let counter = self
-            .fastbft
-            .counter
-            .checked_add(1)
-            .ok_or(FastBftError::CounterExhausted)?;
-        self.fastbft.counter = counter;
-        Ok(Signed::sign(
-            CounterCertificate {
-                message: *message,
-                counter,
-                view: self.fastbft.view,
-            },
-            self.secret_key(),
-        ))
+        if requests.len() > batch::MAX_BATCH_REQUESTS {
+            return Err(FastBftError::Invalid("at most MAX_BATCH_REQUESTS requests"));
+        }
+        self.check_request_signatures(requests)?;
+        let digest = prepare_digest(seq, &batch_root(requests), checkpoint);
+        self.certify_next(&digest, CertificateKind::VerifiedBatch)
     }
 
     fn verify_counter(
@@ -1577,6 +1701,7 @@ mod tests {
                 message: Digest::default(),
                 counter: 1,
                 view: 1,
+                kind: CertificateKind::Opaque,
             },
             &primary,
         );

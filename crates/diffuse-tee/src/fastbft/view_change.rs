@@ -212,6 +212,7 @@ pub(super) fn start_view(
             message: *new_view,
             counter: 0,
             view: epoch,
+            kind: super::CertificateKind::Opaque,
         },
         enclave.secret_key(),
     );
