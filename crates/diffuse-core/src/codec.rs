@@ -16,8 +16,10 @@ use thiserror::Error;
 
 /// The wire format version this build speaks. 2: PBFT's (and MinBFT's) client
 /// requests carry an authenticator besides the signed body. 3: FastBFT's view
-/// change, checkpoint, REJOIN and fallback messages.
-pub const WIRE_VERSION: u8 = 3;
+/// change, checkpoint, REJOIN and fallback messages. 4: FastBFT's certificates
+/// carry their kind (a PREPARE's is enclave-verified), and a request's Merkle leaf
+/// binds its client id.
+pub const WIRE_VERSION: u8 = 4;
 
 /// The largest frame any Diffuse endpoint accepts, in bytes.
 pub const MAX_FRAME_BYTES: usize = 32 * 1024 * 1024;

@@ -22,7 +22,7 @@
 use crate::checkpoint::{primary_key, primary_of};
 use crate::merkle;
 use crate::message::{
-    ClientReply, Message, commit_digest, prepare_digest, request_leaf, result_leaf,
+    ClientReply, Message, certifies_prepare, commit_digest, request_leaf, result_leaf,
 };
 use crate::options::{FastBftOptions, Mutant};
 use diffuse_core::codec::Blob;
@@ -105,8 +105,12 @@ impl FastBftClient {
             len,
             &reply.result_path,
         ) && view_of_epoch(reply.commit_cert.view) == view
-            && reply.prepare_cert.message
-                == prepare_digest(reply.seq, &reply.batch_root, reply.checkpoint.as_ref())
+            && certifies_prepare(
+                &reply.prepare_cert,
+                reply.seq,
+                &reply.batch_root,
+                reply.checkpoint.as_ref(),
+            )
             && reply.commit_cert.message
                 == commit_digest(
                     reply.seq,

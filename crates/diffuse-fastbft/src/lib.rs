@@ -158,12 +158,13 @@ impl ProtocolSuite for FastBft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 5] = [
+        const NAMES: [Named; 6] = [
             Mutant::ALL[0].1,
             Mutant::ALL[1].1,
             Mutant::ALL[2].1,
             Mutant::ALL[3].1,
             Mutant::ALL[4].1,
+            Mutant::ALL[5].1,
         ];
         &NAMES
     }
@@ -174,6 +175,9 @@ impl ProtocolSuite for FastBft {
                 options.mutant = Some(mutant);
                 if mutant == Mutant::EnclaveWithoutRollbackProtection {
                     options.tee = options.tee.clone().without_rollback_protection();
+                }
+                if mutant == Mutant::EnclaveSkipsRequestSignatures {
+                    options.tee = options.tee.clone().without_request_signatures();
                 }
                 true
             }

@@ -1,7 +1,7 @@
 //! FastBFT's wire messages (`docs/protocols/fastbft.md`, "Messages").
 //!
 //! Every certificate is the primary's enclave's `⟨x, (c, e)⟩` over a digest that
-//! names what it orders ([`prepare_digest`], [`commit_digest`],
+//! names what it orders (`diffuse_tee::fastbft::prepare_digest`, [`commit_digest`],
 //! [`new_tree_digest`]); `e` is the enclave view, which FastBFT calls the *epoch*: it
 //! changes whenever the primary rebuilds the tree. An [`Opened`] secret proves that
 //! every active replica's enclave released its share for that certificate.
@@ -9,13 +9,16 @@
 use crate::checkpoint::CheckpointProof;
 use crate::merkle::{self, Path};
 use crate::view_log::{NewView, RejoinEntry, ViewChange, ViewLog};
-use diffuse_core::codec::{Blob, BoundedVec, WireMessage};
+use diffuse_core::codec::{self, Blob, BoundedVec, WireMessage};
 use diffuse_core::crypto::{Digest, PublicKey, Signed};
 use diffuse_core::ids::{ClientId, MAX_REPLICAS, ReplicaId, Seq};
 use diffuse_core::service::MAX_RESULT_BYTES;
 use diffuse_pbft::message::{Batch, Request, RequestBody};
 use diffuse_tee::fastbft::{MAX_PREPROCESSING, Package};
-use diffuse_tee::{CounterCertificate, SecretCommitment, Share, WrappedViewKey, secret_hash};
+use diffuse_tee::{
+    CounterCertificate, FastBftComponent, FastBftError, SecretCommitment, Share, SignedRequest,
+    WrappedViewKey, secret_hash,
+};
 use serde::{Deserialize, Serialize};
 
 /// The primary's enclave certificate of one counter value.
@@ -29,10 +32,45 @@ pub fn position(cert: &Cert) -> Position {
     (cert.view, cert.counter)
 }
 
-/// What a PREPARE certificate binds: the batch at `seq`, and the digest of the
-/// checkpoint proof it carries (the first PREPARE after a checkpoint).
-pub fn prepare_digest(seq: Seq, batch_root: &Digest, checkpoint: Option<&Digest>) -> Digest {
-    Digest::of_value("diffuse/fastbft/prepare", &(seq.0, batch_root, checkpoint))
+/// Whether `cert` certifies the PREPARE of `seq` with the batch of root
+/// `batch_root` and the checkpoint proof of digest `checkpoint`: over their
+/// prepare digest, and of the kind only the enclave's
+/// `request_counter_for_batch` issues, after it verified every request of the
+/// batch (`crate::authentic`). Nothing else is ever taken for a PREPARE.
+pub fn certifies_prepare(
+    cert: &Cert,
+    seq: Seq,
+    batch_root: &Digest,
+    checkpoint: Option<&Digest>,
+) -> bool {
+    cert.certifies_prepare(seq.0, batch_root, checkpoint)
+}
+
+/// Has `enclave` certify the PREPARE of `batch` at `seq` (with the checkpoint proof
+/// of digest `checkpoint`): it verifies every request's signature against its
+/// client's registered key first, and names those that fail.
+pub fn certify_prepare<E: FastBftComponent + ?Sized>(
+    enclave: &mut E,
+    seq: Seq,
+    batch: &Batch,
+    checkpoint: Option<&Digest>,
+) -> Result<Cert, FastBftError> {
+    let bodies: Vec<Vec<u8>> = batch
+        .requests
+        .iter()
+        .map(|r| codec::encode_payload(&r.signed.value))
+        .collect();
+    let requests: Vec<SignedRequest<'_>> = batch
+        .requests
+        .iter()
+        .zip(&bodies)
+        .map(|(r, body)| SignedRequest {
+            client: r.signed.value.client,
+            body,
+            signature: &r.signed.signature,
+        })
+        .collect();
+    enclave.request_counter_for_batch(seq.0, &requests, checkpoint)
 }
 
 /// What a COMMIT certificate binds: the batch at `seq`, its results, and at a
@@ -54,11 +92,16 @@ pub fn new_tree_digest(config: &TreeConfig) -> Digest {
     Digest::of_value("diffuse/fastbft/new-tree", config)
 }
 
-/// The Merkle leaf of a request: its body and the client's signature, so that a
-/// certificate binds the very bytes every replica checks (a batch whose signatures
-/// a primary spoiled for some replicas only has another root).
+/// The Merkle leaf of a request: its client, its body and the client's signature
+/// (`diffuse_tee::fastbft::request_leaf`, the enclave's), so that a certificate
+/// binds the very bytes the primary's enclave verified, under the client the body
+/// names.
 pub fn request_leaf(request: &Signed<RequestBody>) -> Digest {
-    Digest::of_value("diffuse/fastbft/request-leaf", request)
+    diffuse_tee::fastbft::request_leaf(
+        request.value.client,
+        &codec::encode_payload(&request.value),
+        &request.signature,
+    )
 }
 
 /// The Merkle leaf of a request's result (`None`: a stale duplicate, not run).
@@ -128,7 +171,8 @@ pub struct Prepare {
     pub batch: Batch,
     /// The proof of the checkpoint at `seq - 1`, on the first PREPARE after it.
     pub checkpoint: Option<Box<CheckpointProof>>,
-    /// `⟨prepare_digest(seq, root, checkpoint), (c, e)⟩`.
+    /// `⟨prepare_digest(seq, root, checkpoint), (c, e)⟩`, of the verified-batch
+    /// kind ([`certifies_prepare`]).
     pub cert: Cert,
 }
 

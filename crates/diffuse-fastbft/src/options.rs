@@ -30,11 +30,16 @@ pub enum Mutant {
     /// COMMIT) at a position the live enclave used, and the shares of the
     /// position's secret, bound to the position only, open it for either.
     EnclaveWithoutRollbackProtection,
+    /// The primary's enclave certifies a batch of registered clients' requests
+    /// without verifying their signatures: the `forge-requests` behaviour then gets
+    /// a request no client sent ordered, and the replicas, which check no
+    /// signature themselves, execute it.
+    EnclaveSkipsRequestSignatures,
 }
 
 impl Mutant {
     /// Every mutant with its name.
-    pub const ALL: [(Mutant, Named); 5] = [
+    pub const ALL: [(Mutant, Named); 6] = [
         (
             Mutant::ParentSkipsAggregateCheck,
             Named {
@@ -68,6 +73,13 @@ impl Mutant {
             Named {
                 name: "enclave-without-rollback-protection",
                 description: "enclaves accept a stale sealed state (run with --faults rollback)",
+            },
+        ),
+        (
+            Mutant::EnclaveSkipsRequestSignatures,
+            Named {
+                name: "enclave-skips-request-signatures",
+                description: "the primary's enclave certifies batches without verifying their requests' signatures (run with --faults forge-requests)",
             },
         ),
     ];

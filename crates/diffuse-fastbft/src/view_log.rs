@@ -16,9 +16,10 @@
 //! if its checkpoint proof (if any) is valid and new, its sequence number is in the
 //! window above the stream's checkpoint, its batch is the one fixed for that
 //! sequence number (by the NEW-VIEW's decision or the first PREPARE that counted),
-//! and every request is signed by its client. Nothing in it depends on the replica,
-//! so a correct replica releases its share for a PREPARE exactly when the decision
-//! would count it.
+//! and its certificate is of the verified-batch kind: the primary's enclave
+//! verified every request's client signature before it certified it
+//! (`crate::authentic`). Nothing in it depends on the replica, so a correct replica
+//! releases its share for a PREPARE exactly when the decision would count it.
 //!
 //! **The decision** ([`decide`]): the highest checkpoint proof anywhere in the
 //! VIEW-CHANGEs; then, from the VIEW-CHANGEs of the highest view, the one whose
@@ -29,11 +30,11 @@
 
 use crate::checkpoint::{CheckpointProof, primary_key, seq_of};
 use crate::message::{
-    Cert, Prepare, TreeConfig, batch_root, commit_digest, new_tree_digest, position, prepare_digest,
+    Cert, Prepare, TreeConfig, batch_root, certifies_prepare, commit_digest, new_tree_digest,
+    position,
 };
 use diffuse_core::codec::BoundedVec;
-use diffuse_core::config::ClusterKeys;
-use diffuse_core::crypto::{Digest, PublicKey, SignatureBatch, Signed};
+use diffuse_core::crypto::{Digest, PublicKey, Signed};
 use diffuse_core::ids::{MAX_REPLICAS, ReplicaId, Seq};
 use diffuse_pbft::message::{Batch, MAX_WINDOW};
 use diffuse_tee::{
@@ -118,10 +119,12 @@ impl LogEntry {
     /// replica's, for a rejoin).
     pub fn binds(&self, enclave_keys: &[PublicKey]) -> bool {
         match self {
-            LogEntry::Prepare(p) => {
-                p.cert.message
-                    == prepare_digest(p.seq, &batch_root(&p.batch), p.checkpoint_digest().as_ref())
-            }
+            LogEntry::Prepare(p) => certifies_prepare(
+                &p.cert,
+                p.seq,
+                &batch_root(&p.batch),
+                p.checkpoint_digest().as_ref(),
+            ),
             LogEntry::Commit(c) => {
                 c.cert.message
                     == commit_digest(c.seq, &c.batch_root, &c.results_root, c.state.as_ref())
@@ -269,8 +272,6 @@ pub struct NewView {
 pub struct Rules<'a> {
     /// The enclave key of every replica.
     pub enclave_keys: &'a [PublicKey],
-    /// The replicas' and clients' keys (request signatures).
-    pub keys: &'a ClusterKeys,
     /// `K`, the checkpoint interval, also the window.
     pub interval: u64,
     /// The mutant `decide-drops-an-entry`: the decision loses its last batch.
@@ -374,18 +375,22 @@ impl StreamState {
 
     /// Whether `prepare` counts (see the module's doc), and if so takes it: its
     /// checkpoint proof moves the stream's checkpoint, its batch is fixed. The
-    /// certificate is assumed checked. Returns the proof it carried, if new.
+    /// certificate's signature is assumed checked; if it does not certify this
+    /// PREPARE, of the verified-batch kind, the error is [`MISMATCH`]. Returns the
+    /// proof it carried, if new.
     pub fn accept_prepare(
         &mut self,
         prepare: &Prepare,
         rules: &Rules<'_>,
-        check_signatures: bool,
     ) -> Result<Option<CheckpointProof>, Invalid> {
         let interval = rules.interval.max(1);
         let root = batch_root(&prepare.batch);
-        if prepare.cert.message
-            != prepare_digest(prepare.seq, &root, prepare.checkpoint_digest().as_ref())
-        {
+        if !certifies_prepare(
+            &prepare.cert,
+            prepare.seq,
+            &root,
+            prepare.checkpoint_digest().as_ref(),
+        ) {
             return Err(Invalid(MISMATCH));
         }
         let mut checkpoint = self.checkpoint;
@@ -404,9 +409,6 @@ impl StreamState {
         if self.fixed.get(&prepare.seq).is_some_and(|r| *r != root) {
             return Err(Invalid("prepare for a sequence number fixed otherwise"));
         }
-        if check_signatures && !all_signed(&prepare.batch, rules.keys) {
-            return Err(Invalid("prepare with a request its client did not sign"));
-        }
         self.fixed.insert(prepare.seq, root);
         let carried = if checkpoint > self.checkpoint {
             self.checkpoint = checkpoint;
@@ -417,19 +419,6 @@ impl StreamState {
         };
         Ok(carried)
     }
-}
-
-/// Whether every request of `batch` is signed by a registered client (one ZIP 215
-/// batch verification, the same answer as checking each alone).
-pub fn all_signed(batch: &Batch, keys: &ClusterKeys) -> bool {
-    let mut signatures = SignatureBatch::new();
-    for request in batch.requests.iter() {
-        let Some(key) = keys.client(request.client) else {
-            return false;
-        };
-        request.push_signature(key, &mut signatures);
-    }
-    signatures.verify().into_iter().all(|valid| valid)
 }
 
 /// The decision from checked VIEW-CHANGEs (see the module's doc), in the order
@@ -509,7 +498,7 @@ pub fn replay(log: &ViewLog, rules: &Rules<'_>) -> (StreamState, BTreeMap<Seq, B
     }
     for entry in log.entries.iter() {
         if let LogEntry::Prepare(prepare) = entry
-            && stream.accept_prepare(prepare, rules, true).is_ok()
+            && stream.accept_prepare(prepare, rules).is_ok()
         {
             batches
                 .entry(prepare.seq)

@@ -202,6 +202,7 @@ fn every_mutant_is_caught() {
         ("client-trusts-replies", "forge-update"),
         ("decide-drops-an-entry", "restart"),
         ("enclave-without-rollback-protection", "rollback"),
+        ("enclave-skips-request-signatures", "forge-requests"),
     ];
     for named in FastBft::mutants() {
         let (mutant, mix_name) = cases

@@ -12,13 +12,21 @@
 //! certificates than the protocol sends, but never for two with one counter value.
 
 use diffuse_core::crypto::PublicKey;
-use diffuse_core::ids::ReplicaId;
+use diffuse_core::ids::{ClientId, ReplicaId};
 use diffuse_tee::{
     Platform, SealedState, SlotRules, SoftwareEnclave, SoftwarePlatform, TeeError, TrustedComponent,
 };
 use std::collections::BTreeMap;
 use std::sync::MutexGuard;
 use std::sync::{Arc, Mutex};
+
+/// Every registered client's key, as [`TeeHost::boot`] configures the enclaves
+/// with them.
+pub fn client_keys(keys: &diffuse_core::config::ClusterKeys) -> Vec<(ClientId, PublicKey)> {
+    keys.clients()
+        .filter_map(|c| keys.client(c).map(|key| (c, *key)))
+        .collect()
+}
 
 /// One replica's machine: its platform and the sealed state on its disk.
 struct Machine {
@@ -82,6 +90,8 @@ pub struct TeeHost {
     cluster: Arc<Mutex<Option<Cluster>>>,
     /// Off only for the `enclave-without-rollback-protection` mutant.
     rollback_protection: bool,
+    /// Off only for the `enclave-skips-request-signatures` mutant (FastBFT).
+    request_signatures: bool,
     /// A real machine's enclave (the runtime's), used instead of simulated ones.
     provider: Option<Arc<dyn EnclaveProvider>>,
     /// A client's view on a real machine: the attested enclave keys only.
@@ -123,6 +133,7 @@ impl TeeHost {
             seed,
             cluster: Arc::new(Mutex::new(None)),
             rollback_protection: true,
+            request_signatures: true,
             provider: None,
             attested: None,
         }
@@ -153,16 +164,29 @@ impl TeeHost {
         self
     }
 
+    /// The same machines with enclaves that certify a FastBFT batch without
+    /// verifying its requests' signatures (the `enclave-skips-request-signatures`
+    /// mutant): a host can then have a request no client sent ordered, which the
+    /// checkers must catch.
+    pub fn without_request_signatures(mut self) -> TeeHost {
+        self.request_signatures = false;
+        self
+    }
+
     fn resume(
         &self,
         platform: Arc<dyn Platform>,
         sealed: &SealedState,
     ) -> Result<SoftwareEnclave, TeeError> {
-        if self.rollback_protection {
-            SoftwareEnclave::resume(platform, sealed)
+        let mut enclave = if self.rollback_protection {
+            SoftwareEnclave::resume(platform, sealed)?
         } else {
-            SoftwareEnclave::resume_without_rollback_protection(platform, sealed)
+            SoftwareEnclave::resume_without_rollback_protection(platform, sealed)?
+        };
+        if !self.request_signatures {
+            enclave.skip_request_signatures_for_tests();
         }
+        Ok(enclave)
     }
 
     /// The rollback attack, as a Byzantine host runs it: a second copy of `id`'s
@@ -222,15 +246,17 @@ impl TeeHost {
 
     /// Boots replica `id` of `n`: on the first boot of the cluster, creates every
     /// machine and enclave (as `diffuse testnet` does before any replica starts),
-    /// configures each with its peers, `reset_threshold` and `rules`, and seals it
-    /// with a scheduled shutdown. Then resumes `id`'s enclave from its sealed state.
-    /// A boot replaces the enclave the replica ran before (a crash abandons it).
+    /// configures each with its peers, `reset_threshold`, `rules` and the
+    /// registered `clients`' keys, and seals it with a scheduled shutdown. Then
+    /// resumes `id`'s enclave from its sealed state. A boot replaces the enclave
+    /// the replica ran before (a crash abandons it).
     pub fn boot(
         &self,
         id: ReplicaId,
         n: usize,
         reset_threshold: usize,
         rules: SlotRules,
+        clients: &[(ClientId, PublicKey)],
     ) -> Result<Booted<EnclaveHandle>, TeeError> {
         if let Some(provider) = &self.provider {
             let booted = provider.boot()?;
@@ -241,7 +267,7 @@ impl TeeHost {
         }
         let mut guard = self.machines();
         if guard.is_none() {
-            *guard = Some(self.create_cluster(n, reset_threshold, rules)?);
+            *guard = Some(self.create_cluster(n, reset_threshold, rules, clients)?);
         }
         let cluster = guard.as_mut().expect("created above");
         let machine = cluster
@@ -281,6 +307,7 @@ impl TeeHost {
         n: usize,
         reset_threshold: usize,
         rules: SlotRules,
+        clients: &[(ClientId, PublicKey)],
     ) -> Result<Cluster, TeeError> {
         let platforms: Vec<Arc<dyn Platform>> = (0..n)
             .map(|i| {
@@ -298,6 +325,7 @@ impl TeeHost {
         for (i, (mut enclave, platform)) in enclaves.drain(..).zip(platforms).enumerate() {
             enclave.configure(enclave_keys.clone(), reset_threshold)?;
             enclave.configure_slots(rules)?;
+            enclave.configure_clients(clients.to_vec())?;
             let sealed = enclave.shutdown();
             machines.insert(
                 ReplicaId(i as u16),

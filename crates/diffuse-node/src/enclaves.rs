@@ -16,7 +16,7 @@
 use crate::tee::{CounterStoreError, FilePlatform};
 use diffuse_core::codec;
 use diffuse_core::crypto::{Digest, PublicKey};
-use diffuse_core::ids::ReplicaId;
+use diffuse_core::ids::{ClientId, ReplicaId};
 use diffuse_minbft::tee_host::{Booted, EnclaveProvider};
 use diffuse_tee::{
     MAX_SEALED_BYTES, Measurement, Quote, SealedState, SlotRules, SoftwareEnclave, TeeError,
@@ -97,12 +97,15 @@ pub fn store_dir(dir: &Path, id: usize) -> PathBuf {
 }
 
 /// Creates one enclave per counter store in `stores` (by replica id), configures
-/// each with every enclave key, `reset_threshold` and `rules`, seals each with a
-/// scheduled shutdown, and returns the enclaves file that attests them.
+/// each with every enclave key, `reset_threshold`, `rules` and the registered
+/// `clients`' keys (a FastBFT primary's enclave verifies every request against
+/// them; the cluster's clients are fixed here, like its replicas), seals each with
+/// a scheduled shutdown, and returns the enclaves file that attests them.
 pub fn provision(
     stores: &[PathBuf],
     reset_threshold: usize,
     rules: SlotRules,
+    clients: &[(ClientId, PublicKey)],
 ) -> Result<EnclavesFile, EnclaveSetupError> {
     let mut platforms = Vec::new();
     let mut enclaves = Vec::new();
@@ -118,6 +121,7 @@ pub fn provision(
         let quote = enclave.attest(caller_data(id));
         enclave.configure(keys.clone(), reset_threshold)?;
         enclave.configure_slots(rules)?;
+        enclave.configure_clients(clients.to_vec())?;
         let sealed = enclave.shutdown();
         crate::tee::write_durably(&dir.join(SEALED_FILE), &sealed.0, true)?;
         entries.push(EnclaveEntry {
@@ -247,7 +251,7 @@ mod tests {
             checkpoint_interval: 4,
             window: 8,
         };
-        let file = provision(&stores, 2, rules).unwrap();
+        let file = provision(&stores, 2, rules, &[]).unwrap();
         let path = dir.path().join("enclaves.toml");
         std::fs::write(&path, file.to_toml().unwrap()).unwrap();
         let keys = EnclavesFile::load_keys(&path, 3).unwrap();
@@ -282,7 +286,7 @@ mod tests {
             checkpoint_interval: 4,
             window: 8,
         };
-        let mut file = provision(&stores, 2, rules).unwrap();
+        let mut file = provision(&stores, 2, rules, &[]).unwrap();
         file.enclave.swap(0, 1);
         file.enclave[0].id = 0;
         file.enclave[1].id = 1;

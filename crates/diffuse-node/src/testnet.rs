@@ -13,7 +13,8 @@
 
 use crate::config::{ClientConfig, NodeConfig};
 use diffuse_core::config::{ClusterFile, KeyFile, MemberEntry, Role};
-use diffuse_core::crypto::SecretKey;
+use diffuse_core::crypto::{PublicKey, SecretKey};
+use diffuse_core::ids::ClientId;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -136,7 +137,12 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
     write_new(&dir.join("cluster.toml"), &cluster.to_toml(), false)?;
     let hybrid = crate::protocols::is_hybrid(&spec.protocol);
     if hybrid {
-        provision_enclaves(dir, spec, quorum.f())?;
+        let clients: Vec<(ClientId, PublicKey)> = client_keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| (ClientId(i as u32), key.public()))
+            .collect();
+        provision_enclaves(dir, spec, quorum.f(), &clients)?;
     }
     let mut testnet = Testnet {
         dir: dir.to_path_buf(),
@@ -190,9 +196,14 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
 }
 
 /// Hybrid protocols: one enclave per replica in `DIR/tee/replica-<i>/`, attested in
-/// `DIR/enclaves.toml`, configured with the slot rules of the cluster's options and
-/// a reset threshold of `f + 1`.
-fn provision_enclaves(dir: &Path, spec: &TestnetSpec, f: usize) -> std::io::Result<()> {
+/// `DIR/enclaves.toml`, configured with the slot rules of the cluster's options, a
+/// reset threshold of `f + 1` and the keys of the cluster's `clients`.
+fn provision_enclaves(
+    dir: &Path,
+    spec: &TestnetSpec,
+    f: usize,
+    clients: &[(ClientId, PublicKey)],
+) -> std::io::Result<()> {
     let rules = crate::protocols::slot_rules(&spec.protocol, &spec.options)
         .map_err(std::io::Error::other)?;
     let stores: Vec<PathBuf> = (0..spec.n)
@@ -204,7 +215,8 @@ fn provision_enclaves(dir: &Path, spec: &TestnetSpec, f: usize) -> std::io::Resu
             dir.join("tee").display()
         )));
     }
-    let file = crate::enclaves::provision(&stores, f + 1, rules).map_err(std::io::Error::other)?;
+    let file = crate::enclaves::provision(&stores, f + 1, rules, clients)
+        .map_err(std::io::Error::other)?;
     let text = file.to_toml().map_err(std::io::Error::other)?;
     write_new(&dir.join("enclaves.toml"), &text, false)
 }

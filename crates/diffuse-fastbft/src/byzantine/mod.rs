@@ -2,7 +2,8 @@
 //!
 //! Each runs on top of an honest replica and rewrites its traffic. An active
 //! replica can spoil or withhold its part of a secret, and lie about its children;
-//! any replica can send forged UPDATEs and REPLYs; a primary can equivocate
+//! any replica can send forged UPDATEs and REPLYs, and requests no client sent
+//! (`forge-requests`); a primary can equivocate
 //! through its host and send bad NEW-VIEWs (`primary`), or have its host run a
 //! rolled-back copy of its enclave (`rollback`), which only an enclave without
 //! rollback protection lets certify anything. None of it may break safety; the
@@ -53,6 +54,10 @@ pub const BEHAVIOURS: &[Named] = &[
         description: "as primary orders nothing; as a new primary, certifies and sends a NEW-VIEW with a decision that drops its last batch, only f VIEW-CHANGEs, or an impossible tree",
     },
     Named {
+        name: "forge-requests",
+        description: "for each client request it sees (from the client, or in a PREPARE or UPDATE), sends every replica, itself included, a request that client never sent: a put of a fresh value to the key it used, at a timestamp far ahead, signed with the replica's own key; only the primary's enclave's check keeps it out of the batches",
+    },
+    Named {
         name: "forge-update",
         description: "on each PREPARE it sees, sends every other backup a forged UPDATE (an empty batch at that sequence number, random secrets) and every client of the batch a forged REPLY",
     },
@@ -74,6 +79,12 @@ pub fn build(
             commits: BTreeSet::new(),
         })),
         "forge-update" => Some(Box::new(ForgeUpdate { me, n })),
+        "forge-requests" => Some(Box::new(ForgeRequests {
+            me,
+            n,
+            secret: setup.secret.clone(),
+            forged: BTreeSet::new(),
+        })),
         "equivocate" => Some(Box::new(primary::Equivocate::new(setup))),
         "bad-new-view" => Some(Box::new(primary::BadNewView::new(setup))),
         "rollback" => Some(Box::new(rollback::Rollback::new(setup))),
@@ -194,6 +205,98 @@ impl Behaviour<Message> for WithholdReplyShare {
             while self.commits.len() > 1024 {
                 self.commits.pop_first();
             }
+        }
+        true
+    }
+}
+
+/// Requests forged for, at most (then it stops).
+const MAX_FORGED: usize = 4096;
+
+/// Sends every replica (itself included: as primary, its own host hands the
+/// request to its enclave like any other) a forged twin of each client request it
+/// sees: the same client, a timestamp `2^40` ahead, a put of a value no client
+/// writes to the key the genuine operation used, signed with this replica's key.
+/// The primary's host does not check signatures (its enclave does, for the whole
+/// batch), so the twin reaches the enclave, which must refuse it: were it ordered,
+/// a client would read a value no client wrote (linearizability), and its own
+/// later requests would be stale (liveness). The backups check the signature on
+/// arrival and blame this replica.
+struct ForgeRequests {
+    me: ReplicaId,
+    n: usize,
+    secret: diffuse_core::crypto::SecretKey,
+    /// `(client, timestamp)` of the requests forged for already.
+    forged: BTreeSet<(diffuse_core::ids::ClientId, u64)>,
+}
+
+impl ForgeRequests {
+    fn forge(
+        &mut self,
+        genuine: &diffuse_pbft::message::Request,
+        out: &mut Vec<Outgoing<Message>>,
+    ) {
+        use diffuse_apps::kv::KvOp;
+        if self.forged.len() >= MAX_FORGED
+            || !self.forged.insert((genuine.client, genuine.timestamp))
+        {
+            return;
+        }
+        let Ok(op) = KvOp::decode(&genuine.operation) else {
+            return;
+        };
+        let text = format!(
+            "forged by r{} for c{} t{}",
+            self.me.0, genuine.client.0, genuine.timestamp
+        );
+        let Ok(value) = Blob::try_from_vec(text.into_bytes()) else {
+            return;
+        };
+        let Ok(key) = Blob::try_from_vec(op.key().to_vec()) else {
+            return;
+        };
+        let forged_op = KvOp::Put { key, value };
+        let Ok(operation) = Blob::try_from_vec(forged_op.encode()) else {
+            return;
+        };
+        let body = diffuse_pbft::message::RequestBody {
+            client: genuine.client,
+            timestamp: genuine.timestamp.saturating_add(1 << 40),
+            operation,
+        };
+        let request = diffuse_pbft::message::Request {
+            signed: diffuse_core::crypto::Signed::sign(body, &self.secret),
+            authenticator: Default::default(),
+        };
+        for r in (0..self.n as u16).map(ReplicaId) {
+            out.push(Outgoing::now(r.into(), Message::Request(request.clone())));
+        }
+    }
+}
+
+impl Behaviour<Message> for ForgeRequests {
+    fn incoming(
+        &mut self,
+        from: NodeId,
+        message: &Message,
+        _entropy: &mut dyn Entropy,
+        out: &mut Vec<Outgoing<Message>>,
+    ) -> bool {
+        match message {
+            Message::Request(request) if matches!(from, NodeId::Client(_)) => {
+                self.forge(request, out);
+            }
+            Message::Prepare(prepare) => {
+                for request in prepare.batch.requests.iter() {
+                    self.forge(request, out);
+                }
+            }
+            Message::Update(update) => {
+                for request in update.batch.requests.iter() {
+                    self.forge(request, out);
+                }
+            }
+            _ => {}
         }
         true
     }

@@ -4,11 +4,10 @@
 //! two things at one position or start a view twice.
 
 use crate::checkpoint::primary_of;
-use crate::message::{Message, Prepare, TreeConfig, batch_root, prepare_digest};
+use crate::message::{Message, Prepare, TreeConfig, certify_prepare};
 use crate::options::FastBftOptions;
 use crate::view_log::{NewView, Rules, ViewChange, decide, new_view_digest};
 use diffuse_core::codec::BoundedVec;
-use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::PublicKey;
 use diffuse_core::ids::{NodeId, ReplicaId};
 use diffuse_core::suite::{Behaviour, Entropy, Outgoing, ReplicaSetup};
@@ -16,11 +15,11 @@ use diffuse_minbft::TeeHost;
 use diffuse_pbft::message::Batch;
 use diffuse_tee::{FastBftComponent, Tree, first_epoch};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 /// Sends odd-numbered active replicas, in place of a PREPARE, a twin for the
 /// same sequence number with its last request dropped, certified at the next
-/// counter value. The twin's recipients find the original missing and fetch it,
+/// counter value (through the enclave's batch check, which the twin's genuine
+/// requests pass). The twin's recipients find the original missing and fetch it,
 /// then meet the twin, whose batch the original fixed already; the others find
 /// the twin's position missing. Either way the view must change, and the twin
 /// never counts.
@@ -44,10 +43,11 @@ impl Equivocate {
             requests: BoundedVec::truncating(requests),
         };
         let checkpoint = original.checkpoint.as_ref().map(|p| p.digest());
-        let digest = prepare_digest(original.seq, &batch_root(&batch), checkpoint.as_ref());
         let cert = self
             .tee
-            .call_live_enclave(self.me, |e| e.request_counter(&digest))?
+            .call_live_enclave(self.me, |e| {
+                certify_prepare(e, original.seq, &batch, checkpoint.as_ref())
+            })?
             .ok()?;
         Some(Prepare {
             seq: original.seq,
@@ -86,7 +86,6 @@ pub(crate) struct BadNewView {
     me: ReplicaId,
     n: usize,
     tee: TeeHost,
-    keys: Arc<ClusterKeys>,
     interval: u64,
     fan_out: usize,
     received: BTreeMap<u64, BTreeMap<ReplicaId, ViewChange>>,
@@ -99,7 +98,6 @@ impl BadNewView {
             me: setup.id,
             n: setup.keys.n(),
             tee: setup.options.tee.clone(),
-            keys: setup.keys.clone(),
             interval: setup.options.base.checkpoint_interval.max(1),
             fan_out: setup.options.fan_out,
             received: BTreeMap::new(),
@@ -113,7 +111,6 @@ impl BadNewView {
         let f = (self.n - 1) / 2;
         let rules = Rules {
             enclave_keys: &enclave_keys,
-            keys: &self.keys,
             interval: self.interval,
             drop_last_decided: false,
         };

@@ -9,8 +9,8 @@
 //! goes with them.
 
 use crate::message::{
-    Commit, Message, Position, Prepare, TreeConfig, commit_digest, new_tree_digest, position,
-    prepare_digest,
+    Commit, Message, Position, Prepare, TreeConfig, certify_prepare, commit_digest,
+    new_tree_digest, position,
 };
 use crate::options::FastBftOptions;
 use diffuse_core::codec::BoundedVec;
@@ -186,8 +186,8 @@ impl Rollback {
             return None;
         }
         let checkpoint = original.checkpoint.as_ref().map(|p| p.digest());
-        let digest = prepare_digest(original.seq, &root, checkpoint.as_ref());
-        let cert = copy.request_counter(&digest).ok()?;
+        // Through the batch check like any PREPARE: the empty batch passes it.
+        let cert = certify_prepare(&mut copy, original.seq, &batch, checkpoint.as_ref()).ok()?;
         if position(&cert) != at {
             return None;
         }

@@ -273,7 +273,6 @@ impl FastBftReplica {
     fn rules(&self) -> Rules<'_> {
         Rules {
             enclave_keys: &self.enclave_keys,
-            keys: &self.keys,
             interval: self.interval(),
             drop_last_decided: self.options.is(Mutant::DecideDropsAnEntry),
         }
@@ -326,7 +325,12 @@ impl FastBftReplica {
             checkpoint_interval: self.options.base.checkpoint_interval,
             window: self.options.base.window,
         };
-        let booted = match self.options.tee.boot(self.id, self.n, self.f + 1, rules) {
+        let clients = diffuse_minbft::tee_host::client_keys(&self.keys);
+        let booted = match self
+            .options
+            .tee
+            .boot(self.id, self.n, self.f + 1, rules, &clients)
+        {
             Ok(booted) => booted,
             Err(_) => return self.halt("enclave-unavailable", out),
         };
@@ -732,7 +736,7 @@ impl FastBftReplica {
         prepare.batch = crate::authentic::without_authenticators(&prepare.batch);
         let rules = self.rules();
         let mut stream = self.stream.clone();
-        let verdict = stream.accept_prepare(&prepare, &rules, true);
+        let verdict = stream.accept_prepare(&prepare, &rules);
         if verdict == Err(crate::view_log::Invalid(crate::view_log::MISMATCH)) {
             // The content is not what the certificate binds: never taken.
             self.primary_misbehaved("bad-prepare", out);
@@ -815,12 +819,12 @@ impl FastBftReplica {
             return false;
         };
         if view_of_epoch(commit.prepare_cert.view) != self.view
-            || commit.prepare_cert.message
-                != crate::message::prepare_digest(
-                    commit.seq,
-                    &commit.batch_root,
-                    commit.prepare_checkpoint.as_ref(),
-                )
+            || !crate::message::certifies_prepare(
+                &commit.prepare_cert,
+                commit.seq,
+                &commit.batch_root,
+                commit.prepare_checkpoint.as_ref(),
+            )
         {
             return false;
         }
@@ -945,15 +949,18 @@ impl FastBftReplica {
         };
         let root = batch_root(&update.batch);
         let checkpoint = update.checkpoint.as_ref().map(|p| p.digest());
-        update.prepare_cert.message
-            == crate::message::prepare_digest(update.seq, &root, checkpoint.as_ref())
-            && update.commit_cert.message
-                == commit_digest(
-                    update.seq,
-                    &root,
-                    &update.results_root,
-                    update.state.as_ref(),
-                )
+        crate::message::certifies_prepare(
+            &update.prepare_cert,
+            update.seq,
+            &root,
+            checkpoint.as_ref(),
+        ) && update.commit_cert.message
+            == commit_digest(
+                update.seq,
+                &root,
+                &update.results_root,
+                update.state.as_ref(),
+            )
             && view_of_epoch(update.prepare_cert.view) == self.view
             && view_of_epoch(update.commit_cert.view) == self.view
             && update.prepare_cert.verify(&primary)
@@ -991,7 +998,7 @@ impl FastBftReplica {
 
     /// The PREPARE position of a batch whose secrets opened: step over it with the
     /// opened secret (the PREPARE counted at every active replica, so it counts
-    /// here: its signatures need no second check).
+    /// here).
     fn step_update_prepare(&mut self, update: &Update, out: &mut Out) {
         let prepare = Prepare {
             seq: update.seq,
@@ -1001,7 +1008,7 @@ impl FastBftReplica {
         };
         let rules = self.rules();
         let mut stream = self.stream.clone();
-        let counts = stream.accept_prepare(&prepare, &rules, false).is_ok();
+        let counts = stream.accept_prepare(&prepare, &rules).is_ok();
         let stepped = self.enclave_call(|e| {
             e.update_counter(&update.prepared.secret, &update.prepared.commitment)
         });

@@ -13,14 +13,14 @@ use crate::authentic;
 use crate::checkpoint::CheckpointProof;
 use crate::message::{
     Cert, ClientReply, Commit, Fetch, Message, NewTree, Opened, Packages, Position, Prepare,
-    TreeConfig, Update, commit_digest, new_tree_digest, position, prepare_digest, request_leaf,
+    TreeConfig, Update, certify_prepare, commit_digest, new_tree_digest, position, request_leaf,
 };
 use crate::view_log::{CommitEntry, LogEntry, NewTreeEntry};
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::{Digest, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq};
 use diffuse_pbft::message::{Batch, Request};
-use diffuse_tee::{FastBftComponent, Package, SecretCommitment};
+use diffuse_tee::{FastBftComponent, FastBftError, Package, SecretCommitment};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
@@ -30,6 +30,17 @@ const MAX_PENDING: usize = 16_384;
 const LOG_KEPT: usize = 4096;
 /// Stream messages sent in answer to one FETCH.
 const FETCH_ANSWER: usize = 32;
+
+/// A queued request's key (see [`PrimaryState::queued`]).
+type Queued = (ClientId, u64, [u8; 64]);
+
+fn queued_key(request: &Request) -> Queued {
+    (
+        request.client,
+        request.timestamp,
+        request.signed.signature.0,
+    )
+}
 
 /// A batch between PREPARE and its REPLY.
 #[derive(Debug)]
@@ -65,7 +76,10 @@ struct Pooled {
 #[derive(Debug, Default)]
 pub(crate) struct PrimaryState {
     pending: VecDeque<Request>,
-    queued: BTreeSet<(ClientId, u64)>,
+    /// The requests pending or in a batch not executed yet, by client, timestamp
+    /// and signature: the signature is checked by the enclave only, so an unsigned
+    /// copy of a request must not keep the genuine one out.
+    queued: BTreeSet<Queued>,
     batch_timer: bool,
     next_seq: Seq,
     /// The batches between PREPARE and COMMIT (at most `max_in_flight`).
@@ -330,13 +344,15 @@ impl FastBftReplica {
     /// client's latest timestamp is answered with the REPLY kept for it, or, if
     /// this primary has none (it was a backup then), ordered again: its batch
     /// proves the cached result (`FastBftReplica::execute`).
+    ///
+    /// The host does not check the signature: the enclave does, for the whole
+    /// batch at once, before it certifies the PREPARE (`send_prepare`), and names
+    /// the requests that fail, which the host then drops.
     pub(super) fn on_primary_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
-        let Some(key) = self.keys.client(request.client) else {
+        if self.keys.client(request.client).is_none() {
             return;
-        };
-        if request.operation.len() > self.options.base.max_operation_bytes
-            || !request.signature_is_valid(key)
-        {
+        }
+        if request.operation.len() > self.options.base.max_operation_bytes {
             return out.fault(from, "bad-request");
         }
         let last = self.service.last_timestamp(request.client);
@@ -363,9 +379,7 @@ impl FastBftReplica {
             ..request
         };
         let state = self.state();
-        if state.pending.len() >= MAX_PENDING
-            || !state.queued.insert((request.client, request.timestamp))
-        {
+        if state.pending.len() >= MAX_PENDING || !state.queued.insert(queued_key(&request)) {
             return;
         }
         state.pending.push_back(request);
@@ -444,11 +458,6 @@ impl FastBftReplica {
     fn send_prepare(&mut self, seq: Seq, out: &mut Out) {
         self.refill(out);
         let checkpoint = self.stream.checkpoint;
-        let Some(flight) = self.state().in_flight.get(&seq) else {
-            return;
-        };
-        let batch = flight.batch.clone();
-        let root = crate::merkle::root(&flight.leaves);
         // The first PREPARE after a checkpoint carries its proof.
         let carried = self
             .state()
@@ -456,11 +465,14 @@ impl FastBftReplica {
             .as_ref()
             .filter(|p| p.seq > checkpoint && p.seq.next() == seq)
             .map(|p| Box::new(p.clone()));
-        let digest = prepare_digest(seq, &root, carried.as_ref().map(|p| p.digest()).as_ref());
-        let Ok(cert) = self.enclave_call(|e| e.request_counter(&digest)) else {
-            self.halt("enclave-refused-counter", out);
+        let proof_digest = carried.as_ref().map(|p| p.digest());
+        let Some(cert) = self.certify_batch(seq, proof_digest.as_ref(), out) else {
             return;
         };
+        let Some(flight) = self.state().in_flight.get(&seq) else {
+            return;
+        };
+        let batch = flight.batch.clone();
         let at = position(&cert);
         let prepare = Prepare {
             seq,
@@ -469,7 +481,7 @@ impl FastBftReplica {
             cert,
         };
         let mut stream = self.stream.clone();
-        let own = stream.accept_prepare(&prepare, &self.rules(), false);
+        let own = stream.accept_prepare(&prepare, &self.rules());
         self.stream = stream;
         if own.is_err() {
             // Only a bug gets here: the stream rule would refuse this primary's own
@@ -490,6 +502,57 @@ impl FastBftReplica {
         }
         state.log(at, Message::Prepare(prepare), Some(seq));
         self.start_pooled_round(at, Phase::Prepare, out);
+    }
+
+    /// Has the enclave certify the PREPARE of the in-flight batch `seq`. The
+    /// enclave verifies every request's signature first; the requests it names
+    /// (not signed by their client, which only a faulty replica or client sends)
+    /// leave the batch, and the rest is certified. A batch whose root is fixed
+    /// already (prepared before, or decided by the NEW-VIEW) is never changed:
+    /// every request of it passed an enclave's check, so a refusal there is a
+    /// bug, and this replica halts.
+    fn certify_batch(
+        &mut self,
+        seq: Seq,
+        proof_digest: Option<&Digest>,
+        out: &mut Out,
+    ) -> Option<Cert> {
+        loop {
+            let batch = self.state().in_flight.get(&seq)?.batch.clone();
+            match self.enclave_call(|e| certify_prepare(e, seq, &batch, proof_digest)) {
+                Ok(cert) => return Some(cert),
+                Err(FastBftError::UnsignedRequests(bad))
+                    if !bad.is_empty() && !self.stream.fixed.contains_key(&seq) =>
+                {
+                    let state = self.state();
+                    let flight = state.in_flight.get_mut(&seq)?;
+                    let mut requests = flight.batch.requests.to_vec();
+                    let before = requests.len();
+                    for &i in bad.iter().rev() {
+                        if i < requests.len() {
+                            let dropped = requests.remove(i);
+                            state.queued.remove(&queued_key(&dropped));
+                        }
+                    }
+                    if requests.len() == before {
+                        self.halt("enclave-refused-counter", out);
+                        return None;
+                    }
+                    flight.leaves = requests.iter().map(|r| request_leaf(&r.signed)).collect();
+                    flight.batch = Batch {
+                        requests: BoundedVec::truncating(requests),
+                    };
+                }
+                Err(FastBftError::UnsignedRequests(_)) => {
+                    self.halt("enclave-refused-a-fixed-batch", out);
+                    return None;
+                }
+                Err(_) => {
+                    self.halt("enclave-refused-counter", out);
+                    return None;
+                }
+            }
+        }
     }
 
     /// Sends the PREPARE to the active replicas.
@@ -587,9 +650,7 @@ impl FastBftReplica {
                 return;
             };
             for request in batch.requests.iter() {
-                self.state()
-                    .queued
-                    .remove(&(request.client, request.timestamp));
+                self.state().queued.remove(&queued_key(request));
             }
             if let Some(flight) = self.state().in_flight.get_mut(&seq)
                 && let Some((prepare_cert, _)) = &flight.prepared

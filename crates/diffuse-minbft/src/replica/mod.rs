@@ -244,10 +244,13 @@ impl MinBftReplica {
     }
 
     fn on_start(&mut self, recovered: Recovered, out: &mut Out) {
-        let booted =
-            self.options
-                .tee
-                .boot(self.id, self.n(), self.quorum.f() + 1, self.slot_rules());
+        let booted = self.options.tee.boot(
+            self.id,
+            self.n(),
+            self.quorum.f() + 1,
+            self.slot_rules(),
+            &crate::tee_host::client_keys(&self.keys),
+        );
         let booted = match booted {
             Ok(booted) => booted,
             Err(_) => return self.halt("enclave-unavailable", out),
