@@ -2,7 +2,9 @@
 //! Hardware-assisted Secret Sharing", IEEE TC 2019): `n = 2f + 1` replicas with a
 //! trusted component each; `f + 1` active replicas in a tree rooted at the primary
 //! open a secret per counter value by XORing their shares upwards, so a request
-//! costs `O(n)` messages and no public-key operation on the tree.
+//! costs `O(n)` messages and no public-key operation on the tree: the primary's
+//! enclave verifies the clients' signatures before it certifies a batch, and the
+//! replicas trust its certificate (`authentic`).
 //!
 //! **Status** (`docs/protocols/fastbft.md`): the normal case (preprocessing pool,
 //! batching, PREPARE / COMMIT / REPLY with tree aggregation and checks, UPDATEs
