@@ -87,40 +87,7 @@ impl FastBftClient {
         if self.enclave_keys.is_empty() {
             self.enclave_keys = self.options.tee.enclave_keys().unwrap_or_default();
         }
-        let view = view_of_epoch(reply.prepare_cert.view);
-        let Some(primary) = primary_key(&self.enclave_keys, view) else {
-            return false;
-        };
-        let (index, len) = (reply.index as usize, reply.len as usize);
-        merkle::verify(
-            &reply.batch_root,
-            &request_leaf(&request.signed),
-            index,
-            len,
-            &reply.request_path,
-        ) && merkle::verify(
-            &reply.results_root,
-            &result_leaf(request.client, request.timestamp, Some(&reply.result)),
-            index,
-            len,
-            &reply.result_path,
-        ) && view_of_epoch(reply.commit_cert.view) == view
-            && certifies_prepare(
-                &reply.prepare_cert,
-                reply.seq,
-                &reply.batch_root,
-                reply.checkpoint.as_ref(),
-            )
-            && reply.commit_cert.message
-                == commit_digest(
-                    reply.seq,
-                    &reply.batch_root,
-                    &reply.results_root,
-                    reply.state.as_ref(),
-                )
-            && reply.prepared.matches(&reply.prepare_cert)
-            && reply.replied.matches(&reply.commit_cert)
-            && enclave_signed(reply, &primary)
+        reply_proves(reply, request, &self.enclave_keys)
     }
 
     fn on_reply(&mut self, from: NodeId, reply: ClientReply, out: &mut Out) {
@@ -148,10 +115,52 @@ impl FastBftClient {
     }
 }
 
+/// Whether `reply` proves the result of `request`: the paths, the certificates of
+/// the primary of their view (its key among `enclave_keys`) and both opened
+/// secrets. A client checks this before it accepts a REPLY; a backup, before a
+/// REPLY relayed to it ends its watch over an executed request.
+pub fn reply_proves(reply: &ClientReply, request: &Request, enclave_keys: &[PublicKey]) -> bool {
+    let view = view_of_epoch(reply.prepare_cert.view);
+    let Some(primary) = primary_key(enclave_keys, view) else {
+        return false;
+    };
+    let (index, len) = (reply.index as usize, reply.len as usize);
+    merkle::verify(
+        &reply.batch_root,
+        &request_leaf(&request.signed),
+        index,
+        len,
+        &reply.request_path,
+    ) && merkle::verify(
+        &reply.results_root,
+        &result_leaf(request.client, request.timestamp, Some(&reply.result)),
+        index,
+        len,
+        &reply.result_path,
+    ) && view_of_epoch(reply.commit_cert.view) == view
+        && certifies_prepare(
+            &reply.prepare_cert,
+            reply.seq,
+            &reply.batch_root,
+            reply.checkpoint.as_ref(),
+        )
+        && reply.commit_cert.message
+            == commit_digest(
+                reply.seq,
+                &reply.batch_root,
+                &reply.results_root,
+                reply.state.as_ref(),
+            )
+        && reply.prepared.matches(&reply.prepare_cert)
+        && reply.replied.matches(&reply.commit_cert)
+        && enclave_signed(reply, &primary)
+}
+
 /// Whether the four signatures of `reply` (both certificates, both commitments)
 /// are the enclave `primary`'s, in one batch verification (ZIP 215) rather than
 /// four strict checks. The looser rule costs nothing here: these are signatures of
-/// an attested enclave key, and only this client acts on the answer.
+/// an attested enclave key, and no agreement rests on the answer (a client accepts
+/// a result, a backup stops watching a request).
 fn enclave_signed(reply: &ClientReply, primary: &PublicKey) -> bool {
     let mut batch = SignatureBatch::new();
     reply.prepare_cert.push_to(primary, &mut batch);

@@ -326,3 +326,16 @@ fn a_late_request_from_before_a_view_does_not_replace_its_primary() {
     let report = clean(7, 1556, mix("silent"));
     assert!(report.metrics.completed_ops > 0);
 }
+
+/// Seed 529 at n = 5 (`selective-delay`, replicas 0 and 1 faulty): the primary let
+/// the batches execute everywhere but never opened their reply rounds, so no
+/// client got a REPLY, and the backups, which stopped watching a request once they
+/// executed it, never asked for a view change. A backup now watches an executed
+/// request its client still retransmits until the primary proves its REPLY, and
+/// forwards it to the primary each period.
+#[test]
+fn a_primary_that_never_opens_replies_is_replaced() {
+    let report = clean(5, 529, mix("selective-delay"));
+    assert!(report.metrics.completed_ops > 0);
+    assert!(report.metrics.views_installed > 0, "the primary was replaced");
+}

@@ -373,7 +373,10 @@ impl FastBftReplica {
                     self.on_fetch(from, fetch, out);
                 }
             }
-            Message::Reply(_) => out.fault(from, "reply-to-a-replica"),
+            Message::Reply(reply) => match from {
+                NodeId::Replica(_) => self.on_reply_proof(reply, out),
+                _ => out.fault(from, "reply-to-a-replica"),
+            },
             Message::ReqViewChange(req) => {
                 if let NodeId::Replica(r) = from {
                     self.on_req_view_change(r, req, out);

@@ -364,6 +364,11 @@ impl FastBftReplica {
             && reply.timestamp == request.timestamp
         {
             let reply = reply.clone();
+            // A backup forwards an executed request its client still asks for:
+            // the REPLY proves to it that the client can be answered.
+            if let NodeId::Replica(backup) = from {
+                out.send(backup, Message::Reply(reply.clone()));
+            }
             return out.send(NodeId::Client(request.client), Message::Reply(reply));
         }
         self.queue_request(request, out);

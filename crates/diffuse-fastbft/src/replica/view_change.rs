@@ -14,7 +14,7 @@
 
 use super::{Epoch, FastBftReplica, Out, Timer};
 use crate::checkpoint::{primary_key, primary_of};
-use crate::message::{Accept, Message, ReqViewChange, TreeConfig};
+use crate::message::{Accept, ClientReply, Message, ReqViewChange, TreeConfig};
 use crate::view_log::{
     Decision, NewView, NewViewHeader, StreamState, ViewChange, check_new_view, check_view_change,
     decide, new_view_digest,
@@ -62,6 +62,9 @@ pub(crate) struct ViewChangeState {
     /// Client requests waiting here, with how long they waited
     /// ([`Waiting`]).
     pub(crate) requests: BTreeMap<(ClientId, u64), (Request, Waiting)>,
+    /// Per client, the highest timestamp this backup saw a proven REPLY for (one
+    /// entry per registered client at most).
+    answered: BTreeMap<ClientId, u64>,
     request_timer: bool,
     /// The stream position when the request timer last fired.
     position_at_fire: Option<crate::message::Position>,
@@ -89,8 +92,13 @@ impl FastBftReplica {
         let Some(key) = self.keys.client(request.client) else {
             return;
         };
-        let last = self.service.last_timestamp(request.client);
-        if request.timestamp < last || self.vc.requests.len() >= MAX_WATCHED_REQUESTS {
+        if !still_waiting(
+            &self.service,
+            &self.vc.answered,
+            request.client,
+            request.timestamp,
+        ) || self.vc.requests.len() >= MAX_WATCHED_REQUESTS
+        {
             return;
         }
         if request.operation.len() > self.options.base.max_operation_bytes
@@ -119,13 +127,40 @@ impl FastBftReplica {
         }
     }
 
-    /// A batch ran: the requests it answered wait no more, and the view works.
+    /// A batch ran: the requests it executed wait only for their REPLY, and the
+    /// view works.
     pub(super) fn unblock_requests(&mut self, _out: &mut Out) {
         self.vc.backoff = 0;
-        let service = &self.service;
+        self.forget_answered_requests();
+    }
+
+    /// Stops watching the requests that no longer wait: older than their client's
+    /// latest executed one, or executed with a proven REPLY.
+    fn forget_answered_requests(&mut self) {
+        let (service, answered) = (&self.service, &self.vc.answered);
         self.vc
             .requests
-            .retain(|(client, t), _| *t > service.last_timestamp(*client));
+            .retain(|(client, t), _| still_waiting(service, answered, *client, *t));
+    }
+
+    /// A REPLY relayed to this backup (by the primary, answering a request the
+    /// backup forwarded): if it proves the result of a request watched here, the
+    /// request is answered. The backup relays it to the client itself, so that a
+    /// primary cannot end the watch while keeping the client waiting.
+    pub(super) fn on_reply_proof(&mut self, reply: ClientReply, out: &mut Out) {
+        let key = (reply.client, reply.timestamp);
+        let Some((request, _)) = self.vc.requests.get(&key) else {
+            return;
+        };
+        // A faulty client may have sent two requests under one timestamp, and a
+        // correct primary proves the other one: not a fault, just no proof.
+        if !crate::client::reply_proves(&reply, request, &self.enclave_keys) {
+            return;
+        }
+        self.vc.requests.remove(&key);
+        let answered = self.vc.answered.entry(reply.client).or_default();
+        *answered = (*answered).max(reply.timestamp);
+        out.send(NodeId::Client(reply.client), Message::Reply(reply));
     }
 
     /// The request timer. A request that waits [`PATIENCE_WITHOUT_PROGRESS`]
@@ -136,12 +171,21 @@ impl FastBftReplica {
     /// tree handles do not cost a view change (§4.3).
     pub(super) fn on_request_timer(&mut self, out: &mut Out) {
         self.vc.request_timer = false;
-        let service = &self.service;
-        self.vc
-            .requests
-            .retain(|(client, t), _| *t > service.last_timestamp(*client));
+        self.forget_answered_requests();
         if self.vc.requests.is_empty() {
             return;
+        }
+        // An executed request whose client still asks: the primary either opens
+        // its reply round and proves it to this backup, or is suspected like one
+        // that ignores a request (a primary that lets batches execute but never
+        // opens their replies must not stall the clients forever).
+        if self.in_view() && !self.is_primary() {
+            let primary = self.primary_id();
+            for ((client, t), (request, _)) in &self.vc.requests {
+                if *t <= self.service.last_timestamp(*client) {
+                    out.send(primary, Message::Request(request.clone()));
+                }
+            }
         }
         let position = self.next_position();
         let moved = self.vc.position_at_fire != Some(position);
@@ -657,4 +701,17 @@ impl FastBftReplica {
         self.vc.served_timer = false;
         self.vc.served.clear();
     }
+}
+
+/// Whether a backup still watches request `(client, t)`: not executed yet, or its
+/// client's latest executed request with no REPLY proven to this backup. (A client
+/// retransmits to the backups only while it has no REPLY.)
+fn still_waiting(
+    service: &diffuse_core::service::ReplicatedService,
+    answered: &BTreeMap<ClientId, u64>,
+    client: ClientId,
+    t: u64,
+) -> bool {
+    let last = service.last_timestamp(client);
+    t > last || (t == last && answered.get(&client).is_none_or(|a| *a < t))
 }
