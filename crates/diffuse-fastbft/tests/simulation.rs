@@ -337,5 +337,8 @@ fn a_late_request_from_before_a_view_does_not_replace_its_primary() {
 fn a_primary_that_never_opens_replies_is_replaced() {
     let report = clean(5, 529, mix("selective-delay"));
     assert!(report.metrics.completed_ops > 0);
-    assert!(report.metrics.views_installed > 0, "the primary was replaced");
+    assert!(
+        report.metrics.views_installed > 0,
+        "the primary was replaced"
+    );
 }
