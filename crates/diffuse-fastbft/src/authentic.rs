@@ -31,9 +31,11 @@
 //! again goes through its own enclave's check too, and passes it. Clients send no
 //! MAC authenticator.
 //!
-//! The primary's host checks no signature on arrival: its enclave checks them all
-//! in one batch verification, and names the requests that fail, which the host
-//! drops before asking again (`FastBftReplica::send_prepare`).
+//! The primary's host checks no signature of a client's own request on arrival:
+//! its enclave checks them all in one batch verification, and names the requests
+//! that fail, which the host drops before asking again
+//! (`FastBftReplica::send_prepare`). It checks a request another replica forwards,
+//! so that a faulty replica cannot fill the pending queue with forgeries.
 
 use diffuse_core::codec::BoundedVec;
 use diffuse_pbft::message::{Authenticator, Batch, Request};

@@ -345,14 +345,20 @@ impl FastBftReplica {
     /// this primary has none (it was a backup then), ordered again: its batch
     /// proves the cached result (`FastBftReplica::execute`).
     ///
-    /// The host does not check the signature: the enclave does, for the whole
-    /// batch at once, before it certifies the PREPARE (`send_prepare`), and names
-    /// the requests that fail, which the host then drops.
+    /// The host does not check the signature of a client's own request: the
+    /// enclave does, for the whole batch at once, before it certifies the PREPARE
+    /// (`send_prepare`), and names the requests that fail, which the host then
+    /// drops. A request another replica forwards is checked here, once: the
+    /// transport authenticated the sender, not the client, and a faulty replica
+    /// must not fill the pending queue with requests no client sent.
     pub(super) fn on_primary_request(&mut self, from: NodeId, request: Request, out: &mut Out) {
-        if self.keys.client(request.client).is_none() {
+        let Some(key) = self.keys.client(request.client) else {
             return;
-        }
-        if request.operation.len() > self.options.base.max_operation_bytes {
+        };
+        let forwarded = matches!(from, NodeId::Replica(r) if r != self.id);
+        if request.operation.len() > self.options.base.max_operation_bytes
+            || (forwarded && !request.signature_is_valid(key))
+        {
             return out.fault(from, "bad-request");
         }
         let last = self.service.last_timestamp(request.client);

@@ -134,11 +134,21 @@ impl PbftReplica {
     /// beyond the window, the low watermark moves now. If it is inside the window
     /// but not executed yet, the replica is probably only a few messages behind: it
     /// gets `fetch_timeout` to get there by itself before it transfers state.
+    /// Unless it is a whole checkpoint interval behind (a replica just restarted
+    /// or back from a state transfer, under load): waiting then only lets the
+    /// others move on, and a replica that pays a grace period per checkpoint can
+    /// trail the cluster forever.
     fn on_stable_certificate(&mut self, cert: CheckpointCert, out: &mut Out) {
         if cert.seq <= self.low() {
             return;
         }
-        if self.last_executed >= cert.seq || cert.seq > self.high() || self.needs_state {
+        let whole_interval_behind =
+            cert.seq.0.saturating_sub(self.last_executed.0) >= self.options.checkpoint_interval;
+        if self.last_executed >= cert.seq
+            || cert.seq > self.high()
+            || self.needs_state
+            || whole_interval_behind
+        {
             self.advance_stable(cert, out);
             return;
         }
