@@ -78,6 +78,14 @@ pub struct BenchArgs {
     /// gets a share of a degree-f polynomial) instead of the tree's XOR shares.
     #[arg(long, requires = "preprocessing")]
     fallback: bool,
+    /// Log level of the replica processes (their logs are `replica-<i>.log` in
+    /// the cluster's directory; see --keep-cluster).
+    #[arg(long, value_enum, default_value = "warn")]
+    pub(crate) replica_log: crate::runtime::LogLevel,
+    /// Keep the cluster's directory (configs, keys, databases, replica logs)
+    /// instead of removing it, and print where it is.
+    #[arg(long)]
+    pub(crate) keep_cluster: bool,
 }
 
 /// Parses `KEY=VALUE` pairs into an `[options]` table (integers, booleans, or text).
@@ -136,10 +144,28 @@ fn replicas_sent(cluster: &LocalCluster) -> Option<(f64, f64)> {
 }
 
 /// A local cluster started for a benchmark, with the temporary directory it
-/// lives in (removed on drop).
+/// lives in (removed on drop unless kept).
 pub(crate) struct BenchCluster {
     pub(crate) cluster: LocalCluster,
-    _dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// How a benchmark's replicas run besides the protocol's options.
+#[derive(Clone, Copy)]
+pub(crate) struct ReplicaSetup {
+    /// Log level of each replica.
+    pub(crate) log: crate::runtime::LogLevel,
+    /// Keep the cluster's directory afterwards.
+    pub(crate) keep: bool,
+}
+
+impl BenchArgs {
+    pub(crate) fn replica_setup(&self) -> ReplicaSetup {
+        ReplicaSetup {
+            log: self.replica_log,
+            keep: self.keep_cluster,
+        }
+    }
 }
 
 impl BenchCluster {
@@ -150,6 +176,7 @@ impl BenchCluster {
         n: usize,
         identities: usize,
         options: &toml::Table,
+        setup: ReplicaSetup,
     ) -> Result<BenchCluster, String> {
         // Check the options here, for a clear error instead of replicas that exit.
         diffuse_node::protocols::check_options(protocol, options).map_err(|e| e.to_string())?;
@@ -158,28 +185,34 @@ impl BenchCluster {
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let cluster = LocalCluster::start_with_options(
-            &exe,
-            dir.path(),
-            protocol,
-            n,
-            identities,
-            options.clone(),
-        )
-        .map_err(|e| format!("cannot start the cluster: {e}"))?;
+        let mut cluster =
+            LocalCluster::prepare(&exe, dir.path(), protocol, n, identities, options.clone())
+                .map_err(|e| format!("cannot write the cluster's configuration: {e}"))?;
+        cluster.set_log_level(setup.log.name());
+        cluster
+            .start_all()
+            .map_err(|e| format!("cannot start the cluster: {e}"))?;
         for _ in 0..50 {
             if (0..n).all(|i| cluster.metrics(i).is_some()) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(BenchCluster { cluster, _dir: dir })
+        Ok(BenchCluster {
+            cluster,
+            dir: Some(dir),
+        })
     }
 
-    /// Stops every replica cleanly.
-    pub(crate) fn stop(&mut self) {
+    /// Stops every replica cleanly, and keeps the cluster's directory if asked.
+    pub(crate) fn stop(&mut self, setup: ReplicaSetup) {
         for i in 0..self.cluster.n() {
             self.cluster.stop(i);
+        }
+        if setup.keep
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("cluster kept in {}", dir.keep().display());
         }
     }
 }
@@ -283,8 +316,14 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
         .max()
         .unwrap_or(clients);
     let options = options_table(&args.options)?;
-    let mut bench_cluster =
-        BenchCluster::start(&args.protocol, args.n(), identities, &options).await?;
+    let mut bench_cluster = BenchCluster::start(
+        &args.protocol,
+        args.n(),
+        identities,
+        &options,
+        args.replica_setup(),
+    )
+    .await?;
     let cluster = &mut bench_cluster.cluster;
     std::fs::create_dir_all(&args.out)
         .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
@@ -365,7 +404,7 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
     let text = serde_json::to_string_pretty(&json).expect("JSON values encode");
     std::fs::write(args.out.join("summary.json"), format!("{text}\n"))
         .map_err(|e| e.to_string())?;
-    bench_cluster.stop();
+    bench_cluster.stop(args.replica_setup());
     if args.json {
         println!(
             "{}",

@@ -46,9 +46,10 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
                 args.payload
             );
         }
-        let mut cluster = BenchCluster::start(&protocol, n, clients, &options).await?;
+        let mut cluster =
+            BenchCluster::start(&protocol, n, clients, &options, args.replica_setup()).await?;
         let measured = measure(&mut cluster.cluster, clients, &spec, duration).await?;
-        cluster.stop();
+        cluster.stop(args.replica_setup());
         let Some(measured) = measured else {
             return Ok(ExitCode::from(130));
         };

@@ -13,6 +13,19 @@ pub enum LogLevel {
     Trace,
 }
 
+impl LogLevel {
+    /// The level's name as `--log` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
+}
+
 /// Sends `tracing` output to stderr at `level`.
 pub fn init_logging(level: LogLevel) {
     let level = match level {

@@ -45,6 +45,21 @@ impl LocalCluster {
         clients: usize,
         options: toml::Table,
     ) -> std::io::Result<LocalCluster> {
+        let mut cluster = LocalCluster::prepare(exe, dir, protocol, n, clients, options)?;
+        cluster.start_all()?;
+        Ok(cluster)
+    }
+
+    /// Like [`LocalCluster::start_with_options`], but starts nothing yet (set the
+    /// log level, then [`LocalCluster::start_all`]).
+    pub fn prepare(
+        exe: &Path,
+        dir: &Path,
+        protocol: &str,
+        n: usize,
+        clients: usize,
+        options: toml::Table,
+    ) -> std::io::Result<LocalCluster> {
         let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = testnet::free_ports(host, 2 * n)?;
         let spec = TestnetSpec {
@@ -64,12 +79,19 @@ impl LocalCluster {
             options,
         };
         let testnet = testnet::write(dir, &spec)?;
-        let mut cluster =
-            LocalCluster::new(exe, testnet, spec.metrics_addresses.unwrap_or_default());
-        for i in 0..n {
-            cluster.restart(i)?;
+        Ok(LocalCluster::new(
+            exe,
+            testnet,
+            spec.metrics_addresses.unwrap_or_default(),
+        ))
+    }
+
+    /// Starts every replica (again).
+    pub fn start_all(&mut self) -> std::io::Result<()> {
+        for i in 0..self.n() {
+            self.restart(i)?;
         }
-        Ok(cluster)
+        Ok(())
     }
 
     /// Manages the replicas of an existing testnet (nothing is started yet).

@@ -98,6 +98,10 @@ impl FastBftReplica {
             request.client,
             request.timestamp,
         ) || self.vc.requests.len() >= MAX_WATCHED_REQUESTS
+            || self
+                .vc
+                .requests
+                .contains_key(&(request.client, request.timestamp))
         {
             return;
         }
@@ -105,6 +109,19 @@ impl FastBftReplica {
             || !request.signature_is_valid(key)
         {
             return out.fault(from, "bad-request");
+        }
+        // A request from its client is relayed to the other backups (the client
+        // widens its retransmissions one backup at a time, see `client.rs`), so
+        // that every correct backup watches it once one does. Relayed requests are
+        // not relayed again: a client's request costs at most one relay per backup
+        // it reached, and only for a request new here.
+        if matches!(from, NodeId::Client(_)) && self.in_view() {
+            let primary = self.primary_id();
+            for r in (0..self.n as u16).map(ReplicaId) {
+                if r != self.id && r != primary {
+                    out.send(r, Message::Request(request.clone()));
+                }
+            }
         }
         let client = request.client;
         // One request per client: its latest.
@@ -123,7 +140,7 @@ impl FastBftReplica {
             .or_insert((request, Waiting::default()));
         if !self.vc.request_timer {
             self.vc.request_timer = true;
-            out.set_timer(Timer::Request, self.options.base.view_change_timeout);
+            out.set_timer(Timer::Request, self.request_timer_period());
         }
     }
 
@@ -205,7 +222,15 @@ impl FastBftReplica {
             self.suspect_primary("request-timeout", out);
         }
         self.vc.request_timer = true;
-        out.set_timer(Timer::Request, self.options.base.view_change_timeout);
+        out.set_timer(Timer::Request, self.request_timer_period());
+    }
+
+    /// The request timer's period: the view-change timeout, doubled for each
+    /// view change since a batch last executed (as the view-change timer), so
+    /// that a new view gets the time to build its tree and fill its pipeline
+    /// before its primary is suspected in turn.
+    fn request_timer_period(&self) -> std::time::Duration {
+        self.options.base.view_change_timeout_after(self.vc.backoff)
     }
 
     /// Asks for the view after the one this replica is in or going to, once.
