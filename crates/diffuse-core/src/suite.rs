@@ -216,6 +216,16 @@ pub trait ProtocolSuite: 'static {
     /// connects to a replica only once it has a message for it.
     const CLIENT_HEARS_FROM_EVERY_REPLICA: bool = true;
 
+    /// Whether a message may depend on the writes before it surviving a crash. If
+    /// so (PBFT, MinBFT), the runtime commits the writes durably before the
+    /// message leaves. If not, messages leave at once and the writes become durable
+    /// in the background, and always before a scheduled shutdown: FastBFT's
+    /// enclave comes back **locked** after a crash and the replica rejoins without
+    /// reading its disk, which serves only the restart after a scheduled shutdown.
+    /// The simulator then hands a crashed replica the disk it had when it last
+    /// started (the writes since may or may not have reached the disk).
+    const MESSAGES_WAIT_FOR_WRITES: bool = true;
+
     /// The quorum system for `n` replicas.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError>;
 

@@ -80,6 +80,11 @@ impl ProtocolSuite for FastBft {
     /// The client hears from the primary only.
     const CLIENT_HEARS_FROM_EVERY_REPLICA: bool = false;
 
+    /// The enclave's counters, not the disk, are what a crashed replica must not
+    /// forget: it comes back locked and rejoins (`docs/protocols/fastbft.md`,
+    /// "Restarts and REJOIN").
+    const MESSAGES_WAIT_FOR_WRITES: bool = false;
+
     /// `n = 2f + 1` exactly, as MinBFT.
     fn quorum(n: usize) -> Result<QuorumSystem, QuorumError> {
         diffuse_minbft::MinBft::quorum(n)

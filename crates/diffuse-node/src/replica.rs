@@ -15,6 +15,12 @@
 //! loses the inputs handled since the last durable commit together with everything
 //! that depended on them: no message of theirs has left.) Timers and observations
 //! take effect at once: they never depend on the disk.
+//!
+//! **Deferred writes.** A protocol whose messages never depend on its writes
+//! surviving a crash ([`ProtocolSuite::MESSAGES_WAIT_FOR_WRITES`] false: FastBFT)
+//! sends each group's messages at once, and the storage thread commits the writes
+//! without an fsync, with a durable commit at least every [`DEFERRED_SYNC`] (redb
+//! reclaims space only then) and always before the replica shuts down.
 
 use crate::config::NodeSettings;
 use crate::metrics::{self, NodeMetrics};
@@ -153,8 +159,13 @@ pub async fn run_replica<S: ProtocolSuite>(
     };
     let transport = Arc::new(transport);
     let (failure_tx, mut failure) = oneshot::channel();
-    let (groups, storage) =
-        StorageThread::start(store, transport.clone(), metrics.clone(), failure_tx);
+    let (groups, storage) = StorageThread::start(
+        store,
+        transport.clone(),
+        metrics.clone(),
+        failure_tx,
+        S::MESSAGES_WAIT_FOR_WRITES,
+    );
     let mut driver = Driver::<S> {
         id: NodeId::Replica(settings.id),
         replica: S::replica(setup, app),
@@ -231,6 +242,9 @@ pub async fn run_replica<S: ProtocolSuite>(
     Ok(())
 }
 
+/// With deferred writes, the longest a write waits for a durable commit.
+pub const DEFERRED_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How often the queue-depth gauges are refreshed.
 const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -284,12 +298,17 @@ impl StorageThread {
         transport: Arc<Transport<M>>,
         metrics: Arc<NodeMetrics>,
         failure: oneshot::Sender<()>,
+        messages_wait_for_writes: bool,
     ) -> (mpsc::Sender<Group<M>>, StorageThread) {
         let (tx, rx) = mpsc::channel(MAX_GROUPS_WAITING);
         let handle = std::thread::Builder::new()
             .name("diffuse-storage".into())
             .spawn(move || {
-                let result = storage_loop(&store, &transport, &metrics, rx);
+                let result = if messages_wait_for_writes {
+                    storage_loop(&store, &transport, &metrics, rx)
+                } else {
+                    deferred_storage_loop(&store, &metrics, rx)
+                };
                 if result.is_err() {
                     let _ = failure.send(());
                 }
@@ -348,6 +367,43 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
         }
         transport.send_all(outgoing.map(|o| (o.to, &o.message)));
         waiting.clear();
+    }
+    Ok(())
+}
+
+/// The storage thread with deferred writes: the messages already left; commits
+/// without an fsync, durably at least every [`DEFERRED_SYNC`] and once more when
+/// the replica stops.
+fn deferred_storage_loop<M>(
+    store: &Store,
+    metrics: &NodeMetrics,
+    mut groups: mpsc::Receiver<Group<M>>,
+) -> Result<(), StorageError> {
+    let mut last_sync = std::time::Instant::now();
+    let mut unsynced = false;
+    let mut waiting: Vec<Group<M>> = Vec::new();
+    while let Some(first) = groups.blocking_recv() {
+        waiting.push(first);
+        while waiting.len() < MAX_GROUPS_PER_COMMIT {
+            match groups.try_recv() {
+                Ok(group) => waiting.push(group),
+                Err(_) => break,
+            }
+        }
+        let durable = last_sync.elapsed() >= DEFERRED_SYNC;
+        let started = std::time::Instant::now();
+        store.commit(waiting.iter().flat_map(|g| g.writes.iter()), durable)?;
+        if durable {
+            metrics
+                .persist_latency
+                .observe(started.elapsed().as_secs_f64());
+            last_sync = std::time::Instant::now();
+        }
+        unsynced = !durable;
+        waiting.clear();
+    }
+    if unsynced {
+        store.commit(std::iter::empty(), true)?;
     }
     Ok(())
 }
@@ -415,6 +471,16 @@ impl<S: ProtocolSuite> Driver<S> {
     /// them in one transaction and then sends the messages in order. Fails if the
     /// storage thread stopped (a storage error).
     async fn hand_over(&mut self) -> Result<(), ()> {
+        if !S::MESSAGES_WAIT_FOR_WRITES && !self.outbox.is_empty() {
+            let outbox = std::mem::take(&mut self.outbox);
+            for arrived in outbox.iter().filter_map(|o| o.arrived) {
+                self.metrics
+                    .request_latency
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
+            self.transport
+                .send_all(outbox.iter().map(|o| (o.to, &o.message)));
+        }
         if self.writes.is_empty() && self.outbox.is_empty() {
             return Ok(());
         }

@@ -123,9 +123,25 @@ impl Store {
         &self,
         writes: impl IntoIterator<Item = &'a WriteOp>,
     ) -> Result<(), StorageError> {
+        self.commit(writes, true)
+    }
+
+    /// Applies `writes` atomically; durably only if `durable`. A commit that is not
+    /// durable is lost by a crash unless a durable one follows it (redb's
+    /// `Durability::None`; redb frees pages only at durable commits, so the caller
+    /// must commit durably now and then).
+    pub fn commit<'a>(
+        &self,
+        writes: impl IntoIterator<Item = &'a WriteOp>,
+        durable: bool,
+    ) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(db)?;
-        txn.set_durability(Durability::Immediate).map_err(db)?;
-        txn.set_quick_repair(true);
+        if durable {
+            txn.set_durability(Durability::Immediate).map_err(db)?;
+            txn.set_quick_repair(true);
+        } else {
+            txn.set_durability(Durability::None).map_err(db)?;
+        }
         {
             let mut table = txn.open_table(PROTOCOL).map_err(db)?;
             for write in writes {
@@ -192,6 +208,19 @@ mod tests {
                 (b"c/2".to_vec(), b"y".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn a_durable_commit_makes_the_earlier_ones_durable_too() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), b"replica 0").unwrap();
+            store.commit(&[put("a", "1")], false).unwrap();
+            store.commit(&[put("b", "2")], false).unwrap();
+            store.commit(std::iter::empty(), true).unwrap();
+        }
+        let store = Store::open(dir.path(), b"replica 0").unwrap();
+        assert_eq!(store.load().unwrap().entries.len(), 2);
     }
 
     #[test]

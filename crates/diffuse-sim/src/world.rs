@@ -145,6 +145,9 @@ struct ReplicaNode<P: ProtocolSuite> {
     machine: Option<P::Replica>,
     setup: ReplicaSetup<P::Options>,
     disk: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// The disk when the replica last started: what a crash leaves of a protocol
+    /// whose messages do not wait for its writes (`MESSAGES_WAIT_FOR_WRITES`).
+    disk_at_start: BTreeMap<Vec<u8>, Vec<u8>>,
     timers: BTreeMap<P::Timer, u64>,
     behaviour: Option<Box<dyn Behaviour<P::Message>>>,
 }
@@ -239,6 +242,7 @@ impl<P: ProtocolSuite> Simulation<P> {
                 machine: Some(P::replica(setup.clone(), Box::new(KvStore::default()))),
                 setup,
                 disk: BTreeMap::new(),
+                disk_at_start: BTreeMap::new(),
                 timers: BTreeMap::new(),
                 behaviour,
             });
@@ -461,6 +465,10 @@ impl<P: ProtocolSuite> Simulation<P> {
                 };
                 node.timers.clear();
                 if !scheduled {
+                    if !P::MESSAGES_WAIT_FOR_WRITES {
+                        // No write since the start need have reached the disk.
+                        node.disk = node.disk_at_start.clone();
+                    }
                     return self.log(format!("r{replica} CRASH"));
                 }
                 match machine.shutdown() {
@@ -477,6 +485,7 @@ impl<P: ProtocolSuite> Simulation<P> {
                     let node = &mut self.replicas[replica];
                     node.machine =
                         Some(P::replica(node.setup.clone(), Box::new(KvStore::default())));
+                    node.disk_at_start = node.disk.clone();
                     let recovered = Recovered {
                         entries: node
                             .disk
