@@ -16,6 +16,13 @@ mod testnet;
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's allocator: replicas allocate and free many
+/// buffers of a few kilobytes per batch (frames, requests, results), where glibc
+/// spent a quarter of a replica's CPU in `malloc`, `free`, consolidation and
+/// fresh zeroed pages (`docs/performance.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Diffuse: Byzantine fault-tolerant state machine replication, in Rust.
 #[derive(Parser)]
 #[command(name = "diffuse", version, about, long_about = None)]
