@@ -19,8 +19,9 @@
 //! **Deferred writes.** A protocol whose messages never depend on its writes
 //! surviving a crash ([`ProtocolSuite::MESSAGES_WAIT_FOR_WRITES`] false: FastBFT)
 //! sends each group's messages at once, and the storage thread commits the writes
-//! without an fsync, with a durable commit at least every [`DEFERRED_SYNC`] (redb
-//! reclaims space only then) and always before the replica shuts down.
+//! of every group of the last few milliseconds together, without an fsync, with a
+//! durable commit at least every [`DEFERRED_SYNC`] (redb reclaims space only then)
+//! and always before the replica shuts down.
 
 use crate::config::NodeSettings;
 use crate::metrics::{self, NodeMetrics};
@@ -245,6 +246,14 @@ pub async fn run_replica<S: ProtocolSuite>(
 /// With deferred writes, the longest a write waits for a durable commit.
 pub const DEFERRED_SYNC: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// With deferred writes, the least time between two commits: a commit costs
+/// about the same for one group as for hundreds, and nothing waits for it.
+const DEFERRED_COMMIT_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// With deferred writes, the groups waiting for the storage thread (and the most
+/// in one commit) before the loop waits for it.
+const MAX_DEFERRED_GROUPS: usize = 1024;
+
 /// How often the queue-depth gauges are refreshed.
 const QUEUE_SAMPLE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -300,7 +309,11 @@ impl StorageThread {
         failure: oneshot::Sender<()>,
         messages_wait_for_writes: bool,
     ) -> (mpsc::Sender<Group<M>>, StorageThread) {
-        let (tx, rx) = mpsc::channel(MAX_GROUPS_WAITING);
+        let (tx, rx) = mpsc::channel(if messages_wait_for_writes {
+            MAX_GROUPS_WAITING
+        } else {
+            MAX_DEFERRED_GROUPS
+        });
         let handle = std::thread::Builder::new()
             .name("diffuse-storage".into())
             .spawn(move || {
@@ -380,11 +393,18 @@ fn deferred_storage_loop<M>(
     mut groups: mpsc::Receiver<Group<M>>,
 ) -> Result<(), StorageError> {
     let mut last_sync = std::time::Instant::now();
+    let mut last_commit = last_sync;
     let mut unsynced = false;
     let mut waiting: Vec<Group<M>> = Vec::new();
     while let Some(first) = groups.blocking_recv() {
         waiting.push(first);
-        while waiting.len() < MAX_GROUPS_PER_COMMIT {
+        // Let the groups of the next few milliseconds join this commit.
+        let gathered = last_commit + DEFERRED_COMMIT_EVERY;
+        let now = std::time::Instant::now();
+        if now < gathered {
+            std::thread::sleep(gathered - now);
+        }
+        while waiting.len() < MAX_DEFERRED_GROUPS {
             match groups.try_recv() {
                 Ok(group) => waiting.push(group),
                 Err(_) => break,
@@ -400,6 +420,7 @@ fn deferred_storage_loop<M>(
             last_sync = std::time::Instant::now();
         }
         unsynced = !durable;
+        last_commit = std::time::Instant::now();
         waiting.clear();
     }
     if unsynced {

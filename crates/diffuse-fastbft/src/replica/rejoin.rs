@@ -453,7 +453,7 @@ impl FastBftReplica {
             self.remember_batch(seq, batch);
         }
         for update in state.updates.into_inner() {
-            if self.update_is_valid(&update) {
+            if self.update_is_valid(&update, &crate::message::batch_root(&update.batch)) {
                 self.add_commit(
                     update.seq,
                     update.batch,
