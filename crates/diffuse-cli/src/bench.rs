@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Seconds of measured load.
     #[arg(long, default_value_t = 10)]
     pub(crate) duration: u64,
+    /// Seconds of load before the measurement starts, not counted (a new cluster
+    /// first connects its replicas to each other and fills its pipelines).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) warmup: u64,
     /// Percent of operations that are reads (the rest are puts and compare-and-swaps).
     #[arg(long, default_value_t = 40)]
     pub(crate) read_percent: u64,
@@ -255,14 +259,22 @@ impl Measured {
     }
 }
 
-/// Runs `clients` closed-loop clients for `duration` and measures; `None` if the
-/// user interrupted it.
+/// Runs `clients` closed-loop clients for `warmup` unmeasured, then for
+/// `duration` and measures; `None` if the user interrupted it.
 pub(crate) async fn measure(
     cluster: &mut LocalCluster,
     clients: usize,
     spec: &WorkloadSpec,
+    warmup: Duration,
     duration: Duration,
 ) -> Result<Option<Measured>, String> {
+    if !warmup.is_zero() {
+        let bar = load::progress(warmup);
+        let run = load::run(cluster, clients, spec, warmup, &bar, |_, _, _| {}).await?;
+        if run.interrupted {
+            return Ok(None);
+        }
+    }
     let cpu_before = replicas_cpu(cluster);
     let client_cpu_before = cpu_seconds(std::process::id());
     let sent_before = replicas_sent(cluster);
@@ -335,15 +347,17 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
     let duration = Duration::from_secs(args.duration.max(1));
     if !args.json {
         println!(
-            "{} clients against {} {} replicas (real processes on loopback) for {}s, {}-byte values",
+            "{} clients against {} {} replicas (real processes on loopback) for {}s after {}s of warm-up, {}-byte values",
             clients,
             args.n(),
             args.protocol,
             duration.as_secs(),
+            args.warmup,
             args.payload
         );
     }
-    let Some(measured) = measure(cluster, clients, &spec, duration).await? else {
+    let warmup = Duration::from_secs(args.warmup);
+    let Some(measured) = measure(cluster, clients, &spec, warmup, duration).await? else {
         return Ok(ExitCode::from(130));
     };
     let (run, summary) = (&measured.run, &measured.summary);
@@ -386,6 +400,7 @@ async fn bench(mut args: BenchArgs) -> Result<ExitCode, String> {
         "payload_bytes": args.payload,
         "options": args.options,
         "duration_s": run.elapsed.as_secs_f64(),
+        "warmup_s": args.warmup,
         "ops": summary.completed,
         "unfinished": summary.unfinished,
         "timeouts": summary.timeouts,

@@ -48,7 +48,8 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
         }
         let mut cluster =
             BenchCluster::start(&protocol, n, clients, &options, args.replica_setup()).await?;
-        let measured = measure(&mut cluster.cluster, clients, &spec, duration).await?;
+        let warmup = Duration::from_secs(args.warmup);
+        let measured = measure(&mut cluster.cluster, clients, &spec, warmup, duration).await?;
         cluster.stop(args.replica_setup());
         let Some(measured) = measured else {
             return Ok(ExitCode::from(130));
@@ -64,6 +65,7 @@ pub async fn run(args: &BenchArgs) -> Result<ExitCode, String> {
         "clients": clients,
         "payload_bytes": args.payload,
         "duration_s": duration.as_secs(),
+        "warmup_s": args.warmup,
         "options": args.options,
         "runs": rows.iter().map(row_json).collect::<Vec<_>>(),
     });
