@@ -1205,8 +1205,6 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
     }
 }
 
-/// Builds the REPLY of request `index` of an executed batch.
-#[allow(clippy::too_many_arguments)]
 /// Whether the four signatures of an UPDATE (both certificates, both
 /// commitments) are the primary's enclave's, in one batch verification (ZIP 215),
 /// as the client checks a REPLY: about half the cost of four strict checks, on
@@ -1222,6 +1220,8 @@ fn enclave_signed(update: &Update, primary: &PublicKey) -> bool {
     batch.verify().into_iter().all(|valid| valid)
 }
 
+/// Builds the REPLY of request `index` of an executed batch.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn client_reply(
     seq: Seq,
     batch: &Batch,
