@@ -259,8 +259,30 @@ impl Measured {
     }
 }
 
-/// Runs `clients` closed-loop clients for `warmup` unmeasured, then for
-/// `duration` and measures; `None` if the user interrupted it.
+/// What the processes had spent when the measured window opened.
+struct Counters {
+    /// Time since the load started.
+    at: Duration,
+    cpu: Option<f64>,
+    client_cpu: Option<f64>,
+    sent: Option<(f64, f64)>,
+}
+
+impl Counters {
+    fn read(cluster: &LocalCluster, at: Duration) -> Counters {
+        Counters {
+            at,
+            cpu: replicas_cpu(cluster),
+            client_cpu: cpu_seconds(std::process::id()),
+            sent: replicas_sent(cluster),
+        }
+    }
+}
+
+/// Runs `clients` closed-loop clients for `warmup` and then `duration` more, and
+/// measures the second part only: the operations invoked in it, and what the
+/// processes spent meanwhile. The clients run throughout (restarting them after
+/// the warm-up would start them cold again). `None` if the user interrupted it.
 pub(crate) async fn measure(
     cluster: &mut LocalCluster,
     clients: usize,
@@ -268,30 +290,43 @@ pub(crate) async fn measure(
     warmup: Duration,
     duration: Duration,
 ) -> Result<Option<Measured>, String> {
-    if !warmup.is_zero() {
-        let bar = load::progress(warmup);
-        let run = load::run(cluster, clients, spec, warmup, &bar, |_, _, _| {}).await?;
-        if run.interrupted {
-            return Ok(None);
-        }
-    }
-    let cpu_before = replicas_cpu(cluster);
-    let client_cpu_before = cpu_seconds(std::process::id());
-    let sent_before = replicas_sent(cluster);
-    let bar = load::progress(duration);
-    let run = load::run(cluster, clients, spec, duration, &bar, |_, _, _| {}).await?;
+    let mut opened = warmup
+        .is_zero()
+        .then(|| Counters::read(cluster, Duration::ZERO));
+    let bar = load::progress(warmup + duration);
+    let run = load::run(
+        cluster,
+        clients,
+        spec,
+        warmup + duration,
+        &bar,
+        |c, elapsed, _| {
+            if opened.is_none() && elapsed >= warmup {
+                opened = Some(Counters::read(c, elapsed));
+            }
+        },
+    )
+    .await?;
     if run.interrupted {
         return Ok(None);
     }
-    let summary = load::summarise(&run.records, run.elapsed);
+    let opened = opened.unwrap_or_else(|| Counters::read(cluster, run.elapsed));
+    let from_ns = opened.at.as_nanos() as u64;
+    let measured: Vec<_> = run
+        .records
+        .iter()
+        .filter(|r| r.invoke_ns >= from_ns)
+        .cloned()
+        .collect();
+    let summary = load::summarise(&measured, run.elapsed.saturating_sub(opened.at));
     let cpu = replicas_cpu(cluster)
-        .zip(cpu_before)
+        .zip(opened.cpu)
         .map(|(after, before)| after - before);
     let client_cpu = cpu_seconds(std::process::id())
-        .zip(client_cpu_before)
+        .zip(opened.client_cpu)
         .map(|(after, before)| after - before);
     let sent = replicas_sent(cluster)
-        .zip(sent_before)
+        .zip(opened.sent)
         .map(|((m, b), (m0, b0))| (m - m0, b - b0));
     Ok(Some(Measured {
         run,
