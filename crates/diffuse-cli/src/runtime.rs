@@ -43,13 +43,31 @@ pub fn init_logging(level: LogLevel) {
         .try_init();
 }
 
-/// Runs `work` to completion on a multi-threaded tokio runtime (the replica loop
-/// uses `block_in_place` for fsync), or reports why the runtime cannot start.
+/// Runs `work` to completion on a multi-threaded tokio runtime, or reports why
+/// the runtime cannot start.
 pub fn block_on(work: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    block_on_threads(0, work)
+}
+
+/// Runs `work` to completion on a tokio runtime with `threads` worker threads: 0
+/// for one per core, 1 for everything on the calling thread.
+pub fn block_on_threads(
+    threads: usize,
+    work: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    let built = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    match built {
         Ok(runtime) => runtime.block_on(work),
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
