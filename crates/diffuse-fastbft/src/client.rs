@@ -252,8 +252,9 @@ impl diffuse_core::protocol::Client for FastBftClient {
 /// request goes to besides the primary: none for the first, then 1, 2, 4, … of
 /// them, from a place in the ring that depends on the client (so that clients
 /// spread over the backups), up to all. A backup relays a request it gets from
-/// its client to the other backups, so one correct backup is enough for all of
-/// them to watch it, and any `f + 1` backups include a correct one.
+/// its client, if it still waits two request-timer periods later, to the other
+/// backups, so one correct backup is enough for all of them to watch it, and any
+/// `f + 1` backups include a correct one.
 pub fn retransmission_backups(
     primary: ReplicaId,
     n: usize,

@@ -77,7 +77,14 @@ pub(crate) struct Waiting {
     periods: u8,
     /// Periods in which this replica's stream did not move.
     quiet: u8,
+    /// Came from its client: relayed to the other backups if it is still waiting
+    /// a full period later.
+    relay: bool,
 }
+
+/// Request timer periods a request from its client waits here before this backup
+/// relays it to the others (see [`FastBftReplica::on_request_timer`]).
+const PERIODS_BEFORE_RELAY: u8 = 2;
 
 impl FastBftReplica {
     /// A client's request: the primary orders it, a backup watches it.
@@ -110,19 +117,6 @@ impl FastBftReplica {
         {
             return out.fault(from, "bad-request");
         }
-        // A request from its client is relayed to the other backups (the client
-        // widens its retransmissions one backup at a time, see `client.rs`), so
-        // that every correct backup watches it once one does. Relayed requests are
-        // not relayed again: a client's request costs at most one relay per backup
-        // it reached, and only for a request new here.
-        if matches!(from, NodeId::Client(_)) && self.in_view() {
-            let primary = self.primary_id();
-            for r in (0..self.n as u16).map(ReplicaId) {
-                if r != self.id && r != primary {
-                    out.send(r, Message::Request(request.clone()));
-                }
-            }
-        }
         let client = request.client;
         // One request per client: its latest.
         let older: Vec<_> = self
@@ -137,7 +131,13 @@ impl FastBftReplica {
         self.vc
             .requests
             .entry((client, request.timestamp))
-            .or_insert((request, Waiting::default()));
+            .or_insert((
+                request,
+                Waiting {
+                    relay: matches!(from, NodeId::Client(_)),
+                    ..Waiting::default()
+                },
+            ));
         if !self.vc.request_timer {
             self.vc.request_timer = true;
             out.set_timer(Timer::Request, self.request_timer_period());
@@ -208,8 +208,25 @@ impl FastBftReplica {
         let moved = self.vc.position_at_fire != Some(position);
         self.vc.position_at_fire = Some(position);
         let mut late = false;
-        for (_, waiting) in self.vc.requests.values_mut() {
+        let (primary, me, n, in_view) = (self.primary_id(), self.id, self.n, self.in_view());
+        for (request, waiting) in self.vc.requests.values_mut() {
             waiting.periods = waiting.periods.saturating_add(1);
+            // A request from its client that still waits a full period later is
+            // relayed to the other backups (the client widens its retransmissions
+            // one backup at a time, see `client.rs`), so that every correct backup
+            // watches it once one does. Relayed requests are not relayed again,
+            // and a request answered within the period (most, even in a cluster
+            // too slow for the clients' first timeouts) costs no relay: relaying
+            // at once made 512 starting clients of 103 replicas send 50,000
+            // relays, each a signature check, and the cluster stalled.
+            if waiting.relay && waiting.periods >= PERIODS_BEFORE_RELAY && in_view {
+                waiting.relay = false;
+                for r in (0..n as u16).map(ReplicaId) {
+                    if r != me && r != primary {
+                        out.send(r, Message::Request(request.clone()));
+                    }
+                }
+            }
             waiting.quiet = if moved {
                 0
             } else {
