@@ -354,8 +354,7 @@ fn relays(report: &RunReport) -> usize {
             let Some((_, rest)) = line.split_once(" -> r") else {
                 return false;
             };
-            line.trim_start()
-                .split_whitespace()
+            line.split_whitespace()
                 .nth(1)
                 .is_some_and(|from| from.starts_with('r'))
                 && rest
