@@ -8,6 +8,18 @@ use std::time::{Duration, Instant};
 
 const EXE: &str = env!("CARGO_BIN_EXE_diffuse");
 
+/// One test of this file at a time: each runs `diffuse testnet` or `bench` in a
+/// process of its own, which draws free ports without knowing the others' draws,
+/// and two clusters drawing the same port made a node fail with "Address already
+/// in use" (seen once in CI).
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_cluster_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn diffuse(args: &[&str]) -> Output {
     Command::new(EXE).args(args).output().expect("run diffuse")
 }
@@ -37,6 +49,7 @@ fn client(dir: &Path, args: &[&str]) -> Output {
 
 #[test]
 fn testnet_node_client_and_a_clean_stop() {
+    let _one = one_cluster_at_a_time();
     user_workflow("pbft", 4);
 }
 
@@ -44,6 +57,7 @@ fn testnet_node_client_and_a_clean_stop() {
 /// certificates against the attested enclave list `diffuse testnet` writes.
 #[test]
 fn fastbft_testnet_node_client_and_a_clean_stop() {
+    let _one = one_cluster_at_a_time();
     user_workflow("fastbft", 3);
 }
 
@@ -174,6 +188,7 @@ fn user_workflow(protocol: &str, n: usize) {
 /// `f = 1`, measured in one run and reported in one JSON object.
 #[test]
 fn bench_compares_protocols_in_one_run() {
+    let _one = one_cluster_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().to_str().unwrap();
     let args = [
