@@ -33,25 +33,15 @@ impl LocalCluster {
         n: usize,
         clients: usize,
     ) -> std::io::Result<LocalCluster> {
-        LocalCluster::start_with_options(exe, dir, protocol, n, clients, toml::Table::new())
-    }
-
-    /// Like [`LocalCluster::start`], with protocol options for every member.
-    pub fn start_with_options(
-        exe: &Path,
-        dir: &Path,
-        protocol: &str,
-        n: usize,
-        clients: usize,
-        options: toml::Table,
-    ) -> std::io::Result<LocalCluster> {
-        let mut cluster = LocalCluster::prepare(exe, dir, protocol, n, clients, options)?;
+        let mut cluster =
+            LocalCluster::prepare(exe, dir, protocol, n, clients, toml::Table::new())?;
         cluster.start_all()?;
         Ok(cluster)
     }
 
-    /// Like [`LocalCluster::start_with_options`], but starts nothing yet (set the
-    /// log level, then [`LocalCluster::start_all`]).
+    /// Writes a fresh testnet into `dir` with protocol options for every member,
+    /// and starts nothing yet (set the log level, then
+    /// [`LocalCluster::start_all`]).
     pub fn prepare(
         exe: &Path,
         dir: &Path,
