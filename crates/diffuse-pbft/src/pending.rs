@@ -163,6 +163,14 @@ impl Pending {
         }
     }
 
+    /// Drops every pending request that `last_executed` (the latest timestamp
+    /// executed per client) shows done: after a state transfer, the requests the
+    /// installed state already executed.
+    pub fn drop_executed(&mut self, last_executed: impl Fn(ClientId) -> u64) {
+        self.by_client
+            .retain(|client, p| p.request.timestamp > last_executed(*client));
+    }
+
     /// Marks the client's request (at this timestamp) as proposed in `view`.
     pub fn mark_proposed(&mut self, client: ClientId, timestamp: u64, view: View) {
         if let Some(p) = self.by_client.get_mut(&client) {

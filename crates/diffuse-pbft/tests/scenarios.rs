@@ -177,6 +177,58 @@ fn lagging_replica_catches_up_by_state_transfer() {
     assert!(c.faults.is_empty(), "{:?}", c.faults);
 }
 
+/// A replica catching up by state transfer does not suspect a primary that is
+/// serving everyone else: while it fetches the state its request timer waits, and
+/// the requests the installed state executed leave its pending set. (A real
+/// cluster once lost a restarted replica this way: it started a view change alone,
+/// from requests it still held, and stayed out of the view the others kept.)
+#[test]
+fn replica_catching_up_does_not_suspect_a_working_primary() {
+    let mut c = Cluster::new(4, 2, test_options());
+    let (client, primary, lagging) = (NodeId::Client(ClientId(1)), replica(0), replica(3));
+    let between_replicas = |from: NodeId, to: NodeId| {
+        matches!(from, NodeId::Replica(_)) && matches!(to, NodeId::Replica(_))
+    };
+    // Replica 3 hears client 1 but no replica; the client's first tries miss the
+    // primary, so it retransmits to everyone and replica 3 holds its request.
+    c.cut(move |from, to, _| {
+        (from == client && to == primary)
+            || (between_replicas(from, to) && (from == lagging || to == lagging))
+    });
+    c.invoke(1, KvOp::put(b"x", b"1"));
+    c.run();
+    c.client_retransmits_to_all(1);
+    assert_eq!(c.completed[1].len(), 1, "the others served the request");
+    assert!(c.timers[3].contains(&Timer::Request), "replica 3 holds it");
+    c.cut(move |from, to, _| between_replicas(from, to) && (from == lagging || to == lagging));
+    c.puts(20);
+    // Back, but its state transfer gets no answer yet.
+    c.cut(move |_, to, message| to == lagging && matches!(message, Message::StateChunk(_)));
+    c.puts(5);
+    assert_eq!(c.replica(3).last_executed(), Seq(0), "still fetching");
+    assert!(c.fire(3, Timer::Request));
+    c.run();
+    assert_eq!(
+        c.replica(3).view(),
+        View(0),
+        "no view change while fetching"
+    );
+    assert!(c.timers[3].contains(&Timer::Request), "the timer waits");
+    // The state arrives: it executed the request, which is no longer pending.
+    c.heal();
+    assert!(c.fire(3, Timer::StateTransfer));
+    c.run();
+    assert_eq!(c.state_transfers[3], 1);
+    assert_eq!(c.replica(3).last_executed(), c.replica(0).last_executed());
+    assert!(!c.fire(3, Timer::Request), "nothing left to time");
+    c.run();
+    assert_eq!(c.replica(3).view(), View(0));
+    c.puts(2);
+    assert_eq!(c.replica(3).last_executed(), c.replica(0).last_executed());
+    c.assert_agreement();
+    assert!(c.faults.is_empty(), "{:?}", c.faults);
+}
+
 /// Crash recovery: a restarted replica reloads what it persisted and catches up.
 #[test]
 fn restarted_replica_recovers_from_its_disk() {

@@ -310,7 +310,14 @@ impl PbftReplica {
             }
             Timer::Request => {
                 self.request_timer_for = None;
-                if self.view_active && !self.pending.is_empty() {
+                if self.needs_state {
+                    // A replica fetching a checkpoint that a quorum certified is
+                    // behind, not blocked by the primary: it waits for the state
+                    // rather than start a view change alone, which would shut it out
+                    // of the view the others stay in. It still joins one that `f + 1`
+                    // others start.
+                    self.ensure_request_timer(out);
+                } else if self.view_active && !self.pending.is_empty() {
                     self.start_view_change(self.view.next(), out);
                 }
             }

@@ -218,8 +218,18 @@ impl PbftReplica {
         }
         writes.extend(self.stable_writes());
         out.persist(writes);
+        // Requests the installed state executed are done: left pending, they would
+        // run out the request timer and make this replica suspect a primary that
+        // served them while it was away.
+        let service = &self.service;
+        self.pending
+            .drop_executed(|client| service.last_timestamp(client));
         self.execute_ready(out);
         self.after_progress(out);
+        // The batches between the checkpoint and where the others are now were sent
+        // while this replica was away: ask for them now rather than at the next
+        // status tick, before the others' logs move past them.
+        self.broadcast_status(out);
     }
 
     /// Asks every replica for a batch body this replica needs at `seq`.
