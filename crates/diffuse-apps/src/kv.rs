@@ -106,6 +106,12 @@ impl KvOp {
         }
     }
 
+    /// Whether the operation only reads (a GET): a client may send it on a
+    /// protocol's read-only path.
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, KvOp::Get { .. })
+    }
+
     /// A get.
     pub fn get(key: &[u8]) -> KvOp {
         KvOp::Get { key: blob(key) }
@@ -240,6 +246,15 @@ impl Application for KvStore {
             Err(e) => KvResult::error(&format!("malformed operation: {e}")),
         };
         result.encode()
+    }
+
+    fn query(&self, operation: &[u8]) -> Option<Vec<u8>> {
+        match KvOp::decode(operation) {
+            Ok(KvOp::Get { key }) => {
+                Some(KvResult::Value(self.entries.get(&*key).map(|v| blob(v))).encode())
+            }
+            _ => None,
+        }
     }
 
     fn digest(&self) -> Digest {

@@ -22,6 +22,17 @@ pub trait Application: Send {
     /// Replaces the state with a snapshot. The bytes may come from a peer: an
     /// invalid snapshot is an error and leaves the state unchanged.
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), AppError>;
+
+    /// The result of `operation` if it only reads the state (and is well formed),
+    /// without changing anything; `None` if it may write. A protocol with a
+    /// read-only path (PBFT's, §5.1.3 of Castro and Liskov) answers such an
+    /// operation from its current state without ordering it. Must give what
+    /// `execute` would give for the same operation on the same state. The default
+    /// marks every operation as a possible write.
+    fn query(&self, operation: &[u8]) -> Option<Vec<u8>> {
+        let _ = operation;
+        None
+    }
 }
 
 /// A snapshot could not be restored.

@@ -325,6 +325,16 @@ pub trait Client: Send {
         operation: Vec<u8>,
     ) -> Result<Actions<Self::Message, Self::Timer>, InvokeError>;
 
+    /// Starts an operation the caller knows only reads the state. A protocol
+    /// with a read-only path may answer it without ordering it; the result is the
+    /// same as `invoke`'s would be. The default orders it.
+    fn invoke_read_only(
+        &mut self,
+        operation: Vec<u8>,
+    ) -> Result<Actions<Self::Message, Self::Timer>, InvokeError> {
+        self.invoke(operation)
+    }
+
     /// Feeds a reply or a timer.
     fn handle(
         &mut self,

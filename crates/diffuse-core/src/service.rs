@@ -114,6 +114,14 @@ impl ReplicatedService {
         Execution::Executed(result)
     }
 
+    /// The result of a read-only operation on the current state (`None` if the
+    /// application says it may write), truncated as `execute` truncates.
+    pub fn query(&self, operation: &[u8]) -> Option<Vec<u8>> {
+        let mut result = self.app.query(operation)?;
+        result.truncate(MAX_RESULT_BYTES);
+        Some(result)
+    }
+
     /// The last timestamp executed for `client` (0 if none).
     pub fn last_timestamp(&self, client: ClientId) -> u64 {
         self.clients.get(&client).map_or(0, |(t, _)| *t)

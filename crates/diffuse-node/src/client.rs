@@ -122,12 +122,26 @@ impl<S: ProtocolSuite> Client<S> {
 
     /// Runs `operation` through the cluster and returns the agreed result.
     pub async fn invoke(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        self.run(operation, false).await
+    }
+
+    /// Runs an operation that only reads the state: on the protocol's read-only
+    /// path if it has one (PBFT's), ordered otherwise.
+    pub async fn invoke_read_only(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        self.run(operation, true).await
+    }
+
+    async fn run(&mut self, operation: Vec<u8>, read_only: bool) -> Result<Vec<u8>, ClientError> {
         if self.machine.is_busy() {
             // An earlier `invoke` was dropped before it finished: abandon it.
             self.abandon();
         }
         let deadline = Instant::now() + self.settings.timeout;
-        let actions = self.machine.invoke(operation)?;
+        let actions = if read_only {
+            self.machine.invoke_read_only(operation)?
+        } else {
+            self.machine.invoke(operation)?
+        };
         self.invoked += 1;
         if let Some(result) = self.carry_out(actions) {
             return Ok(result);
@@ -247,6 +261,15 @@ impl AnyClient {
             AnyClient::FastBft(client) => client.invoke(operation).await,
         }
     }
+
+    /// Runs an operation that only reads (see [`Client::invoke_read_only`]).
+    pub async fn invoke_read_only(&mut self, operation: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        match self {
+            AnyClient::Pbft(client) => client.invoke_read_only(operation).await,
+            AnyClient::MinBft(client) => client.invoke_read_only(operation).await,
+            AnyClient::FastBft(client) => client.invoke_read_only(operation).await,
+        }
+    }
 }
 
 /// A typed client of the replicated key-value store.
@@ -274,7 +297,11 @@ impl KvClient {
 
     /// Runs any operation and returns its typed result.
     pub async fn execute(&mut self, op: &KvOp) -> Result<KvResult, ClientError> {
-        let bytes = self.inner.invoke(op.encode()).await?;
+        let bytes = if op.is_read_only() {
+            self.inner.invoke_read_only(op.encode()).await?
+        } else {
+            self.inner.invoke(op.encode()).await?
+        };
         match KvResult::decode(&bytes).map_err(|e| ClientError::BadResult(e.to_string()))? {
             KvResult::Error(message) => Err(ClientError::Invalid(
                 String::from_utf8_lossy(&message).into_owned(),

@@ -15,9 +15,9 @@
 //! directly) checks the signature, so that it proposes only requests every correct
 //! backup will accept.
 
-use crate::message::{Authenticator, Request, RequestBody};
+use crate::message::{Authenticator, ReadRequest, Request, RequestBody};
 use diffuse_core::config::ClusterKeys;
-use diffuse_core::crypto::{KeyAgreement, Mac, MacKey, SecretKey};
+use diffuse_core::crypto::{Digest, KeyAgreement, Mac, MacKey, SecretKey};
 use diffuse_core::ids::{ClientId, ReplicaId};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -80,16 +80,25 @@ impl RequestAuthenticator {
         Self { keys }
     }
 
-    /// The authenticator of `body`: one MAC per replica (an all-zero entry for a
-    /// replica with which no key is shared; it then checks the signature).
-    pub fn authenticate(&self, body: &RequestBody) -> Authenticator {
-        let digest = body.mac_digest();
+    /// The authenticator of a read-only request: one MAC per replica over
+    /// [`ReadRequest::mac_digest`].
+    pub fn authenticate_read(&self, read: &ReadRequest) -> Authenticator {
+        self.macs(&read.mac_digest())
+    }
+
+    fn macs(&self, digest: &Digest) -> Authenticator {
         Authenticator::truncating(
             self.keys
                 .iter()
                 .map(|key| key.as_ref().map_or_else(Mac::default, |k| k.mac(&digest.0)))
                 .collect(),
         )
+    }
+
+    /// The authenticator of `body`: one MAC per replica (an all-zero entry for a
+    /// replica with which no key is shared; it then checks the signature).
+    pub fn authenticate(&self, body: &RequestBody) -> Authenticator {
+        self.macs(&body.mac_digest())
     }
 }
 
@@ -128,6 +137,22 @@ impl MacVerifier {
         self.verify_entry(request, entry, cluster)
     }
 
+    /// Whether this replica's entry of a read's authenticator is the client's MAC
+    /// of the read.
+    pub fn verify_read(
+        &mut self,
+        read: &ReadRequest,
+        cluster: &ClusterKeys,
+    ) -> Result<(), MacError> {
+        let n = cluster.n();
+        let len = read.authenticator.len();
+        let entry = match read.authenticator.get(self.me.index()) {
+            Some(entry) if len == n => entry,
+            _ => return Err(MacError::WrongLength { len, n }),
+        };
+        self.verify_digest(read.body.client, &read.mac_digest(), entry, cluster)
+    }
+
     /// Whether `entry` is the client's MAC of `request`'s body for this replica
     /// (for protocols that hand each replica its own entry only).
     pub fn verify_entry(
@@ -136,7 +161,16 @@ impl MacVerifier {
         entry: &Mac,
         cluster: &ClusterKeys,
     ) -> Result<(), MacError> {
-        let client = request.client;
+        self.verify_digest(request.client, &request.mac_digest(), entry, cluster)
+    }
+
+    fn verify_digest(
+        &mut self,
+        client: ClientId,
+        digest: &Digest,
+        entry: &Mac,
+        cluster: &ClusterKeys,
+    ) -> Result<(), MacError> {
         let key = match self.keys.get(&client) {
             Some(key) => key,
             None => {
@@ -146,7 +180,7 @@ impl MacVerifier {
             }
         };
         let key = key.as_ref().ok_or(MacError::NoSharedKey)?;
-        if key.verify(&request.mac_digest().0, entry) {
+        if key.verify(&digest.0, entry) {
             Ok(())
         } else {
             Err(MacError::Mismatch)

@@ -1,11 +1,21 @@
 //! The PBFT client: sign and authenticate (one MAC per replica), send to the
 //! primary, retransmit to all, accept `f + 1` matching replies.
 //!
+//! A read-only operation (one the caller marks so, with
+//! [`diffuse_core::protocol::Client::invoke_read_only`]) goes, unsigned, to every
+//! replica at once, if the protocol has a read-only path ([`ClientWire::read`]),
+//! and completes with `2f + 1` matching replies (Castro and Liskov, §5.1.3): any
+//! two such quorums share a correct replica, so a read sees every write that
+//! completed before it began, and every read that did. Without that quorum in time
+//! (a concurrent write splits the answers, or replicas are down), the client
+//! orders the operation as a regular request, under a new timestamp, so that no
+//! reply to the read can count for it.
+//!
 //! It is generic over the wire enum ([`ClientWire`]) so that every ordering
 //! protocol whose clients work this way (MinBFT too) shares it.
 
 use crate::auth::RequestAuthenticator;
-use crate::message::{Message, Reply, Request, RequestBody};
+use crate::message::{Message, ReadRequest, Reply, Request, RequestBody};
 use crate::options::{Mutant, PbftOptions};
 use crate::retransmit::RetransmitTimeout;
 use diffuse_core::codec::Blob;
@@ -13,7 +23,7 @@ use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{SecretKey, Signed};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, View};
 use diffuse_core::protocol::{Actions, Input, InvokeError};
-use diffuse_core::quorum::{QuorumSystem, ReplicaSet};
+use diffuse_core::quorum::{FailureModel, QuorumSystem, ReplicaSet};
 use diffuse_core::suite::ClientSetup;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -35,6 +45,12 @@ pub trait ClientWire: diffuse_core::codec::WireMessage {
     /// Whether the protocol's replicas use request authenticators: if not, the
     /// client sends none (MinBFT checks every request's signature).
     const AUTHENTICATORS: bool = true;
+    /// Wraps a read-only request, if the protocol's replicas answer those
+    /// (otherwise the client orders read-only operations like any other).
+    fn read(read: ReadRequest) -> Option<Self> {
+        let _ = read;
+        None
+    }
 }
 
 impl ClientWire for Message {
@@ -48,12 +64,20 @@ impl ClientWire for Message {
             _ => None,
         }
     }
+
+    fn read(read: ReadRequest) -> Option<Self> {
+        Some(Message::Read(read))
+    }
 }
 
 type Out<M> = Actions<M, ClientTimer>;
 
 struct Outstanding {
-    request: Request,
+    /// The ordered request, or `None` while the operation is tried as a read.
+    request: Option<Request>,
+    /// The operation, its timestamp and whether it is being tried as a read.
+    operation: Blob<{ crate::message::MAX_OPERATION_BYTES }>,
+    timestamp: u64,
     /// The first reply of each replica for this request.
     replies: BTreeMap<ReplicaId, Reply>,
     retransmissions: u32,
@@ -116,7 +140,7 @@ impl<M: ClientWire> PbftClient<M> {
 
     /// The timestamp of the outstanding request, if any.
     pub fn outstanding_timestamp(&self) -> Option<u64> {
-        self.outstanding.as_ref().map(|o| o.request.timestamp)
+        self.outstanding.as_ref().map(|o| o.timestamp)
     }
 
     fn retransmit_delay(&self, retransmissions: u32) -> Duration {
@@ -134,27 +158,44 @@ impl<M: ClientWire> PbftClient<M> {
         let Some(outstanding) = &mut self.outstanding else {
             return;
         };
-        if reply.timestamp != outstanding.request.timestamp {
+        if reply.timestamp != outstanding.timestamp {
             return;
         }
         outstanding.replies.entry(replica).or_insert(reply);
-        let needed_first_only = self.options.is(Mutant::ClientTrustsFirstReply);
+        let read = outstanding.request.is_none();
+        let silent = self.quorum.n().saturating_sub(outstanding.replies.len());
         let mut groups: BTreeMap<&[u8], Vec<&Reply>> = BTreeMap::new();
         for r in outstanding.replies.values() {
             groups.entry(&r.result).or_default().push(r);
         }
+        let largest = groups.values().map(Vec::len).max().unwrap_or(0);
+        let trusts_first = self.options.is(Mutant::ClientTrustsFirstReply);
+        let quorum_read = read && !self.options.is(Mutant::ReadWithoutQuorum);
         let accepted = groups.into_values().find(|group| {
             let senders: ReplicaSet = group.iter().map(|r| r.replica).collect();
-            needed_first_only || self.quorum.contains_correct(&senders)
+            // `f + 1` matching replies for an ordered request, a quorum for a read.
+            trusts_first
+                || if quorum_read {
+                    self.quorum.is_quorum(&senders)
+                } else {
+                    self.quorum.contains_correct(&senders)
+                }
         });
-        let Some(group) = accepted else { return };
+        let Some(group) = accepted else {
+            if read && largest + silent < self.quorum.quorum_size() {
+                // The answers disagree (a write ran between them): no quorum can
+                // match any more, so order the operation now.
+                self.order(out);
+            }
+            return;
+        };
         // Learn the view from the matching replies, ignoring the f highest claims so
         // that a Byzantine replica cannot point the client at a view nobody is in.
         let mut views: Vec<View> = group.iter().map(|r| r.view).collect();
         views.sort_unstable_by(|a, b| b.cmp(a));
         let view = views[self.quorum.f().min(views.len() - 1)];
         let result = group[0].result.to_vec();
-        let timestamp = outstanding.request.timestamp;
+        let timestamp = outstanding.timestamp;
         self.timeout.completed(outstanding.retransmissions);
         self.view = self.view.max(view);
         self.outstanding = None;
@@ -167,9 +208,13 @@ impl<M: ClientWire> PbftClient<M> {
         let Some(outstanding) = &mut self.outstanding else {
             return;
         };
+        let Some(request) = &outstanding.request else {
+            // A read without a quorum in time: order it.
+            return self.order(out);
+        };
         outstanding.retransmissions += 1;
         let retransmissions = outstanding.retransmissions;
-        let request = M::request(outstanding.request.clone());
+        let request = M::request(request.clone());
         if RetransmitTimeout::to_every_replica(retransmissions) {
             out.broadcast(request);
         } else {
@@ -180,13 +225,12 @@ impl<M: ClientWire> PbftClient<M> {
             self.retransmit_delay(retransmissions),
         );
     }
-}
 
-impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
-    type Message = M;
-    type Timer = ClientTimer;
-
-    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out<M>, InvokeError> {
+    /// Checks an operation against the size limits.
+    fn operation_blob(
+        &self,
+        operation: Vec<u8>,
+    ) -> Result<Blob<{ crate::message::MAX_OPERATION_BYTES }>, InvokeError> {
         if self.outstanding.is_some() {
             return Err(InvokeError::Busy);
         }
@@ -197,17 +241,32 @@ impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
                 limit,
             });
         }
-        let operation = Blob::try_from_vec(operation).map_err(|op| InvokeError::TooLarge {
+        Blob::try_from_vec(operation).map_err(|op| InvokeError::TooLarge {
             size: op.len(),
             limit: crate::message::MAX_OPERATION_BYTES,
-        })?;
+        })
+    }
+
+    fn next_body(
+        &mut self,
+        operation: Blob<{ crate::message::MAX_OPERATION_BYTES }>,
+    ) -> RequestBody {
         let timestamp = self.next_timestamp;
         self.next_timestamp += 1;
-        let body = RequestBody {
+        RequestBody {
             client: self.id,
             timestamp,
             operation,
+        }
+    }
+
+    /// Sends the outstanding operation as a signed request to the primary, under a
+    /// new timestamp (a read that did not complete is ordered this way).
+    fn order(&mut self, out: &mut Out<M>) {
+        let Some(operation) = self.outstanding.as_ref().map(|o| o.operation.clone()) else {
+            return;
         };
+        let body = self.next_body(operation);
         let authenticator = self
             .authenticator
             .as_ref()
@@ -217,18 +276,67 @@ impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
             signed: Signed::sign(body, &self.secret),
             authenticator,
         };
-        let mut out = Out::new();
         out.send(
             self.view.primary(self.quorum.n()),
             M::request(request.clone()),
         );
         out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));
+        if let Some(outstanding) = &mut self.outstanding {
+            outstanding.timestamp = request.timestamp;
+            outstanding.request = Some(request);
+            outstanding.replies.clear();
+        }
+    }
+
+    fn start(&mut self, operation: Vec<u8>, read: bool) -> Result<Out<M>, InvokeError> {
+        let operation = self.operation_blob(operation)?;
         self.outstanding = Some(Outstanding {
-            request,
+            request: None,
+            operation: operation.clone(),
+            timestamp: 0,
             replies: BTreeMap::new(),
             retransmissions: 0,
         });
+        let mut out = Out::new();
+        // A read quorum must share a correct replica with every write's quorum.
+        // With trusted components a quorum is `f + 1` of `2f + 1`, and the one
+        // replica two quorums may share can be faulty and lie about a read (no
+        // trusted counter vouches for it): such clients order their reads.
+        let byzantine = self.quorum.model() == FailureModel::Byzantine;
+        if read && byzantine && self.options.read_only_path && self.authenticator.is_some() {
+            let body = self.next_body(operation);
+            let mut read = ReadRequest {
+                body,
+                authenticator: Default::default(),
+            };
+            if let Some(authenticator) = &self.authenticator {
+                read.authenticator = authenticator.authenticate_read(&read);
+            }
+            let timestamp = read.body.timestamp;
+            if let Some(message) = M::read(read) {
+                if let Some(outstanding) = &mut self.outstanding {
+                    outstanding.timestamp = timestamp;
+                }
+                out.broadcast(message);
+                out.set_timer(ClientTimer::Retransmit, self.retransmit_delay(0));
+                return Ok(out);
+            }
+        }
+        self.order(&mut out);
         Ok(out)
+    }
+}
+
+impl<M: ClientWire> diffuse_core::protocol::Client for PbftClient<M> {
+    type Message = M;
+    type Timer = ClientTimer;
+
+    fn invoke(&mut self, operation: Vec<u8>) -> Result<Out<M>, InvokeError> {
+        self.start(operation, false)
+    }
+
+    fn invoke_read_only(&mut self, operation: Vec<u8>) -> Result<Out<M>, InvokeError> {
+        self.start(operation, true)
     }
 
     fn handle(&mut self, input: Input<M, ClientTimer>) -> Out<M> {

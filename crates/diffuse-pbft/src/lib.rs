@@ -106,7 +106,7 @@ impl ProtocolSuite for Pbft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 8] = [
+        const NAMES: [Named; 9] = [
             Mutant::ALL[0].1,
             Mutant::ALL[1].1,
             Mutant::ALL[2].1,
@@ -115,6 +115,7 @@ impl ProtocolSuite for Pbft {
             Mutant::ALL[5].1,
             Mutant::ALL[6].1,
             Mutant::ALL[7].1,
+            Mutant::ALL[8].1,
         ];
         &NAMES
     }

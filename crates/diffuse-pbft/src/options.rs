@@ -40,6 +40,9 @@ pub struct PbftOptions {
     pub future_messages_per_sender: usize,
     /// Bytes of state per transfer chunk.
     pub chunk_bytes: usize,
+    /// Whether clients send read-only operations on the read-only path (to every
+    /// replica, unordered, `2f + 1` matching replies) rather than order them.
+    pub read_only_path: bool,
     /// A deliberately broken variant, for checking the checkers.
     pub mutant: Option<Mutant>,
 }
@@ -62,6 +65,7 @@ impl Default for PbftOptions {
             max_operation_bytes: 64 * 1024,
             future_messages_per_sender: 512,
             chunk_bytes: 256 * 1024,
+            read_only_path: true,
             mutant: None,
         }
     }
@@ -103,6 +107,8 @@ pub struct PbftSettings {
     pub future_messages_per_sender: Option<usize>,
     /// See [`PbftOptions::chunk_bytes`].
     pub chunk_bytes: Option<usize>,
+    /// See [`PbftOptions::read_only_path`].
+    pub read_only_path: Option<bool>,
 }
 
 impl PbftSettings {
@@ -130,6 +136,7 @@ impl PbftSettings {
                 .future_messages_per_sender
                 .unwrap_or(base.future_messages_per_sender),
             chunk_bytes: self.chunk_bytes.unwrap_or(base.chunk_bytes),
+            read_only_path: self.read_only_path.unwrap_or(base.read_only_path),
             mutant: base.mutant,
         };
         options.validate()?;
@@ -230,11 +237,14 @@ pub enum Mutant {
     /// The primary proposes a request its own MAC entry authenticates without
     /// checking the signature (the "MAC attack" of Clement et al. then works).
     PrimaryTrustsMacs,
+    /// A client completes a read-only operation with `f + 1` matching answers
+    /// instead of `2f + 1`.
+    ReadWithoutQuorum,
 }
 
 impl Mutant {
     /// All mutants with their names and descriptions.
-    pub const ALL: [(Mutant, Named); 8] = [
+    pub const ALL: [(Mutant, Named); 9] = [
         (
             Mutant::CommitQuorumMinusOne,
             Named {
@@ -289,6 +299,13 @@ impl Mutant {
             Named {
                 name: "primary-trusts-macs",
                 description: "the primary proposes requests its MAC entry authenticates without checking their signature",
+            },
+        ),
+        (
+            Mutant::ReadWithoutQuorum,
+            Named {
+                name: "read-without-quorum",
+                description: "a client completes a read-only operation with f+1 matching answers instead of 2f+1",
             },
         ),
     ];

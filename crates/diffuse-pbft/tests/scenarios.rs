@@ -44,6 +44,57 @@ fn normal_case_executes_in_order_and_replies() {
     assert_eq!(c.delivered["commit"], 24);
 }
 
+/// §5.1.3 read-only requests: answered by every replica from its state, unordered;
+/// `2f + 1` matching answers complete the read, a stale replica's does not count,
+/// and answers that can no longer match send the read to the ordered path.
+#[test]
+fn reads_need_a_quorum_of_matching_answers_or_are_ordered() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(2);
+    let value = |c: &Cluster| match c.completed[0].last() {
+        Some((_, KvResult::Value(Some(v)))) => v.to_vec(),
+        other => panic!("unexpected result {other:?}"),
+    };
+    // All four up to date: the read completes without a batch.
+    let executed = c.executed[0].len();
+    c.invoke_read(0, KvOp::get(b"k1"));
+    c.run();
+    assert_eq!(value(&c), b"v");
+    assert_eq!(c.executed[0].len(), executed, "nothing was ordered");
+    assert_eq!(c.delivered["read"], 4);
+
+    // Replica 3 misses a write: three fresh answers still make a quorum.
+    c.isolate_from_replicas(3);
+    c.invoke(0, KvOp::put(b"k1", b"new"));
+    c.run();
+    c.invoke_read(0, KvOp::get(b"k1"));
+    c.run();
+    assert_eq!(value(&c), b"new");
+    assert_eq!(
+        c.executed[0].len(),
+        executed + 1,
+        "only the write was ordered"
+    );
+
+    // Replica 2 misses the next write's commits too: two fresh and two stale
+    // answers, no quorum possible, so the read is ordered at once.
+    let r2 = replica(2);
+    let r3 = replica(3);
+    c.cut(move |from, to, message| {
+        (to == r2 && matches!(message, Message::Commit(_)))
+            || (matches!((from, to), (NodeId::Replica(_), NodeId::Replica(_)))
+                && (from == r3 || to == r3))
+    });
+    c.invoke(0, KvOp::put(b"k1", b"newer"));
+    c.run();
+    c.invoke_read(0, KvOp::get(b"k1"));
+    c.run();
+    assert_eq!(value(&c), b"newer");
+    assert_eq!(c.executed[0].len(), executed + 3, "the read was ordered");
+    c.assert_agreement();
+    assert!(c.faults.is_empty(), "{:?}", c.faults);
+}
+
 /// Batching: while the pipeline is full, requests accumulate into one batch.
 #[test]
 fn concurrent_requests_are_batched() {

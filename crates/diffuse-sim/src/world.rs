@@ -750,7 +750,12 @@ impl<P: ProtocolSuite> Simulation<P> {
         }
         let op = node.workload.next_op(&mut self.rng);
         let id = node.id;
-        match node.machine.invoke(op.encode()) {
+        let invoked = if op.is_read_only() {
+            node.machine.invoke_read_only(op.encode())
+        } else {
+            node.machine.invoke(op.encode())
+        };
+        match invoked {
             Ok(actions) => {
                 self.clients[client].current = Some(self.history.len());
                 self.log(format!("{id} invokes {op:?}"));

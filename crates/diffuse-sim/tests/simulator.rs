@@ -100,6 +100,7 @@ const MUTANT_CASES: &[(&str, usize, &str, u64)] = &[
     ("commit-quorum-minus-one", 7, "collude", 400),
     ("trust-requests-in-batch", 4, "forge-requests", 200),
     ("primary-trusts-macs", 4, "split-macs", 200),
+    ("read-without-quorum", 4, "network", 200),
 ];
 
 #[test]

@@ -8,6 +8,7 @@
 
 mod checkpoint;
 mod normal;
+mod read;
 
 mod slot;
 mod status;
@@ -270,7 +271,7 @@ impl PbftReplica {
 
     fn on_message(&mut self, from: NodeId, message: Message, out: &mut Out) {
         let replica = match (from, &message) {
-            (NodeId::Client(_), Message::Request(_)) => None,
+            (NodeId::Client(_), Message::Request(_) | Message::Read(_)) => None,
             (NodeId::Client(_), _) => {
                 out.fault(from, "client-sent-replica-message");
                 return;
@@ -279,14 +280,17 @@ impl PbftReplica {
             (NodeId::Replica(r), _) => Some(r),
         };
         let Some(from_replica) = replica else {
-            if let Message::Request(request) = message {
-                self.on_request(from, request, out);
+            match message {
+                Message::Request(request) => self.on_request(from, request, out),
+                Message::Read(read) => self.on_read(from, read, out),
+                _ => {}
             }
             return;
         };
         match message {
             Message::Request(request) => self.on_request(from, request, out),
             Message::Reply(_) => out.fault(from, "replica-sent-reply-to-replica"),
+            Message::Read(_) => out.fault(from, "replica-sent-read"),
             Message::PrePrepare(pp) => self.on_pre_prepare(from_replica, pp, out),
             Message::Prepare(prepare) => self.on_prepare(from_replica, prepare, out),
             Message::Commit(commit) => self.on_commit(from_replica, commit, out),

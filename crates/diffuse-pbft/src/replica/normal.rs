@@ -218,7 +218,7 @@ impl PbftReplica {
         }
     }
 
-    fn reply(&self, client: ClientId, timestamp: u64, result: Vec<u8>) -> Reply {
+    pub(super) fn reply(&self, client: ClientId, timestamp: u64, result: Vec<u8>) -> Reply {
         Reply {
             view: self.view,
             client,

@@ -145,6 +145,15 @@ impl Cluster {
         self.filter = None;
     }
 
+    /// Cuts replica `r` off from the other replicas (clients still reach it).
+    pub fn isolate_from_replicas(&mut self, r: usize) {
+        let id = NodeId::Replica(ReplicaId(r as u16));
+        self.cut(move |from, to, _| {
+            matches!((from, to), (NodeId::Replica(_), NodeId::Replica(_)))
+                && (from == id || to == id)
+        });
+    }
+
     /// Isolates replica `r` completely.
     pub fn isolate(&mut self, r: usize) {
         let id = NodeId::Replica(ReplicaId(r as u16));
@@ -226,6 +235,14 @@ impl Cluster {
 
     pub fn invoke(&mut self, c: usize, op: KvOp) {
         let actions = self.clients[c].invoke(op.encode()).expect("client is idle");
+        self.client_actions(c, actions.into_vec());
+    }
+
+    /// Starts a read-only operation at client `c` (the read-only path).
+    pub fn invoke_read(&mut self, c: usize, op: KvOp) {
+        let actions = self.clients[c]
+            .invoke_read_only(op.encode())
+            .expect("client is idle");
         self.client_actions(c, actions.into_vec());
     }
 
