@@ -1220,6 +1220,22 @@ fn enclave_signed(update: &Update, primary: &PublicKey) -> bool {
     batch.verify().into_iter().all(|valid| valid)
 }
 
+/// The Merkle trees of an executed batch's requests and results, built once for
+/// all its replies.
+pub(crate) struct ReplyTrees {
+    requests: merkle::Tree,
+    results: merkle::Tree,
+}
+
+impl ReplyTrees {
+    pub(crate) fn new(request_leaves: &[Digest], executed: &Executed) -> ReplyTrees {
+        ReplyTrees {
+            requests: merkle::Tree::new(request_leaves),
+            results: merkle::Tree::new(&executed.leaves),
+        }
+    }
+}
+
 /// Builds the REPLY of request `index` of an executed batch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn client_reply(
@@ -1230,7 +1246,7 @@ pub(crate) fn client_reply(
     checkpoint: Option<Digest>,
     prepare: (&Cert, &Opened),
     commit: (&Cert, &Opened),
-    request_leaves: &[Digest],
+    trees: &ReplyTrees,
 ) -> Option<ClientReply> {
     let (client, timestamp, result) = executed.results.get(index)?;
     let result = result.as_ref()?;
@@ -1241,9 +1257,9 @@ pub(crate) fn client_reply(
         seq,
         index: index as u32,
         len: batch.requests.len() as u32,
-        request_path: merkle::path(request_leaves, index),
-        result_path: merkle::path(&executed.leaves, index),
-        batch_root: merkle::root(request_leaves),
+        request_path: trees.requests.path(index),
+        result_path: trees.results.path(index),
+        batch_root: trees.requests.root(),
         results_root: executed.results_root,
         checkpoint,
         state: executed.state,

@@ -8,7 +8,7 @@
 //! like any position a backup takes (`super::log`).
 
 use super::rounds::Phase;
-use super::{Epoch, Executed, FastBftReplica, Out, Timer, client_reply};
+use super::{Epoch, Executed, FastBftReplica, Out, ReplyTrees, Timer, client_reply};
 use crate::authentic;
 use crate::checkpoint::CheckpointProof;
 use crate::message::{
@@ -776,6 +776,7 @@ impl FastBftReplica {
                 out.send(r, Message::Update(update.clone()));
             }
         }
+        let trees = ReplyTrees::new(&flight.leaves, &executed);
         for index in 0..flight.batch.requests.len() {
             if let Some(reply) = client_reply(
                 seq,
@@ -785,7 +786,7 @@ impl FastBftReplica {
                 carried_digest,
                 (&prepare_cert, &prepared),
                 (&commit_cert, &replied),
-                &flight.leaves,
+                &trees,
             ) {
                 out.send(reply.client, Message::Reply(reply.clone()));
                 self.state().replies.insert(reply.client, reply);

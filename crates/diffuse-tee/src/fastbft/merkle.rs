@@ -45,23 +45,56 @@ pub fn root(leaves: &[Digest]) -> Digest {
     level[0]
 }
 
-/// The path of leaf `index` (empty if out of range).
+/// The path of leaf `index` (empty if out of range). Builds the whole tree: for
+/// the paths of many leaves of one tree, build a [`Tree`] once.
 pub fn path(leaves: &[Digest], index: usize) -> Path {
-    let mut siblings = Vec::new();
-    if index >= leaves.len() {
-        return Path::new();
-    }
-    let mut level = leaves.to_vec();
-    let mut at = index;
-    while level.len() > 1 {
-        let sibling = at ^ 1;
-        if sibling < level.len() {
-            siblings.push(level[sibling]);
+    Tree::new(leaves).path(index)
+}
+
+/// Every level of a tree, built once, so that the primary answers each request of
+/// a batch with its path in `O(log n)` (rebuilding the tree per reply made a
+/// batch of `b` replies cost `O(b²)` hashes).
+#[derive(Debug, Clone)]
+pub struct Tree {
+    /// The leaves first, the root's level last.
+    levels: Vec<Vec<Digest>>,
+}
+
+impl Tree {
+    /// The tree over `leaves`.
+    pub fn new(leaves: &[Digest]) -> Tree {
+        let mut levels = vec![leaves.to_vec()];
+        while let Some(level) = levels.last().filter(|l| l.len() > 1) {
+            let next = next_level(level);
+            levels.push(next);
         }
-        level = next_level(&level);
-        at /= 2;
+        Tree { levels }
     }
-    Path::truncating(siblings)
+
+    /// The root (as [`root`] computes it).
+    pub fn root(&self) -> Digest {
+        match self.levels.last().and_then(|level| level.first()) {
+            Some(root) => *root,
+            None => root(&[]),
+        }
+    }
+
+    /// The path of leaf `index` (as [`path`] computes it; empty if out of range).
+    pub fn path(&self, index: usize) -> Path {
+        let leaves = self.levels.first().map_or(0, Vec::len);
+        if index >= leaves {
+            return Path::new();
+        }
+        let mut siblings = Vec::new();
+        let mut at = index;
+        for level in &self.levels[..self.levels.len() - 1] {
+            if let Some(sibling) = level.get(at ^ 1) {
+                siblings.push(*sibling);
+            }
+            at /= 2;
+        }
+        Path::truncating(siblings)
+    }
 }
 
 /// Whether `leaf` is leaf `index` of a tree of `len` leaves with root `root`.
@@ -114,6 +147,28 @@ mod tests {
                 }
             }
             assert!(!verify(&root, &leaves[0], n, n, &Path::new()));
+        }
+    }
+
+    #[test]
+    fn a_built_tree_gives_the_same_root_and_paths() {
+        for n in 0..40 {
+            let leaves = leaves(n);
+            let tree = Tree::new(&leaves);
+            assert_eq!(tree.root(), root(&leaves), "n {n}");
+            for i in 0..=n {
+                let mut level = leaves.clone();
+                let mut at = i;
+                let mut expected = Vec::new();
+                while i < n && level.len() > 1 {
+                    if let Some(sibling) = level.get(at ^ 1) {
+                        expected.push(*sibling);
+                    }
+                    level = next_level(&level);
+                    at /= 2;
+                }
+                assert_eq!(tree.path(i).to_vec(), expected, "n {n} i {i}");
+            }
         }
     }
 
