@@ -193,6 +193,11 @@ pub struct NodeConfig {
     /// must be the same on every replica.
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub options: toml::Table,
+    /// Whether the database commits in two phases with redb's quick repair (two
+    /// fsyncs per commit, but a restart after a crash needs no repair scan).
+    /// Default: one-phase commits, one fsync each (`docs/runtime.md`, "Storage").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quick_repair: bool,
 }
 
 /// A node configuration with every file read and checked.
@@ -218,6 +223,8 @@ pub struct NodeSettings {
     pub tee_dir: Option<PathBuf>,
     /// Protocol option overrides (checked when the protocol is built).
     pub options: toml::Table,
+    /// See [`NodeConfig::quick_repair`].
+    pub quick_repair: bool,
 }
 
 impl NodeConfig {
@@ -259,6 +266,7 @@ impl NodeConfig {
             enclaves_file: config.enclaves_file.map(|f| relative_to(path, &f)),
             tee_dir: config.tee_dir.map(|d| relative_to(path, &d)),
             options: config.options,
+            quick_repair: config.quick_repair,
         })
     }
 

@@ -131,7 +131,8 @@ pub async fn run_replica<S: ProtocolSuite>(
         settings.id.0,
         settings.cluster.digest.short()
     );
-    let store = Store::open(&settings.data_dir, owner.as_bytes())?;
+    let mut store = Store::open(&settings.data_dir, owner.as_bytes())?;
+    store.set_quick_repair(settings.quick_repair);
     let recovered = store.load()?;
     tracing::info!(
         replica = settings.id.0,

@@ -4,8 +4,14 @@
 //! checksummed and fsynced (`Durability::Immediate`), built in seconds on two cores.
 //! The driver commits the [`WriteOp`]s of a group of inputs in one transaction before
 //! it sends any message that follows them (see [`crate::replica`]), so nothing that a
-//! message depends on can be lost by a crash after the message leaves. Quick repair is on: a database left by
-//! SIGKILL opens without a full repair scan.
+//! message depends on can be lost by a crash after the message leaves.
+//!
+//! A durable commit is redb's default one-phase commit: checksummed, one fsync.
+//! After a crash the next open verifies the checksums and rebuilds the allocator
+//! state by a full scan, which takes longer the larger the database. Quick repair
+//! ([`Store::set_quick_repair`], `quick_repair = true` in a node's configuration)
+//! opens at once after a crash, at the price of a two-phase commit: two fsyncs per
+//! commit. `docs/runtime.md`, "Storage", has the trade-off and its measurement.
 //!
 //! The database also remembers whose it is (member id and cluster digest), so a node
 //! pointed at another node's directory refuses to start instead of mixing states.
@@ -40,6 +46,8 @@ fn db<E: Into<redb::Error>>(error: E) -> StorageError {
 /// A replica's durable store.
 pub struct Store {
     db: Database,
+    /// Whether durable commits use redb's quick repair (and so two phases).
+    quick_repair: bool,
 }
 
 impl Store {
@@ -53,9 +61,17 @@ impl Store {
         }
         let store = Store {
             db: Database::create(&path).map_err(db)?,
+            quick_repair: false,
         };
         store.claim(owner)?;
         Ok(store)
+    }
+
+    /// Makes later durable commits save redb's allocator state with a two-phase
+    /// commit (two fsyncs), so that the database opens without a full repair scan
+    /// after a crash.
+    pub fn set_quick_repair(&mut self, enabled: bool) {
+        self.quick_repair = enabled;
     }
 
     /// Creates the database under a temporary name and renames it into place, so
@@ -70,6 +86,7 @@ impl Store {
         }
         let store = Store {
             db: Database::create(&fresh).map_err(db)?,
+            quick_repair: false,
         };
         store.claim(owner)?;
         drop(store);
@@ -83,7 +100,6 @@ impl Store {
     fn claim(&self, owner: &[u8]) -> Result<(), StorageError> {
         let mut txn = self.db.begin_write().map_err(db)?;
         txn.set_durability(Durability::Immediate).map_err(db)?;
-        txn.set_quick_repair(true);
         {
             let mut meta = txn.open_table(META).map_err(db)?;
             let existing = meta.get(OWNER_KEY).map_err(db)?.map(|v| v.value().to_vec());
@@ -138,7 +154,7 @@ impl Store {
         let mut txn = self.db.begin_write().map_err(db)?;
         if durable {
             txn.set_durability(Durability::Immediate).map_err(db)?;
-            txn.set_quick_repair(true);
+            txn.set_quick_repair(self.quick_repair);
         } else {
             txn.set_durability(Durability::None).map_err(db)?;
         }
@@ -208,6 +224,20 @@ mod tests {
                 (b"c/2".to_vec(), b"y".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn commits_of_either_kind_survive_reopening_with_the_other() {
+        let dir = tempfile::tempdir().unwrap();
+        for (round, quick_repair) in [true, false, true].into_iter().enumerate() {
+            let mut store = Store::open(dir.path(), b"replica 0").unwrap();
+            store.set_quick_repair(quick_repair);
+            let value = round.to_string();
+            store.apply(&[put(&format!("k{round}"), &value)]).unwrap();
+            assert_eq!(store.load().unwrap().entries.len(), round + 1);
+        }
+        let store = Store::open(dir.path(), b"replica 0").unwrap();
+        assert_eq!(store.load().unwrap().entries.len(), 3);
     }
 
     #[test]

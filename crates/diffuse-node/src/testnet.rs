@@ -167,6 +167,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
             enclaves_file: hybrid.then(|| PathBuf::from("enclaves.toml")),
             tee_dir: hybrid.then(|| PathBuf::from(format!("tee/replica-{i}"))),
             options: spec.options.clone(),
+            quick_repair: false,
         };
         let path = replica_config(dir, i);
         write_new(&path, &config.to_toml(), false)?;
