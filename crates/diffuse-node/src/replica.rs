@@ -357,17 +357,13 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
 ) -> Result<(), StorageError> {
     let mut waiting: Vec<Group<M>> = Vec::new();
     while let Some(first) = groups.blocking_recv() {
-        let mut messages = first.outbox.len();
         waiting.push(first);
-        while waiting.len() < MAX_GROUPS_PER_COMMIT && messages < MAX_MESSAGES_PER_COMMIT {
-            match groups.try_recv() {
-                Ok(group) => {
-                    messages += group.outbox.len();
-                    waiting.push(group);
-                }
-                Err(_) => break,
-            }
-        }
+        gather(
+            &mut groups,
+            &mut waiting,
+            MAX_GROUPS_PER_COMMIT,
+            MAX_MESSAGES_PER_COMMIT,
+        );
         if waiting.iter().any(|g| !g.writes.is_empty()) {
             let started = std::time::Instant::now();
             store.apply(waiting.iter().flat_map(|g| g.writes.iter()))?;
@@ -385,6 +381,26 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
         waiting.clear();
     }
     Ok(())
+}
+
+/// Adds the groups already waiting in `groups` to `waiting`, up to `max_groups`
+/// groups and about `max_messages` messages in all: what one commit takes.
+fn gather<M>(
+    groups: &mut mpsc::Receiver<Group<M>>,
+    waiting: &mut Vec<Group<M>>,
+    max_groups: usize,
+    max_messages: usize,
+) {
+    let mut messages: usize = waiting.iter().map(|g| g.outbox.len()).sum();
+    while waiting.len() < max_groups && messages < max_messages {
+        match groups.try_recv() {
+            Ok(group) => {
+                messages = messages.saturating_add(group.outbox.len());
+                waiting.push(group);
+            }
+            Err(_) => break,
+        }
+    }
 }
 
 /// The storage thread with deferred writes: the messages already left; commits
@@ -407,12 +423,7 @@ fn deferred_storage_loop<M>(
         if now < gathered {
             std::thread::sleep(gathered - now);
         }
-        while waiting.len() < MAX_DEFERRED_GROUPS {
-            match groups.try_recv() {
-                Ok(group) => waiting.push(group),
-                Err(_) => break,
-            }
-        }
+        gather(&mut groups, &mut waiting, MAX_DEFERRED_GROUPS, usize::MAX);
         let durable = last_sync.elapsed() >= DEFERRED_SYNC;
         let started = std::time::Instant::now();
         store.commit(waiting.iter().flat_map(|g| g.writes.iter()), durable)?;
