@@ -75,8 +75,9 @@ type Out<M> = Actions<M, ClientTimer>;
 struct Outstanding {
     /// The ordered request, or `None` while the operation is tried as a read.
     request: Option<Request>,
-    /// The operation, its timestamp and whether it is being tried as a read.
+    /// The operation, kept to order it if the read does not complete.
     operation: Blob<{ crate::message::MAX_OPERATION_BYTES }>,
+    /// The timestamp replies must carry: the read's, then the ordered request's.
     timestamp: u64,
     /// The first reply of each replica for this request.
     replies: BTreeMap<ReplicaId, Reply>,
