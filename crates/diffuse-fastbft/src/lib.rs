@@ -52,6 +52,10 @@ fn boolean(section: &toml::Table, key: &str) -> Result<Option<bool>, String> {
 /// FastBFT as a [`ProtocolSuite`] for the simulator.
 pub struct FastBft;
 
+/// The longest `batch_linger_ms` accepted: a partial batch that waits longer
+/// than a client's first retransmission timeout only adds retransmissions.
+const MAX_BATCH_LINGER_MS: i64 = 500;
+
 /// Parses a positive integer option.
 fn positive(section: &toml::Table, key: &str) -> Result<Option<u64>, String> {
     match section.get(key) {
@@ -95,6 +99,7 @@ impl ProtocolSuite for FastBft {
             base: Pbft::default_options(),
             fan_out: 2,
             preprocess_ahead: 64,
+            batch_linger: None,
             share_timeout: Duration::from_millis(200),
             failure_threshold: 16,
             fallback_duration: Duration::from_secs(10),
@@ -109,6 +114,7 @@ impl ProtocolSuite for FastBft {
         for key in [
             "fan_out",
             "preprocess_ahead",
+            "batch_linger_ms",
             "share_timeout_ms",
             "failure_threshold",
             "fallback_duration_ms",
@@ -125,6 +131,17 @@ impl ProtocolSuite for FastBft {
         }
         if let Some(v) = positive(section, "preprocess_ahead")? {
             options.preprocess_ahead = v as usize;
+        }
+        match section.get("batch_linger_ms") {
+            None => {}
+            Some(toml::Value::Integer(ms)) if (0..=MAX_BATCH_LINGER_MS).contains(ms) => {
+                options.batch_linger = Some(Duration::from_millis(*ms as u64));
+            }
+            Some(_) => {
+                return Err(format!(
+                    "options.batch_linger_ms must be an integer from 0 to {MAX_BATCH_LINGER_MS}"
+                ));
+            }
         }
         if let Some(v) = positive(section, "share_timeout_ms")? {
             options.share_timeout = Duration::from_millis(v);
@@ -154,6 +171,7 @@ impl ProtocolSuite for FastBft {
             base,
             fan_out: pick(entropy, &[1, 2, 3]) as usize,
             preprocess_ahead: pick(entropy, &[4, 16, 64]) as usize,
+            batch_linger: None,
             share_timeout: Duration::from_millis(pick(entropy, &[40, 100])),
             failure_threshold: pick(entropy, &[4, 16]),
             fallback_duration: Duration::from_millis(pick(entropy, &[500, 2000])),
@@ -237,5 +255,14 @@ mod tests {
         assert!(parse("failure_threshold = 0").is_err(), "not positive");
         assert!(parse("fan_out = 99").is_err(), "over MAX_FAN_OUT");
         assert!(parse("no_such_option = 1").is_err(), "unknown key");
+        assert_eq!(parse("").expect("defaults").batch_linger, None);
+        assert_eq!(
+            parse("batch_linger_ms = 0")
+                .expect("zero turns lingering off")
+                .batch_linger,
+            Some(Duration::ZERO)
+        );
+        assert!(parse("batch_linger_ms = -1").is_err(), "negative");
+        assert!(parse("batch_linger_ms = 501").is_err(), "over the bound");
     }
 }

@@ -103,6 +103,11 @@ pub struct FastBftOptions {
     pub fan_out: usize,
     /// Counter values the primary keeps preprocessed ahead of the next one.
     pub preprocess_ahead: usize,
+    /// How long, at most, a partial batch waits for more requests while earlier
+    /// batches are still in their reply round. `None`: one
+    /// `batch_delay` per active replica, because a batch costs `O(f)` messages
+    /// whatever its size (`docs/protocols/fastbft.md`, "Normal case").
+    pub batch_linger: Option<Duration>,
     /// How long a parent waits for a child's aggregate, per level below the parent.
     pub share_timeout: Duration,
     /// Detected failures (tree rebuilds) after which the primary switches to the

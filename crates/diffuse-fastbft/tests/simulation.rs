@@ -386,10 +386,10 @@ fn backups_relay_only_requests_that_keep_waiting() {
     // backup would relay them: no relay (relaying at once stalled 103 replicas
     // when 512 clients started together).
     for (name, seed) in [
-        ("network", 4),
-        ("network", 5),
-        ("selective-delay", 0),
+        ("network", 2),
+        ("network", 6),
         ("selective-delay", 1),
+        ("selective-delay", 7),
     ] {
         let report = run_traced(5, seed, mix(name), None, true);
         assert!(

@@ -56,7 +56,7 @@ struct InFlight {
 impl std::fmt::Debug for Executed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Executed")
-            .field("results_root", &self.results_root)
+            .field("results", &self.results.len())
             .finish_non_exhaustive()
     }
 }
@@ -81,6 +81,9 @@ pub(crate) struct PrimaryState {
     /// copy of a request must not keep the genuine one out.
     queued: BTreeSet<Queued>,
     batch_timer: bool,
+    /// While a partial batch lingers: the pending requests when the batch timer
+    /// was last set, and the periods it has lingered.
+    linger: Option<(usize, u32)>,
     next_seq: Seq,
     /// The batches between PREPARE and COMMIT (at most `max_in_flight`).
     preparing: BTreeSet<Seq>,
@@ -404,17 +407,20 @@ impl FastBftReplica {
         }
     }
 
-    /// Starts the next batch if none is between PREPARE and COMMIT.
     /// PREPAREs batches of pending requests. With no batch between PREPARE and
     /// COMMIT, a batch goes when full or when the batch timer fires; with some, only
     /// full batches go, up to `max_in_flight` at once. Partial batches wait for the
     /// tree instead: at large `n` every batch costs O(n) messages, so many small
-    /// batches cost far more than one large one.
+    /// batches cost far more than one large one. For the same reason a partial
+    /// batch lingers while earlier batches are in their reply round (their
+    /// clients, once answered, send the next requests) or requests keep arriving,
+    /// one timer period at a time, at most [`Self::linger_periods`].
     fn propose(&mut self, mut timer_fired: bool, out: &mut Out) {
         let max = self.options.base.batch_max_requests.max(1);
         let delay = self.options.base.batch_delay;
         let in_flight = usize::try_from(self.options.base.max_in_flight.max(1)).unwrap_or(1);
         let interval = self.interval();
+        let linger_periods = self.linger_periods();
         loop {
             let checkpoint = self.stream.checkpoint;
             let state = self.state();
@@ -432,10 +438,25 @@ impl FastBftReplica {
             if state.pending.len() < max && !delay.is_zero() && !timer_fired {
                 if !state.batch_timer {
                     state.batch_timer = true;
+                    state.linger.get_or_insert((state.pending.len(), 0));
                     out.set_timer(Timer::Batch, delay);
                 }
                 return;
             }
+            if timer_fired
+                && state.pending.len() < max
+                && let Some((seen, periods)) = state.linger
+                && periods < linger_periods
+                && (!state.in_flight.is_empty() || state.pending.len() > seen)
+            {
+                // Earlier batches are replying, or their clients' next requests
+                // are arriving: wait for more.
+                state.linger = Some((state.pending.len(), periods + 1));
+                state.batch_timer = true;
+                out.set_timer(Timer::Batch, delay);
+                return;
+            }
+            state.linger = None;
             timer_fired = false;
             let take = state.pending.len().min(max);
             let requests: Vec<Request> = state.pending.drain(..take).collect();
@@ -463,6 +484,17 @@ impl FastBftReplica {
             if self.halted {
                 return;
             }
+        }
+    }
+
+    /// Batch timer periods a partial batch may linger for more requests
+    /// ([`FastBftOptions::batch_linger`](crate::FastBftOptions::batch_linger)).
+    fn linger_periods(&self) -> u32 {
+        let delay = self.options.base.batch_delay;
+        match self.options.batch_linger {
+            _ if delay.is_zero() => 0,
+            Some(linger) => u32::try_from(linger.as_nanos() / delay.as_nanos()).unwrap_or(u32::MAX),
+            None => u32::try_from(self.f + 1).unwrap_or(u32::MAX),
         }
     }
 
@@ -685,12 +717,17 @@ impl FastBftReplica {
             return;
         };
         let root = crate::merkle::root(&flight.leaves);
-        let digest = commit_digest(seq, &root, &executed.results_root, executed.state.as_ref());
+        let digest = commit_digest(
+            seq,
+            &root,
+            &executed.results_root(),
+            executed.state.as_ref(),
+        );
         let prepare_checkpoint = flight.carried.as_ref().map(|p| p.digest());
         let (prepare_cert, prepared, results_root, state) = (
             prepare_cert.clone(),
             prepared.clone(),
-            executed.results_root,
+            executed.results_root(),
             executed.state,
         );
         // Actives check a re-committed batch's root, not its requests.
@@ -743,7 +780,7 @@ impl FastBftReplica {
             seq,
             batch: authentic::without_authenticators(&flight.batch),
             checkpoint: flight.carried.clone(),
-            results_root: executed.results_root,
+            results_root: executed.results_root(),
             state: executed.state,
             prepare_cert: prepare_cert.clone(),
             prepared: prepared.clone(),
@@ -755,7 +792,7 @@ impl FastBftReplica {
                 seq,
                 state,
                 batch_root: crate::merkle::root(&flight.leaves),
-                results_root: executed.results_root,
+                results_root: executed.results_root(),
                 commit_cert: commit_cert.clone(),
                 replied: replied.clone(),
             };
