@@ -215,6 +215,8 @@ fn zip215_item(
 pub struct SignatureBatch {
     /// Per signature: its item, or `None` if it fails before any arithmetic.
     items: Vec<Option<ed25519_zebra::batch::Item>>,
+    /// Per signature: what names it in a [`SignatureCache`].
+    entries: Vec<[u8; 32]>,
     transcript: blake3::Hasher,
 }
 
@@ -227,6 +229,7 @@ impl SignatureBatch {
     pub fn new() -> SignatureBatch {
         SignatureBatch {
             items: Vec::new(),
+            entries: Vec::new(),
             transcript: blake3::Hasher::new_derive_key(BATCH_TRANSCRIPT_CONTEXT),
         }
     }
@@ -235,11 +238,15 @@ impl SignatureBatch {
     /// same index in [`SignatureBatch::verify`]'s result.
     pub fn push(&mut self, key: &PublicKey, label: &str, payload: &[u8], signature: &Signature) {
         let digest = blake3::hash(payload);
-        self.transcript.update(&(label.len() as u64).to_le_bytes());
-        self.transcript.update(label.as_bytes());
-        self.transcript.update(digest.as_bytes());
-        self.transcript.update(&key.to_bytes());
-        self.transcript.update(&signature.0);
+        let mut entry = blake3::Hasher::new();
+        entry.update(&(label.len() as u64).to_le_bytes());
+        entry.update(label.as_bytes());
+        entry.update(digest.as_bytes());
+        entry.update(&key.to_bytes());
+        entry.update(&signature.0);
+        let entry = *entry.finalize().as_bytes();
+        self.transcript.update(&entry);
+        self.entries.push(entry);
         self.items.push(zip215_item(key, label, payload, signature));
     }
 
@@ -255,22 +262,128 @@ impl SignatureBatch {
 
     /// Whether each signature is valid, in the order they were added.
     pub fn verify(self) -> Vec<bool> {
-        let SignatureBatch { items, transcript } = self;
-        let usable = items.iter().filter(|i| i.is_some()).count();
-        if usable >= 2 {
-            let mut batch = ed25519_zebra::batch::Verifier::new();
-            for item in items.iter().flatten() {
-                batch.queue(item.clone());
-            }
-            let coefficients = TranscriptRng(transcript.finalize_xof());
-            if batch.verify(coefficients).is_ok() {
-                return items.iter().map(Option::is_some).collect();
+        let SignatureBatch {
+            items, transcript, ..
+        } = self;
+        verify_items(items, &transcript)
+    }
+
+    /// As [`SignatureBatch::verify`], but a signature found in `cache` counts as
+    /// valid without arithmetic, and every valid one is added to it.
+    pub fn verify_cached(self, cache: &SignatureCache) -> Vec<bool> {
+        let SignatureBatch {
+            items,
+            entries,
+            transcript,
+        } = self;
+        let known: Vec<bool> = entries.iter().map(|e| cache.contains(e)).collect();
+        let unknown: Vec<_> = items
+            .into_iter()
+            .zip(&known)
+            .filter(|(_, known)| !**known)
+            .map(|(item, _)| item)
+            .collect();
+        // The coefficients come from the transcript of the whole batch, which
+        // binds every signature still to check.
+        let mut checked = verify_items(unknown, &transcript).into_iter();
+        let valid: Vec<bool> = known
+            .iter()
+            .map(|&known| known || checked.next().unwrap_or(false))
+            .collect();
+        for (entry, _) in entries.iter().zip(&valid).filter(|(_, v)| **v) {
+            cache.insert(*entry);
+        }
+        valid
+    }
+}
+
+/// Checks `items` in one batch (coefficients from `transcript`), then one by one
+/// if the batch fails.
+fn verify_items(
+    items: Vec<Option<ed25519_zebra::batch::Item>>,
+    transcript: &blake3::Hasher,
+) -> Vec<bool> {
+    let usable = items.iter().filter(|i| i.is_some()).count();
+    if usable >= 2 {
+        let mut batch = ed25519_zebra::batch::Verifier::new();
+        for item in items.iter().flatten() {
+            batch.queue(item.clone());
+        }
+        let coefficients = TranscriptRng(transcript.finalize_xof());
+        if batch.verify(coefficients).is_ok() {
+            return items.iter().map(Option::is_some).collect();
+        }
+    }
+    items
+        .into_iter()
+        .map(|item| item.is_some_and(|item| item.verify_single().is_ok()))
+        .collect()
+}
+
+/// Signatures known to be valid (under [`PublicKey::verify_zip215`]), so that
+/// many verifications of one signature cost one: the clients of one process (a
+/// gateway serving many users, the benchmark's load generator) get the same
+/// enclave certificates of a batch in each of their REPLYs. Each entry is the
+/// BLAKE3 hash of the key, the label, the payload's digest and the signature, so a
+/// hit is the very triple that verified. Bounded: the oldest entries go first.
+pub struct SignatureCache {
+    capacity: usize,
+    entries: std::sync::Mutex<CacheEntries>,
+}
+
+#[derive(Default)]
+struct CacheEntries {
+    set: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl SignatureCache {
+    /// A cache of at most `capacity` signatures.
+    pub fn new(capacity: usize) -> SignatureCache {
+        SignatureCache {
+            capacity,
+            entries: std::sync::Mutex::new(CacheEntries::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheEntries> {
+        // The entries stay consistent whatever panicked while holding the lock.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn contains(&self, entry: &[u8; 32]) -> bool {
+        self.lock().set.contains(entry)
+    }
+
+    fn insert(&self, entry: [u8; 32]) {
+        let mut entries = self.lock();
+        if self.capacity == 0 || !entries.set.insert(entry) {
+            return;
+        }
+        entries.order.push_back(entry);
+        while entries.order.len() > self.capacity {
+            if let Some(oldest) = entries.order.pop_front() {
+                entries.set.remove(&oldest);
             }
         }
-        items
-            .into_iter()
-            .map(|item| item.is_some_and(|item| item.verify_single().is_ok()))
-            .collect()
+    }
+
+    /// The signatures held.
+    pub fn len(&self) -> usize {
+        self.lock().set.len()
+    }
+
+    /// Whether no signature is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for SignatureCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SignatureCache({} of {})", self.len(), self.capacity)
     }
 }
 
@@ -830,6 +943,40 @@ mod tests {
         let bad = (key.public(), b"b".to_vec(), key.sign("test/batch", b"c"));
         assert_eq!(batch_agrees(&[good.clone(), bad]), [true, false]);
         assert_eq!(batch_agrees(&[good.clone(), good]), [true, true]);
+    }
+
+    #[test]
+    fn a_signature_cache_remembers_valid_triples_only() {
+        let key = SecretKey::from_seed([5; 32]);
+        let (public, other) = (key.public(), SecretKey::from_seed([6; 32]).public());
+        let good = key.sign("test/cache", b"a");
+        let cache = SignatureCache::new(2);
+        let check = |triples: &[(&PublicKey, &[u8], &Signature)]| {
+            let mut batch = SignatureBatch::new();
+            for (k, payload, signature) in triples {
+                batch.push(k, "test/cache", payload, signature);
+            }
+            batch.verify_cached(&cache)
+        };
+        let bad = key.sign("test/cache", b"b");
+        assert_eq!(
+            check(&[(&public, b"a", &good), (&public, b"a", &bad)]),
+            [true, false]
+        );
+        assert_eq!(cache.len(), 1, "only the valid signature is remembered");
+        // The remembered signature stands for its own key, label and payload only.
+        assert_eq!(check(&[(&public, b"a", &good)]), [true]);
+        assert_eq!(check(&[(&public, b"c", &good)]), [false]);
+        assert_eq!(check(&[(&other, b"a", &good)]), [false]);
+        let mut batch = SignatureBatch::new();
+        batch.push(&public, "test/other", b"a", &good);
+        assert_eq!(batch.verify_cached(&cache), [false]);
+        // Bounded: the oldest entry goes.
+        for payload in [b"x", b"y", b"z"] {
+            let signature = key.sign("test/cache", payload);
+            assert_eq!(check(&[(&public, payload, &signature)]), [true]);
+        }
+        assert_eq!(cache.len(), 2);
     }
 
     proptest::proptest! {
