@@ -170,6 +170,7 @@ impl FastBftReplica {
                 Seq(seq),
                 Committed {
                     batch: batch.clone(),
+                    batch_root: crate::message::batch_root(batch),
                     results_root: Digest::default(),
                     state: None,
                     recovered: true,

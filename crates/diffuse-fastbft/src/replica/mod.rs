@@ -143,12 +143,14 @@ impl Epoch {
 
 /// A batch proven committed, waiting for its turn.
 #[derive(Debug, Clone)]
-struct Committed {
-    batch: Batch,
-    results_root: Digest,
-    state: Option<Digest>,
+pub(crate) struct Committed {
+    pub(crate) batch: Batch,
+    /// `batch_root(batch)`, checked by whoever recorded the batch.
+    pub(crate) batch_root: Digest,
+    pub(crate) results_root: Digest,
+    pub(crate) state: Option<Digest>,
     /// Read back from this replica's own disk: its results are not known ahead.
-    recovered: bool,
+    pub(crate) recovered: bool,
 }
 
 /// The outcome of one batch's execution.
@@ -923,7 +925,14 @@ impl FastBftReplica {
             return Step::Done;
         }
         if let Some(batch) = batch {
-            self.add_commit(commit.seq, batch, commit.results_root, commit.state, out);
+            self.add_commit(
+                commit.seq,
+                batch,
+                commit.batch_root,
+                commit.results_root,
+                commit.state,
+                out,
+            );
         }
         if commit.seq > self.executed {
             // An earlier batch has not run here yet: wait for its UPDATE, COMMIT or
@@ -1028,6 +1037,7 @@ impl FastBftReplica {
         self.add_commit(
             update.seq,
             update.batch.clone(),
+            root,
             update.results_root,
             update.state,
             out,
@@ -1102,6 +1112,7 @@ impl FastBftReplica {
         &mut self,
         seq: Seq,
         batch: Batch,
+        batch_root: Digest,
         results_root: Digest,
         state: Option<Digest>,
         out: &mut Out,
@@ -1113,6 +1124,7 @@ impl FastBftReplica {
         }
         self.commits.entry(seq).or_insert(Committed {
             batch,
+            batch_root,
             results_root,
             state,
             recovered: false,
@@ -1132,7 +1144,7 @@ impl FastBftReplica {
         let check_results = self.is_active();
         while let Some(committed) = self.commits.remove(&self.executed.next()) {
             let seq = self.executed.next();
-            let executed = self.execute(seq, &committed.batch, out);
+            let executed = self.execute(seq, &committed.batch, committed.batch_root, out);
             if !committed.recovered
                 && ((check_results && executed.results_root() != committed.results_root)
                     || executed.state != committed.state)
@@ -1146,7 +1158,14 @@ impl FastBftReplica {
     /// Runs the batch at `seq` (the next one). A request already executed at its
     /// client's latest timestamp gets the cached result again (so that a REPLY can
     /// prove it after a view change); older duplicates get none.
-    pub(crate) fn execute(&mut self, seq: Seq, batch: &Batch, out: &mut Out) -> Arc<Executed> {
+    /// `batch_root` is `batch_root(batch)`, which every caller has checked already.
+    pub(crate) fn execute(
+        &mut self,
+        seq: Seq,
+        batch: &Batch,
+        batch_root: Digest,
+        out: &mut Out,
+    ) -> Arc<Executed> {
         debug_assert_eq!(seq, self.executed.next());
         let mut results = Vec::with_capacity(batch.requests.len());
         let mut ran = 0;
@@ -1173,9 +1192,7 @@ impl FastBftReplica {
         self.batches = self.batches.split_off(&seq.next());
         out.observe(Observation::Executed {
             seq,
-            // The root over the request bodies: replicas get the batch with
-            // different authenticators.
-            batch: batch_root(batch),
+            batch: batch_root,
             requests: ran,
         });
         let state = (seq.0 % self.interval() == 0).then(|| self.take_snapshot(seq, out));

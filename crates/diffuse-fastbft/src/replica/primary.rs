@@ -681,6 +681,7 @@ impl FastBftReplica {
                 return;
             }
             let batch = flight.batch.clone();
+            let root = crate::merkle::root(&flight.leaves);
             let executed = if seq <= self.executed {
                 match self.recent.get(&seq) {
                     Some(executed) => executed.clone(),
@@ -688,7 +689,7 @@ impl FastBftReplica {
                     None => return self.halt("re-proposal-without-results", out),
                 }
             } else if seq == self.executed.next() {
-                self.execute(seq, &batch, out)
+                self.execute(seq, &batch, root, out)
             } else {
                 return;
             };

@@ -453,10 +453,12 @@ impl FastBftReplica {
             self.remember_batch(seq, batch);
         }
         for update in state.updates.into_inner() {
-            if self.update_is_valid(&update, &crate::message::batch_root(&update.batch)) {
+            let root = crate::message::batch_root(&update.batch);
+            if self.update_is_valid(&update, &root) {
                 self.add_commit(
                     update.seq,
                     update.batch,
+                    root,
                     update.results_root,
                     update.state,
                     out,
