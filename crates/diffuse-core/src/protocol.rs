@@ -292,6 +292,15 @@ pub trait Replica: Send {
     /// The view the replica is in (or changing to). For metrics and traces.
     fn view(&self) -> View;
 
+    /// The writes a scheduled shutdown makes durable before [`Replica::shutdown`],
+    /// for a protocol that keeps what it needs after a restart in memory while it
+    /// runs and writes it only when it stops (FastBFT: its disk serves only the
+    /// restart after a scheduled shutdown, `docs/runtime.md`, "Storage"). The
+    /// runtime and the simulator commit them after every earlier write.
+    fn shutdown_writes(&mut self) -> Vec<WriteOp> {
+        Vec::new()
+    }
+
     /// A scheduled shutdown. The runtime calls it once, after the writes of every
     /// input handled so far are durable, and then drops the replica; a protocol
     /// with state outside its [`Action::Persist`] writes (MinBFT's enclave) seals

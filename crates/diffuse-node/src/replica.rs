@@ -221,6 +221,15 @@ pub async fn run_replica<S: ProtocolSuite>(
                 .set(driver.transport.queued() as i64);
         }
     }
+    // The writes the replica keeps for its shutdown go after all the others.
+    // (A storage error stops the thread: `finish` below reports it.)
+    if stopped.is_ok() {
+        let writes = driver.replica.shutdown_writes();
+        if !writes.is_empty() {
+            driver.writes.extend(writes);
+            let _ = driver.hand_over().await;
+        }
+    }
     // The storage thread commits (and sends) every group handed over before it stops,
     // so what the replica seals now follows everything it persisted.
     let Driver {

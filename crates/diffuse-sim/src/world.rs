@@ -471,6 +471,8 @@ impl<P: ProtocolSuite> Simulation<P> {
                     }
                     return self.log(format!("r{replica} CRASH"));
                 }
+                let writes = machine.shutdown_writes();
+                apply_writes(&mut node.disk, writes);
                 match machine.shutdown() {
                     Ok(()) => self.log(format!("r{replica} SHUTDOWN")),
                     Err(error) => self.log(format!("r{replica} SHUTDOWN failed: {error}")),

@@ -74,10 +74,6 @@ impl FastBftReplica {
         let seq = proof.seq;
         self.log.truncate(self.view, &proof);
         self.stable = Some(proof);
-        self.persist_stable();
-        if let Some(snapshot) = self.snapshots.get(&seq).cloned() {
-            self.persist_snapshot(seq, &snapshot);
-        }
         // Results stay for the batches a COMMIT may still name: those above the
         // stream's checkpoint (a re-COMMIT after a NEW-TREE).
         let keep = seq.min(self.stream.checkpoint.next());
@@ -229,7 +225,6 @@ impl FastBftReplica {
             state: snapshot.digest,
             app: snapshot.app_digest,
         });
-        self.persist_snapshot(seq, &snapshot);
         self.snapshots.insert(seq, snapshot);
         self.executed = seq;
         self.recent.clear();

@@ -1,15 +1,13 @@
 //! What a replica logs of its view's stream: every position it takes since the
 //! log's start, with the content its certificate binds (`crate::view_log`). The
 //! log starts at the view's NEW-VIEW (genesis in view 0) and moves up to a stable
-//! checkpoint's COMMIT once one in the view is known. Every change is also a
-//! durable write (`super::durable`), handed to the driver with the input's output.
+//! checkpoint's COMMIT once one in the view is known. It is written to disk only
+//! at a scheduled shutdown (`super::durable`).
 
-use super::durable::{delete, log_key, put};
 use crate::checkpoint::CheckpointProof;
 use crate::message::Position;
 use crate::view_log::{LogEntry, MAX_LOG_ENTRIES, NewViewHeader, ViewLog, start_of};
 use diffuse_core::codec::BoundedVec;
-use diffuse_core::protocol::WriteOp;
 use std::collections::BTreeMap;
 
 /// The positions of the current view taken since the log's start.
@@ -18,8 +16,6 @@ pub(crate) struct PositionLog {
     /// The view's NEW-VIEW (`None` in view 0).
     base: Option<NewViewHeader>,
     entries: BTreeMap<Position, LogEntry>,
-    /// Writes not handed to the driver yet.
-    writes: Vec<WriteOp>,
 }
 
 impl PositionLog {
@@ -47,18 +43,17 @@ impl PositionLog {
                 .into_iter()
                 .map(|e| (crate::message::position(e.cert()), e))
                 .collect(),
-            writes: Vec::new(),
         }
     }
 
-    /// Replaces this log with `next` (another view's, or one taken whole): the
-    /// old entries are deleted from disk and the new ones written.
+    /// Replaces this log with `next` (another view's, or one taken whole).
     pub(crate) fn replace(&mut self, next: PositionLog) {
-        let mut writes = std::mem::take(&mut self.writes);
-        writes.extend(self.entries.keys().map(|at| delete(&log_key(*at))));
-        writes.extend(next.entries.iter().map(|(at, e)| put(&log_key(*at), e)));
         *self = next;
-        self.writes = writes;
+    }
+
+    /// The positions taken, in order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = (&Position, &LogEntry)> {
+        self.entries.iter()
     }
 
     /// The view's NEW-VIEW.
@@ -74,7 +69,6 @@ impl PositionLog {
     /// Records a position just taken.
     pub(crate) fn record(&mut self, entry: LogEntry) {
         let at = crate::message::position(entry.cert());
-        self.writes.push(put(&log_key(at), &entry));
         self.entries.insert(at, entry);
     }
 
@@ -85,15 +79,8 @@ impl PositionLog {
             let kept = self
                 .entries
                 .split_off(&(start.0, start.1.saturating_add(1)));
-            let dropped = std::mem::replace(&mut self.entries, kept);
-            self.writes
-                .extend(dropped.keys().map(|at| delete(&log_key(*at))));
+            self.entries = kept;
         }
-    }
-
-    /// The writes not handed to the driver yet.
-    pub(crate) fn take_writes(&mut self) -> Vec<WriteOp> {
-        std::mem::take(&mut self.writes)
     }
 
     /// The log as a VIEW-CHANGE carries it, for a replica in `view` with stable

@@ -243,8 +243,6 @@ pub struct FastBftReplica {
     package_waits: u32,
     primary: Option<PrimaryState>,
     halted: bool,
-    /// Durable writes of the input being handled (`durable`).
-    writes: Vec<diffuse_core::protocol::WriteOp>,
 }
 
 impl FastBftReplica {
@@ -289,7 +287,6 @@ impl FastBftReplica {
             package_waits: 0,
             primary: None,
             halted: false,
-            writes: Vec::new(),
         }
     }
 
@@ -750,7 +747,6 @@ impl FastBftReplica {
             config: new_tree.config,
             tree,
         });
-        self.persist_tree();
     }
 
     /// The tree of `config`, if it is one a correct primary of this view sends.
@@ -1188,7 +1184,6 @@ impl FastBftReplica {
             results.push((request.client, request.timestamp, result));
         }
         self.executed = seq;
-        self.persist_executed();
         self.batches = self.batches.split_off(&seq.next());
         out.observe(Observation::Executed {
             seq,
@@ -1231,7 +1226,6 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
             Input::Timer(Timer::RejoinServed) => self.on_rejoin_served_timer(),
             Input::Timer(Timer::FallbackEnd(epoch)) => self.on_fallback_end(epoch, &mut out),
         }
-        self.flush_writes(&mut out);
         out
     }
 
@@ -1241,6 +1235,10 @@ impl diffuse_core::protocol::Replica for FastBftReplica {
 
     /// Seals the enclave (a scheduled shutdown): the next start resumes it
     /// unlocked, out of its view, and the replica takes part again from the next.
+    fn shutdown_writes(&mut self) -> Vec<diffuse_core::protocol::WriteOp> {
+        self.durable_records()
+    }
+
     fn shutdown(&mut self) -> Result<(), diffuse_core::protocol::ShutdownError> {
         self.halted = true;
         let Some(enclave) = self.enclave.take() else {

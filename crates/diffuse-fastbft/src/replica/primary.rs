@@ -250,7 +250,6 @@ impl FastBftReplica {
         state.pool.clear();
         state.suspected = None;
         self.epoch = Some(Epoch { config, tree });
-        self.persist_tree();
         self.refill(out);
         self.resume_in_flight(out);
         self.propose(false, out);

@@ -434,9 +434,7 @@ impl FastBftReplica {
                 .as_ref()
                 .and_then(|b| b.decision.checkpoint.clone())
         });
-        self.persist_base(log.base.as_ref());
         self.log.replace(super::log::PositionLog::recovered(log));
-        self.persist_tree();
         self.held = self.held.split_off(&(end.0, end.1.saturating_add(1)));
         self.packages = self.packages.split_off(&(end.0, end.1.saturating_add(1)));
         self.fetched_at = None;

@@ -711,9 +711,7 @@ impl FastBftReplica {
         self.package_waits = 0;
         self.batches.clear();
         let checkpoint = header.decision.checkpoint.clone();
-        self.persist_base(Some(&header));
         self.log.replace(super::log::PositionLog::entered(header));
-        self.persist_tree();
         out.observe(Observation::ViewInstalled { view: View(view) });
         if let Some(proof) = checkpoint {
             self.adopt_stable(proof, out);
