@@ -159,12 +159,12 @@ pub(crate) struct Executed {
     pub(crate) results: Vec<(ClientId, u64, Option<Vec<u8>>)>,
     /// At a checkpoint: the digest of the state after this batch.
     pub(crate) state: Option<Digest>,
-    /// The results' Merkle leaves and root, hashed when first asked for: the
+    /// The results' Merkle tree, hashed when first asked for: the
     /// primary and the active replicas need them for every batch, a passive
     /// replica only if it becomes the primary while the batch is recent.
     /// Hashing every result (1 KB each in the `n = 103` benchmark) was about a
     /// sixth of a passive replica's CPU.
-    hashed: std::sync::OnceLock<(Vec<Digest>, Digest)>,
+    hashed: std::sync::OnceLock<merkle::Tree>,
 }
 
 impl Executed {
@@ -176,7 +176,8 @@ impl Executed {
         }
     }
 
-    fn hashed(&self) -> &(Vec<Digest>, Digest) {
+    /// The Merkle tree over the batch's results, in batch order.
+    fn results_tree(&self) -> &merkle::Tree {
         self.hashed.get_or_init(|| {
             let leaves: Vec<Digest> = self
                 .results
@@ -185,19 +186,13 @@ impl Executed {
                     result_leaf(*client, *timestamp, result.as_deref())
                 })
                 .collect();
-            let root = merkle::root(&leaves);
-            (leaves, root)
+            merkle::Tree::new(&leaves)
         })
     }
 
     /// The Merkle root over the batch's results.
     pub(crate) fn results_root(&self) -> Digest {
-        self.hashed().1
-    }
-
-    /// The Merkle leaves of the batch's results, in batch order.
-    pub(crate) fn leaves(&self) -> &[Digest] {
-        &self.hashed().0
+        self.results_tree().root()
     }
 }
 
@@ -1268,16 +1263,16 @@ fn enclave_signed(update: &Update, primary: &PublicKey) -> bool {
 
 /// The Merkle trees of an executed batch's requests and results, built once for
 /// all its replies.
-pub(crate) struct ReplyTrees {
+pub(crate) struct ReplyTrees<'a> {
     requests: merkle::Tree,
-    results: merkle::Tree,
+    results: &'a merkle::Tree,
 }
 
-impl ReplyTrees {
-    pub(crate) fn new(request_leaves: &[Digest], executed: &Executed) -> ReplyTrees {
+impl<'a> ReplyTrees<'a> {
+    pub(crate) fn new(request_leaves: &[Digest], executed: &'a Executed) -> ReplyTrees<'a> {
         ReplyTrees {
             requests: merkle::Tree::new(request_leaves),
-            results: merkle::Tree::new(executed.leaves()),
+            results: executed.results_tree(),
         }
     }
 }
@@ -1292,7 +1287,7 @@ pub(crate) fn client_reply(
     checkpoint: Option<Digest>,
     prepare: (&Cert, &Opened),
     commit: (&Cert, &Opened),
-    trees: &ReplyTrees,
+    trees: &ReplyTrees<'_>,
 ) -> Option<ClientReply> {
     let (client, timestamp, result) = executed.results.get(index)?;
     let result = result.as_ref()?;
