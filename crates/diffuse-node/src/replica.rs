@@ -538,12 +538,14 @@ impl<S: ProtocolSuite> Driver<S> {
     fn observe(&mut self, observation: Observation) {
         let metrics = &self.metrics;
         match observation {
-            Observation::Executed { requests, .. } => {
+            Observation::Executed { seq, requests, .. } => {
+                tracing::debug!(seq = seq.0, requests, "executed");
                 metrics.committed_batches.inc();
                 metrics.committed_requests.inc_by(requests as u64);
             }
             Observation::Checkpoint { .. } => {}
             Observation::StableCheckpoint { seq } => {
+                tracing::debug!(seq = seq.0, "checkpoint stable");
                 metrics.stable_checkpoint.set(seq.0 as i64);
             }
             Observation::StateTransferred { seq, .. } => {
