@@ -37,11 +37,14 @@
 //! (`FastBftReplica::send_prepare`). It checks a request another replica forwards,
 //! so that a faulty replica cannot fill the pending queue with forgeries.
 
+use crate::message::SharedBatch;
 use diffuse_core::codec::BoundedVec;
 use diffuse_pbft::message::{Authenticator, Batch, Request};
+use std::sync::Arc;
 
-/// `batch` with every authenticator removed: what replicas log and pass on.
-pub fn without_authenticators(batch: &Batch) -> Batch {
+/// `batch` with every authenticator removed: what replicas log and pass on
+/// (the same batch, shared, if it has none).
+pub fn without_authenticators(batch: &SharedBatch) -> SharedBatch {
     if batch.requests.iter().all(|r| r.authenticator.is_empty()) {
         return batch.clone();
     }
@@ -49,9 +52,9 @@ pub fn without_authenticators(batch: &Batch) -> Batch {
         signed: request.signed.clone(),
         authenticator: Authenticator::new(),
     });
-    Batch {
+    Arc::new(Batch {
         requests: BoundedVec::truncating(requests.collect()),
-    }
+    })
 }
 
 #[cfg(test)]
@@ -118,7 +121,7 @@ mod tests {
         };
         let prepare = Prepare {
             seq: Seq(1),
-            batch: good.clone(),
+            batch: good.clone().into(),
             checkpoint: None,
             cert,
         };
@@ -178,8 +181,13 @@ mod tests {
             Authenticator::truncating(vec![diffuse_core::crypto::Mac([7; 16])]);
         let full = batch(vec![with_macs, request(&client, 0, 2)]);
         let root = batch_root(&full);
-        let trimmed = without_authenticators(&full);
+        let trimmed = without_authenticators(&Arc::new(full));
         assert_eq!(batch_root(&trimmed), root);
         assert!(trimmed.requests.iter().all(|r| r.authenticator.is_empty()));
+        let again = without_authenticators(&trimmed);
+        assert!(
+            Arc::ptr_eq(&again, &trimmed),
+            "a trimmed batch is shared, not copied"
+        );
     }
 }

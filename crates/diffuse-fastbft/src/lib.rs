@@ -138,7 +138,9 @@ impl ProtocolSuite for FastBft {
             .try_into()
             .map_err(|e: toml::de::Error| format!("[options]: {}", e.message()))?;
         let mut options = FastBftOptions {
-            base: settings.apply(defaults.base.clone()).map_err(|e| e.to_string())?,
+            base: settings
+                .apply(defaults.base.clone())
+                .map_err(|e| e.to_string())?,
             ..defaults
         };
         if let Some(v) = positive(section, "fan_out")? {
@@ -284,7 +286,10 @@ mod tests {
     #[test]
     fn the_checkpoint_interval_defaults_to_fastbfts_own() {
         let defaults = parse("").expect("defaults");
-        assert_eq!(defaults.base.checkpoint_interval, DEFAULT_CHECKPOINT_INTERVAL);
+        assert_eq!(
+            defaults.base.checkpoint_interval,
+            DEFAULT_CHECKPOINT_INTERVAL
+        );
         assert_ne!(
             DEFAULT_CHECKPOINT_INTERVAL,
             Pbft::default_options().checkpoint_interval,
@@ -298,6 +303,9 @@ mod tests {
         assert_eq!(set.base.checkpoint_interval, 64);
         assert_eq!(set.base.batch_delay, Duration::from_millis(3));
         assert!(parse("checkpoint_interval = 0").is_err(), "not positive");
-        assert!(parse("window = 100").is_err(), "not a multiple of the interval");
+        assert!(
+            parse("window = 100").is_err(),
+            "not a multiple of the interval"
+        );
     }
 }

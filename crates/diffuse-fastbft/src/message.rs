@@ -20,6 +20,12 @@ use diffuse_tee::{
     WrappedViewKey, secret_hash,
 };
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A batch shared, not copied, between the messages that carry it and a
+/// replica's log, stream and execution queue: at `n = 103` copies of each batch
+/// were most of an active replica's allocations. On the wire it is the batch.
+pub type SharedBatch = Arc<Batch>;
 
 /// The primary's enclave certificate of one counter value.
 pub type Cert = Signed<CounterCertificate>;
@@ -168,7 +174,7 @@ pub struct Prepare {
     /// The batch's sequence number.
     pub seq: Seq,
     /// The requests.
-    pub batch: Batch,
+    pub batch: SharedBatch,
     /// The proof of the checkpoint at `seq - 1`, on the first PREPARE after it.
     pub checkpoint: Option<Box<CheckpointProof>>,
     /// `⟨prepare_digest(seq, root, checkpoint), (c, e)⟩`, of the verified-batch
@@ -204,7 +210,7 @@ pub struct Commit {
     /// Its secret, opened.
     pub prepared: Opened,
     /// The batch, when re-committed in a later epoch.
-    pub batch: Option<Batch>,
+    pub batch: Option<SharedBatch>,
     /// `⟨commit_digest(seq, root, results, state), (c, e)⟩`.
     pub cert: Cert,
 }
@@ -216,7 +222,7 @@ pub struct Update {
     /// The batch's sequence number.
     pub seq: Seq,
     /// The requests.
-    pub batch: Batch,
+    pub batch: SharedBatch,
     /// The checkpoint proof the PREPARE carried.
     pub checkpoint: Option<Box<CheckpointProof>>,
     /// The Merkle root of the results.

@@ -30,8 +30,8 @@
 
 use crate::checkpoint::{CheckpointProof, primary_key, seq_of};
 use crate::message::{
-    Cert, Prepare, TreeConfig, batch_root, certifies_prepare, commit_digest, new_tree_digest,
-    position,
+    Cert, Prepare, SharedBatch, TreeConfig, batch_root, certifies_prepare, commit_digest,
+    new_tree_digest, position,
 };
 use diffuse_core::codec::BoundedVec;
 use diffuse_core::crypto::{Digest, PublicKey, Signed};
@@ -467,7 +467,12 @@ pub fn decide(view_changes: &[ViewChange], rules: &Rules<'_>) -> Decision {
         .rfind(|s| s.0 <= base.0.saturating_add(interval));
     if let Some(last) = last {
         for s in base.0 + 1..=last.0 {
-            decided.push(batches.get(&Seq(s)).cloned().unwrap_or_default());
+            decided.push(
+                batches
+                    .get(&Seq(s))
+                    .map(|b| Batch::clone(b))
+                    .unwrap_or_default(),
+            );
         }
     }
     if rules.drop_last_decided {
@@ -482,13 +487,13 @@ pub fn decide(view_changes: &[ViewChange], rules: &Rules<'_>) -> Decision {
 /// A log replayed under the PREPARE rule from its start: the stream's state at
 /// its end, and the batch fixed for each sequence number (the NEW-VIEW's
 /// decision's, then each PREPARE's that counted).
-pub fn replay(log: &ViewLog, rules: &Rules<'_>) -> (StreamState, BTreeMap<Seq, Batch>) {
+pub fn replay(log: &ViewLog, rules: &Rules<'_>) -> (StreamState, BTreeMap<Seq, SharedBatch>) {
     let interval = rules.interval.max(1);
     let decided = log.base.as_ref().map(|b| &b.decision);
     let mut stream = decided.map(StreamState::after).unwrap_or_default();
-    let mut batches: BTreeMap<Seq, Batch> = BTreeMap::new();
+    let mut batches: BTreeMap<Seq, SharedBatch> = BTreeMap::new();
     for (seq, batch) in decided.into_iter().flat_map(|d| d.entries()) {
-        batches.insert(seq, batch.clone());
+        batches.insert(seq, std::sync::Arc::new(batch.clone()));
     }
     if let Some(proof) = &log.checkpoint
         && view_of_epoch(proof.commit_cert.view) == log.view

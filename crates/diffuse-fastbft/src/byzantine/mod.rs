@@ -331,7 +331,7 @@ impl Behaviour<Message> for ForgeUpdate {
         };
         let update = Update {
             seq: prepare.seq,
-            batch: Batch::default(),
+            batch: Batch::default().into(),
             checkpoint: None,
             results_root: diffuse_core::crypto::Digest([9; 32]),
             state: None,

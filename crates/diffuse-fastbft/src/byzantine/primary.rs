@@ -51,7 +51,7 @@ impl Equivocate {
             .ok()?;
         Some(Prepare {
             seq: original.seq,
-            batch,
+            batch: batch.into(),
             checkpoint: original.checkpoint.clone(),
             cert,
         })

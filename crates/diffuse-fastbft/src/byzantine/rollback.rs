@@ -200,7 +200,7 @@ impl Rollback {
             at,
             prepare: Prepare {
                 seq: original.seq,
-                batch,
+                batch: batch.into(),
                 checkpoint: original.checkpoint.clone(),
                 cert,
             },

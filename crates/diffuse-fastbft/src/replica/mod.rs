@@ -32,8 +32,8 @@ mod view_change;
 use crate::checkpoint::{CheckpointProof, primary_key, primary_of, seq_of};
 use crate::merkle;
 use crate::message::{
-    Cert, ClientReply, Commit, Message, NewTree, Opened, Position, Prepare, TreeConfig, Update,
-    batch_root, commit_digest, new_tree_digest, position, result_leaf,
+    Cert, ClientReply, Commit, Message, NewTree, Opened, Position, Prepare, SharedBatch,
+    TreeConfig, Update, batch_root, commit_digest, new_tree_digest, position, result_leaf,
 };
 use crate::options::{FastBftOptions, Mutant};
 use crate::view_log::{CommitEntry, LogEntry, NewTreeEntry, Rules, StreamState};
@@ -144,7 +144,7 @@ impl Epoch {
 /// A batch proven committed, waiting for its turn.
 #[derive(Debug, Clone)]
 pub(crate) struct Committed {
-    pub(crate) batch: Batch,
+    pub(crate) batch: SharedBatch,
     /// `batch_root(batch)`, checked by whoever recorded the batch.
     pub(crate) batch_root: Digest,
     pub(crate) results_root: Digest,
@@ -216,7 +216,7 @@ pub struct FastBftReplica {
     early_shares: BTreeMap<(Position, ReplicaId), diffuse_tee::Share>,
     commits: BTreeMap<Seq, Committed>,
     /// Batches seen in PREPAREs, by sequence number, until they run.
-    batches: BTreeMap<Seq, Batch>,
+    batches: BTreeMap<Seq, SharedBatch>,
     executed: Seq,
     /// Executed batches above the stable checkpoint, with their results.
     recent: BTreeMap<Seq, Arc<Executed>>,
@@ -832,7 +832,7 @@ impl FastBftReplica {
         }
     }
 
-    fn remember_batch(&mut self, seq: Seq, batch: Batch) {
+    fn remember_batch(&mut self, seq: Seq, batch: SharedBatch) {
         let base = self.execution_base();
         if seq > base && seq.0 - base.0 <= MAX_WAITING_COMMITS {
             self.batches.insert(seq, batch);
@@ -1102,7 +1102,7 @@ impl FastBftReplica {
     fn add_commit(
         &mut self,
         seq: Seq,
-        batch: Batch,
+        batch: SharedBatch,
         batch_root: Digest,
         results_root: Digest,
         state: Option<Digest>,

@@ -13,7 +13,8 @@ use crate::authentic;
 use crate::checkpoint::CheckpointProof;
 use crate::message::{
     Cert, ClientReply, Commit, Fetch, Message, NewTree, Opened, Packages, Position, Prepare,
-    TreeConfig, Update, certify_prepare, commit_digest, new_tree_digest, position, request_leaf,
+    SharedBatch, TreeConfig, Update, certify_prepare, commit_digest, new_tree_digest, position,
+    request_leaf,
 };
 use crate::view_log::{CommitEntry, LogEntry, NewTreeEntry};
 use diffuse_core::codec::BoundedVec;
@@ -45,7 +46,7 @@ fn queued_key(request: &Request) -> Queued {
 /// A batch between PREPARE and its REPLY.
 #[derive(Debug)]
 struct InFlight {
-    batch: Batch,
+    batch: SharedBatch,
     leaves: Vec<Digest>,
     /// The checkpoint proof its latest PREPARE carried.
     carried: Option<Box<CheckpointProof>>,
@@ -168,7 +169,7 @@ impl FastBftReplica {
             state.in_flight.insert(
                 seq,
                 InFlight {
-                    batch,
+                    batch: batch.into(),
                     leaves,
                     carried: None,
                     prepared: None,
@@ -472,7 +473,7 @@ impl FastBftReplica {
             state.in_flight.insert(
                 seq,
                 InFlight {
-                    batch,
+                    batch: batch.into(),
                     leaves,
                     carried: None,
                     prepared: None,
@@ -581,9 +582,9 @@ impl FastBftReplica {
                         return None;
                     }
                     flight.leaves = requests.iter().map(|r| request_leaf(&r.signed)).collect();
-                    flight.batch = Batch {
+                    flight.batch = Arc::new(Batch {
                         requests: BoundedVec::truncating(requests),
-                    };
+                    });
                 }
                 Err(FastBftError::UnsignedRequests(_)) => {
                     self.halt("enclave-refused-a-fixed-batch", out);
