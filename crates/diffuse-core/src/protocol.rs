@@ -7,7 +7,8 @@
 //! 1. [`Action::Persist`] must be durable before any later action of the same list
 //!    is carried out. This is how "persist what you voted before you vote" is kept:
 //!    a protocol puts the write before the message that depends on it.
-//! 2. [`Action::Send`] / [`Action::Broadcast`] go to authenticated channels. The
+//! 2. [`Action::Send`] / [`Action::Multicast`] / [`Action::Broadcast`] go to
+//!    authenticated channels. The
 //!    driver guarantees that `from` in [`Input::Message`] is the true sender.
 //! 3. [`Action::SetTimer`] replaces any running timer of the same kind;
 //!    [`Action::CancelTimer`] stops it. A fired timer comes back as [`Input::Timer`].
@@ -165,6 +166,15 @@ pub enum Action<M, T> {
         /// Message.
         message: M,
     },
+    /// Send `message` to each of `to`: the same as one [`Action::Send`] per
+    /// recipient, but the driver encodes it once (a primary's PREPARE to `f + 1`
+    /// replicas of a large cluster is one batch, not `f + 1` copies of it).
+    Multicast {
+        /// Recipients, in the order sent.
+        to: Vec<NodeId>,
+        /// Message.
+        message: M,
+    },
     /// Send `message` to every replica except the sender.
     Broadcast {
         /// Message.
@@ -218,6 +228,16 @@ impl<M, T> Actions<M, T> {
             to: to.into(),
             message,
         });
+    }
+
+    /// Appends one message for each of `to` (see [`Action::Multicast`]).
+    pub fn multicast<N: Into<NodeId>>(&mut self, to: impl IntoIterator<Item = N>, message: M) {
+        let to: Vec<NodeId> = to.into_iter().map(Into::into).collect();
+        match to.len() {
+            0 => {}
+            1 => self.send(to[0], message),
+            _ => self.0.push(Action::Multicast { to, message }),
+        }
     }
 
     /// Appends a broadcast to all other replicas.
@@ -368,4 +388,38 @@ pub enum InvokeError {
         /// The limit.
         limit: usize,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{ClientId, ReplicaId};
+
+    #[test]
+    fn a_multicast_is_one_action_for_many_and_a_send_for_one() {
+        let mut out: Actions<&str, ()> = Actions::default();
+        out.multicast(Vec::<NodeId>::new(), "nobody");
+        assert!(out.0.is_empty(), "no recipient, no action");
+        out.multicast([ReplicaId(3)], "one");
+        out.multicast(
+            [NodeId::Replica(ReplicaId(1)), NodeId::Client(ClientId(7))],
+            "two",
+        );
+        match &out.0[..] {
+            [
+                Action::Send { to, message: "one" },
+                Action::Multicast {
+                    to: many,
+                    message: "two",
+                },
+            ] => {
+                assert_eq!(*to, NodeId::Replica(ReplicaId(3)));
+                assert_eq!(
+                    many,
+                    &vec![NodeId::Replica(ReplicaId(1)), NodeId::Client(ClientId(7))]
+                );
+            }
+            other => panic!("unexpected actions: {other:?}"),
+        }
+    }
 }

@@ -21,7 +21,7 @@
 use crate::config::ClientSettings;
 use crate::metrics::NodeMetrics;
 use crate::timers::Timers;
-use crate::transport::{Inbound, Limits, Transport};
+use crate::transport::{Inbound, Limits, Recipients, Transport};
 use diffuse_apps::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use diffuse_apps::{KvOp, KvResult};
 use diffuse_core::protocol::{Action, Actions, Client as _, Input, InvokeError};
@@ -195,6 +195,10 @@ impl<S: ProtocolSuite> Client<S> {
             match action {
                 Action::Send { to, message } => {
                     self.transport.send(to, &message);
+                }
+                Action::Multicast { to, message } => {
+                    self.transport
+                        .send_all([(&Recipients::These(to), &message)]);
                 }
                 Action::Broadcast { message } => self.transport.broadcast(&message),
                 Action::SetTimer { timer, after } => self.timers.set(timer, after, Instant::now()),

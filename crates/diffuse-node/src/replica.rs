@@ -27,7 +27,7 @@ use crate::config::NodeSettings;
 use crate::metrics::{self, NodeMetrics};
 use crate::storage::{StorageError, Store};
 use crate::timers::Timers;
-use crate::transport::{Inbound, Limits, Transport};
+use crate::transport::{Inbound, Limits, Recipients, Transport};
 use diffuse_core::app::Application;
 use diffuse_core::ids::{ClientId, NodeId};
 use diffuse_core::protocol::{Action, Actions, Input, Observation, Replica, WriteOp};
@@ -294,8 +294,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 /// A message waiting for the commit of the writes that precede it.
 struct Outgoing<M> {
-    /// The recipient, or `None` for a broadcast.
-    to: Option<NodeId>,
+    to: Recipients,
     message: M,
     /// For a reply: when its client's oldest unanswered request arrived.
     arrived: Option<Instant>,
@@ -386,7 +385,7 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
                 .request_latency
                 .observe(arrived.elapsed().as_secs_f64());
         }
-        transport.send_all(outgoing.map(|o| (o.to, &o.message)));
+        transport.send_all(outgoing.map(|o| (&o.to, &o.message)));
         waiting.clear();
     }
     Ok(())
@@ -493,13 +492,18 @@ impl<S: ProtocolSuite> Driver<S> {
                         NodeId::Replica(_) => None,
                     };
                     self.outbox.push(Outgoing {
-                        to: Some(to),
+                        to: Recipients::One(to),
                         message,
                         arrived,
                     });
                 }
+                Action::Multicast { to, message } => self.outbox.push(Outgoing {
+                    to: Recipients::These(to),
+                    message,
+                    arrived: None,
+                }),
                 Action::Broadcast { message } => self.outbox.push(Outgoing {
-                    to: None,
+                    to: Recipients::Replicas,
                     message,
                     arrived: None,
                 }),
@@ -523,7 +527,7 @@ impl<S: ProtocolSuite> Driver<S> {
                     .observe(arrived.elapsed().as_secs_f64());
             }
             self.transport
-                .send_all(outbox.iter().map(|o| (o.to, &o.message)));
+                .send_all(outbox.iter().map(|o| (&o.to, &o.message)));
         }
         if self.writes.is_empty() && self.outbox.is_empty() {
             return Ok(());

@@ -87,6 +87,17 @@ impl Limits {
     }
 }
 
+/// Who a queued message goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recipients {
+    /// One member.
+    One(NodeId),
+    /// Each of these members, in this order.
+    These(Vec<NodeId>),
+    /// Every replica but this one.
+    Replicas,
+}
+
 /// A connection that carries no frame for this long is closed (writers send an
 /// empty keepalive frame after a third of it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -253,11 +264,11 @@ impl<M: WireMessage> Transport<M> {
         }
     }
 
-    /// Queues `messages` (each for one member, or `None` for every replica but this
-    /// one), each encoded once, grouped by recipient: each peer's frames are queued
-    /// back to back, in the order given, so that its writer takes them in one
-    /// burst (one encryption pass, one write) instead of waking for each.
-    pub fn send_all<'a>(&self, messages: impl IntoIterator<Item = (Option<NodeId>, &'a M)>)
+    /// Queues `messages`, each encoded once whatever its number of recipients,
+    /// grouped by recipient: each peer's frames are queued back to back, in the
+    /// order given, so that its writer takes them in one burst (one encryption
+    /// pass, one write) instead of waking for each.
+    pub fn send_all<'a>(&self, messages: impl IntoIterator<Item = (&'a Recipients, &'a M)>)
     where
         M: 'a,
     {
@@ -265,8 +276,11 @@ impl<M: WireMessage> Transport<M> {
         for (to, message) in messages {
             let frame: Frame = codec::encode(message).into();
             match to {
-                Some(to) => frames.push((to, message.kind(), frame)),
-                None => {
+                Recipients::One(to) => frames.push((*to, message.kind(), frame)),
+                Recipients::These(list) => {
+                    frames.extend(list.iter().map(|to| (*to, message.kind(), frame.clone())));
+                }
+                Recipients::Replicas => {
                     for i in 0..self.replicas.len() {
                         let to = NodeId::Replica(ReplicaId(i as u16));
                         if to != self.shared.me {
@@ -835,5 +849,58 @@ mod tests {
             .unwrap();
         assert_eq!(answer.from, NodeId::Replica(ReplicaId(0)));
         assert_eq!((connected(0), connected(1)), (1, 0));
+    }
+
+    /// A multicast reaches each of its recipients, and each recipient gets its
+    /// frames in the order given.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_multicast_reaches_each_recipient_in_order() {
+        let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), 3).unwrap();
+        let addresses: Vec<SocketAddr> =
+            ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: (0..3u8)
+                .map(|i| member(i.into(), i + 1, Some(addresses[usize::from(i)].to_string())))
+                .collect(),
+            clients: vec![],
+        })
+        .unwrap();
+        let (mut transports, mut inboxes) = (Vec::new(), Vec::new());
+        for i in 0..3u8 {
+            let (transport, inbox) = Transport::<Note>::replica(
+                ReplicaId(i.into()),
+                key(i + 1),
+                cluster.clone(),
+                addresses[usize::from(i)],
+                Limits::default(),
+                Arc::new(NodeMetrics::default()),
+            )
+            .await
+            .unwrap();
+            transports.push(transport);
+            inboxes.push(inbox);
+        }
+        let (r1, r2) = (NodeId::Replica(ReplicaId(1)), NodeId::Replica(ReplicaId(2)));
+        let both = Recipients::These(vec![r1, r2]);
+        let only_r2 = Recipients::One(r2);
+        transports[0].send_all([(&both, &Note(5)), (&only_r2, &Note(6))]);
+        assert_eq!(next_note(&mut inboxes[1]).await, 5);
+        assert_eq!(next_note(&mut inboxes[2]).await, 5);
+        assert_eq!(next_note(&mut inboxes[2]).await, 6);
+    }
+
+    /// The next message in `inbox`, which must come from replica 0.
+    async fn next_note(inbox: &mut mpsc::Receiver<Inbound<Note>>) -> u32 {
+        let inbound = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .expect("delivered in time")
+            .expect("inbox open");
+        assert_eq!(inbound.from, NodeId::Replica(ReplicaId(0)));
+        inbound.message.0
     }
 }

@@ -569,6 +569,7 @@ impl<P: ProtocolSuite> Simulation<P> {
         for action in actions {
             match action {
                 Action::Send { to, message } => self.replica_send(replica, &[to], message),
+                Action::Multicast { to, message } => self.replica_send(replica, &to, message),
                 Action::Broadcast { message } => {
                     let targets: Vec<NodeId> = (0..self.replicas.len())
                         .filter(|r| *r != replica)
@@ -778,6 +779,7 @@ impl<P: ProtocolSuite> Simulation<P> {
         for action in actions {
             match action {
                 Action::Send { to, message } => self.client_send(client, &[to], message),
+                Action::Multicast { to, message } => self.client_send(client, &to, message),
                 Action::Broadcast { message } => {
                     let targets: Vec<NodeId> = (0..self.replicas.len())
                         .map(|r| NodeId::Replica(ReplicaId(r as u16)))

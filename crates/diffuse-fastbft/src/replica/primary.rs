@@ -603,11 +603,10 @@ impl FastBftReplica {
         self.to_actives(Message::Prepare(prepare.clone()), out);
     }
 
+    /// One message for every active replica, encoded once by the driver.
     fn to_actives(&self, message: Message, out: &mut Out) {
         if let Some(epoch) = &self.epoch {
-            for replica in epoch.config.actives.iter() {
-                out.send(*replica, message.clone());
-            }
+            out.multicast(epoch.config.actives.iter().copied(), message);
         }
     }
 
@@ -809,11 +808,10 @@ impl FastBftReplica {
             .as_ref()
             .map(|e| e.config.actives.iter().copied().collect())
             .unwrap_or_default();
-        for r in (0..self.n as u16).map(ReplicaId) {
-            if r != self.id && !actives.contains(&r) {
-                out.send(r, Message::Update(update.clone()));
-            }
-        }
+        let passives = (0..self.n as u16)
+            .map(ReplicaId)
+            .filter(|r| *r != self.id && !actives.contains(r));
+        out.multicast(passives, Message::Update(update.clone()));
         let trees = ReplyTrees::new(&flight.leaves, &executed);
         for index in 0..flight.batch.requests.len() {
             if let Some(reply) = client_reply(

@@ -221,11 +221,10 @@ impl FastBftReplica {
             // relays, each a signature check, and the cluster stalled.
             if waiting.relay && waiting.periods >= PERIODS_BEFORE_RELAY && in_view {
                 waiting.relay = false;
-                for r in (0..n as u16).map(ReplicaId) {
-                    if r != me && r != primary {
-                        out.send(r, Message::Request(request.clone()));
-                    }
-                }
+                let others = (0..n as u16)
+                    .map(ReplicaId)
+                    .filter(|r| *r != me && *r != primary);
+                out.multicast(others, Message::Request(request.clone()));
             }
             waiting.quiet = if moved {
                 0

@@ -170,6 +170,11 @@ impl Cluster {
         for action in actions.into_vec() {
             match action {
                 Action::Send { to, message } => self.network.push_back((from, to, message)),
+                Action::Multicast { to, message } => {
+                    for to in to {
+                        self.network.push_back((from, to, message.clone()));
+                    }
+                }
                 Action::Broadcast { message } => {
                     for r in (0..self.n).filter(|r| *r != i) {
                         self.network.push_back((
@@ -209,6 +214,11 @@ impl Cluster {
         for action in actions {
             match action {
                 Action::Send { to, message } => self.network.push_back((from, to, message)),
+                Action::Multicast { to, message } => {
+                    for to in to {
+                        self.network.push_back((from, to, message.clone()));
+                    }
+                }
                 Action::Broadcast { message } => {
                     for r in 0..self.n {
                         self.network.push_back((
