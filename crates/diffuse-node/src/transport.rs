@@ -783,11 +783,17 @@ mod tests {
         );
     }
 
-    /// A client that dials on demand connects only to the replica it sends to, and
-    /// that replica's answer comes back over the same connection.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_client_dialing_on_demand_connects_only_where_it_sends() {
-        let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), 2).unwrap();
+    /// `n` replica transports on loopback (replica `i` with key `i + 1`) in a
+    /// cluster that also lists `clients` clients (client `j` with key `n + 1 + j`).
+    async fn replicas(
+        n: u8,
+        clients: u8,
+    ) -> (
+        Cluster,
+        Vec<Transport<Note>>,
+        Vec<mpsc::Receiver<Inbound<Note>>>,
+    ) {
+        let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), n.into()).unwrap();
         let addresses: Vec<SocketAddr> =
             ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
         let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
@@ -796,15 +802,16 @@ mod tests {
             address,
         };
         let cluster = Cluster::from_file(ClusterFile {
-            replicas: vec![
-                member(0, 1, Some(addresses[0].to_string())),
-                member(1, 2, Some(addresses[1].to_string())),
-            ],
-            clients: vec![member(0, 3, None)],
+            replicas: (0..n)
+                .map(|i| member(i.into(), i + 1, Some(addresses[usize::from(i)].to_string())))
+                .collect(),
+            clients: (0..clients)
+                .map(|j| member(j.into(), n + 1 + j, None))
+                .collect(),
         })
         .unwrap();
         let (mut transports, mut inboxes) = (Vec::new(), Vec::new());
-        for i in 0..2u8 {
+        for i in 0..n {
             let (transport, inbox) = Transport::<Note>::replica(
                 ReplicaId(i.into()),
                 key(i + 1),
@@ -818,6 +825,14 @@ mod tests {
             transports.push(transport);
             inboxes.push(inbox);
         }
+        (cluster, transports, inboxes)
+    }
+
+    /// A client that dials on demand connects only to the replica it sends to, and
+    /// that replica's answer comes back over the same connection.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_dialing_on_demand_connects_only_where_it_sends() {
+        let (cluster, transports, mut inboxes) = replicas(2, 1).await;
         let limits = Limits {
             dial_on_demand: true,
             ..Limits::client()
@@ -855,36 +870,7 @@ mod tests {
     /// frames in the order given.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_multicast_reaches_each_recipient_in_order() {
-        let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), 3).unwrap();
-        let addresses: Vec<SocketAddr> =
-            ports.iter().map(|p| ([127, 0, 0, 1], *p).into()).collect();
-        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
-            id,
-            public_key: key(k).public().to_hex(),
-            address,
-        };
-        let cluster = Cluster::from_file(ClusterFile {
-            replicas: (0..3u8)
-                .map(|i| member(i.into(), i + 1, Some(addresses[usize::from(i)].to_string())))
-                .collect(),
-            clients: vec![],
-        })
-        .unwrap();
-        let (mut transports, mut inboxes) = (Vec::new(), Vec::new());
-        for i in 0..3u8 {
-            let (transport, inbox) = Transport::<Note>::replica(
-                ReplicaId(i.into()),
-                key(i + 1),
-                cluster.clone(),
-                addresses[usize::from(i)],
-                Limits::default(),
-                Arc::new(NodeMetrics::default()),
-            )
-            .await
-            .unwrap();
-            transports.push(transport);
-            inboxes.push(inbox);
-        }
+        let (_, transports, mut inboxes) = replicas(3, 0).await;
         let (r1, r2) = (NodeId::Replica(ReplicaId(1)), NodeId::Replica(ReplicaId(2)));
         let both = Recipients::These(vec![r1, r2]);
         let only_r2 = Recipients::One(r2);
