@@ -134,13 +134,8 @@ impl ProtocolSuite for FastBft {
             base_section.remove(key);
         }
         let defaults = Self::default_options();
-        let settings: diffuse_pbft::PbftSettings = base_section
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("[options]: {}", e.message()))?;
         let mut options = FastBftOptions {
-            base: settings
-                .apply(defaults.base.clone())
-                .map_err(|e| e.to_string())?,
+            base: diffuse_pbft::PbftSettings::parse_onto(&base_section, defaults.base.clone())?,
             ..defaults
         };
         if let Some(v) = positive(section, "fan_out")? {

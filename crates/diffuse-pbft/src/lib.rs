@@ -73,13 +73,7 @@ impl ProtocolSuite for Pbft {
     }
 
     fn configured_options(section: &toml::Table) -> Result<PbftOptions, String> {
-        let settings: PbftSettings = section
-            .clone()
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("[options]: {}", e.message()))?;
-        settings
-            .apply(PbftOptions::default())
-            .map_err(|e| e.to_string())
+        PbftSettings::parse_onto(section, PbftOptions::default())
     }
 
     fn simulation_options(entropy: &mut dyn Entropy) -> PbftOptions {

@@ -112,6 +112,16 @@ pub struct PbftSettings {
 }
 
 impl PbftSettings {
+    /// The `[options]` table `section` read onto `base` (a protocol built on PBFT
+    /// passes its own defaults), validated.
+    pub fn parse_onto(section: &toml::Table, base: PbftOptions) -> Result<PbftOptions, String> {
+        let settings: PbftSettings = section
+            .clone()
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("[options]: {}", e.message()))?;
+        settings.apply(base).map_err(|e| e.to_string())
+    }
+
     /// `base` with these overrides, validated.
     pub fn apply(self, base: PbftOptions) -> Result<PbftOptions, InvalidOptions> {
         let ms =
