@@ -19,7 +19,10 @@ use std::process::ExitCode;
 /// mimalloc instead of glibc's allocator: replicas allocate and free many
 /// buffers of a few kilobytes per batch (frames, requests, results), where glibc
 /// spent a quarter of a replica's CPU in `malloc`, `free`, consolidation and
-/// fresh zeroed pages (`docs/performance.md`).
+/// fresh zeroed pages (`docs/performance.md`). Built without transparent huge
+/// pages (the `no_thp` feature): with them, 103 replicas on two cores spent up to
+/// two thirds of their time zeroing fresh 2 MB pages under a burst of clients,
+/// and the cluster stopped ordering (`docs/performance.md`, "Start-up collapse").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
