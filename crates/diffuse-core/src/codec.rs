@@ -62,6 +62,15 @@ pub trait WireMessage:
 {
     /// A short, stable name of the message's kind, used in traces and metrics.
     fn kind(&self) -> &'static str;
+
+    /// Whether this message carries a client's request, whoever sends it (the
+    /// client, or a replica relaying it). A runtime queues these behind the
+    /// replicas' agreement messages and may shed those a replica relays when it is
+    /// overloaded: a lost request costs its client a retransmission, while a
+    /// late agreement message costs the whole cluster a timeout.
+    fn is_client_request(&self) -> bool {
+        false
+    }
 }
 
 /// Encodes `message` into a versioned frame.

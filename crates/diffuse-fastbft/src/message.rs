@@ -442,4 +442,8 @@ impl WireMessage for Message {
             Message::RejoinState(_) => "rejoin-state",
         }
     }
+
+    fn is_client_request(&self) -> bool {
+        matches!(self, Message::Request(_))
+    }
 }

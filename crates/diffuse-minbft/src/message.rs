@@ -642,6 +642,10 @@ impl WireMessage for Message {
             Message::StateChunk(_) => "state-chunk",
         }
     }
+
+    fn is_client_request(&self) -> bool {
+        matches!(self, Message::Request(_))
+    }
 }
 
 impl diffuse_pbft::ClientWire for Message {

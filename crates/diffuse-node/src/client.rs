@@ -19,16 +19,16 @@
 //! deadline per operation.
 
 use crate::config::ClientSettings;
+use crate::inbox::Inbox;
 use crate::metrics::NodeMetrics;
 use crate::timers::Timers;
-use crate::transport::{Inbound, Limits, Recipients, Transport};
+use crate::transport::{Limits, Recipients, Transport};
 use diffuse_apps::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use diffuse_apps::{KvOp, KvResult};
 use diffuse_core::protocol::{Action, Actions, Client as _, Input, InvokeError};
 use diffuse_core::suite::{ClientSetup, ProtocolSuite};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Why an operation failed.
@@ -60,7 +60,7 @@ pub struct Client<S: ProtocolSuite> {
     options: S::Options,
     machine: S::Client,
     transport: Transport<S::Message>,
-    inbox: mpsc::Receiver<Inbound<S::Message>>,
+    inbox: Inbox<S::Message>,
     timers: Timers<S::ClientTimer>,
     /// The first timestamp of the current machine, and operations it started.
     first_timestamp: u64,

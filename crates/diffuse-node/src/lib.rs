@@ -10,6 +10,7 @@
 pub mod client;
 pub mod config;
 pub mod enclaves;
+pub mod inbox;
 pub mod local;
 pub mod metrics;
 pub mod noise;

@@ -51,6 +51,9 @@ pub struct NodeMetrics {
     pub decode_errors: Counter,
     /// Outgoing frames dropped because a peer's queue was full.
     pub send_queue_drops: Counter,
+    /// Client requests relayed by replicas, dropped because the request lane,
+    /// the relaying replica's share of the inbox or the byte budget was full.
+    pub requests_shed: Counter,
     /// Decoded messages waiting for the protocol.
     pub inbox_depth: Gauge,
     /// Frames waiting in all outgoing queues.
@@ -81,6 +84,7 @@ impl Default for NodeMetrics {
             bytes_out: Counter::default(),
             decode_errors: Counter::default(),
             send_queue_drops: Counter::default(),
+            requests_shed: Counter::default(),
             inbox_depth: Gauge::default(),
             send_queue_depth: Gauge::default(),
             refused_connections: Counter::default(),
@@ -147,6 +151,11 @@ impl NodeMetrics {
             "send_queue_drops",
             "Frames dropped on a full peer queue",
             self.send_queue_drops.clone(),
+        );
+        r.register(
+            "requests_shed",
+            "Relayed client requests dropped on a full request lane",
+            self.requests_shed.clone(),
         );
         r.register(
             "inbox_depth",

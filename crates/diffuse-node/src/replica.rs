@@ -205,8 +205,8 @@ pub async fn run_replica<S: ProtocolSuite>(
         // Whatever else already waits joins this group.
         for _ in 1..MAX_INPUTS_PER_COMMIT {
             match inbox.try_recv() {
-                Ok(inbound) => driver.on_message(inbound),
-                Err(_) => break,
+                Some(inbound) => driver.on_message(inbound),
+                None => break,
             }
         }
         stopped = driver.hand_over().await;

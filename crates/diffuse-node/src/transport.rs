@@ -14,6 +14,7 @@
 //! * A dialer reconnects with exponential back-off (50 ms to 2 s, with jitter).
 
 use crate::config::Cluster;
+use crate::inbox::{self, Inbox, Lane, LaneSenders};
 use crate::metrics::{KindLabel, NodeMetrics};
 use crate::noise::{self, ChannelError, FrameReader, FrameWriter};
 use diffuse_core::codec::{self, WireMessage};
@@ -35,8 +36,11 @@ pub struct Limits {
     pub max_frame: usize,
     /// Frames queued per peer before new ones are dropped.
     pub send_queue: usize,
-    /// Decoded messages waiting for the protocol.
+    /// Decoded messages from replicas waiting for the protocol.
     pub inbox: usize,
+    /// Decoded messages from clients waiting for the protocol (a lane of their
+    /// own, taken after the replicas' messages: see [`crate::inbox`]).
+    pub request_inbox: usize,
     /// Simultaneous incoming connections (handshaking or open).
     pub max_connections: usize,
     /// Simultaneous open connections from one authenticated peer.
@@ -63,6 +67,7 @@ impl Default for Limits {
             max_frame: codec::MAX_FRAME_BYTES,
             send_queue: 4096,
             inbox: 16_384,
+            request_inbox: 4096,
             max_connections: 4096,
             connections_per_peer: 4,
             max_client_frame: 1 << 20,
@@ -123,6 +128,23 @@ pub struct Inbound<M> {
     _share: tokio::sync::OwnedSemaphorePermit,
 }
 
+impl<M> Inbound<M> {
+    /// A message holding its places in the inbox's budgets.
+    pub(crate) fn new(
+        from: NodeId,
+        message: M,
+        budget: tokio::sync::OwnedSemaphorePermit,
+        share: tokio::sync::OwnedSemaphorePermit,
+    ) -> Inbound<M> {
+        Inbound {
+            from,
+            message,
+            _budget: budget,
+            _share: share,
+        }
+    }
+}
+
 type Frame = Arc<[u8]>;
 
 /// Aborts a task when dropped, so a connection's reader dies with its writer.
@@ -158,7 +180,7 @@ struct Shared<M> {
     prologue: Vec<u8>,
     limits: Limits,
     metrics: Arc<NodeMetrics>,
-    inbox: mpsc::Sender<Inbound<M>>,
+    inbox: LaneSenders<M>,
     inbox_bytes: Arc<Semaphore>,
     /// Each peer's share of the inbox (created on its first message; at most one per
     /// member of the cluster).
@@ -182,7 +204,7 @@ impl<M: WireMessage> Transport<M> {
         listen: SocketAddr,
         limits: Limits,
         metrics: Arc<NodeMetrics>,
-    ) -> std::io::Result<(Transport<M>, mpsc::Receiver<Inbound<M>>)> {
+    ) -> std::io::Result<(Transport<M>, Inbox<M>)> {
         let listener = TcpListener::bind(listen).await?;
         let (mut transport, inbox) =
             Transport::new(NodeId::Replica(id), secret, cluster, limits, metrics);
@@ -200,7 +222,7 @@ impl<M: WireMessage> Transport<M> {
         cluster: Cluster,
         limits: Limits,
         metrics: Arc<NodeMetrics>,
-    ) -> (Transport<M>, mpsc::Receiver<Inbound<M>>) {
+    ) -> (Transport<M>, Inbox<M>) {
         Transport::new(NodeId::Client(id), secret, cluster, limits, metrics)
     }
 
@@ -210,8 +232,8 @@ impl<M: WireMessage> Transport<M> {
         cluster: Cluster,
         limits: Limits,
         metrics: Arc<NodeMetrics>,
-    ) -> (Transport<M>, mpsc::Receiver<Inbound<M>>) {
-        let (inbox_tx, inbox_rx) = mpsc::channel(limits.inbox);
+    ) -> (Transport<M>, Inbox<M>) {
+        let (inbox_tx, inbox_rx) = inbox::inbox(limits.inbox, limits.request_inbox);
         let prologue = noise::prologue(&cluster.digest.0);
         let n = cluster.n();
         let shared = Arc::new(Shared {
@@ -515,6 +537,13 @@ fn share_of<M>(shared: &Shared<M>, peer: NodeId) -> Arc<Semaphore> {
 
 /// Decodes one frame into the inbox (an empty frame is a keepalive), within the
 /// sender's `share`. Returns false if the inbox is gone.
+///
+/// Clients' requests go to the request lane, the rest to the protocol lane (see
+/// [`crate::inbox`]). A request a replica relays is shed, not waited for, when
+/// the request lane, the sender's share or the byte budget is full: its reader
+/// waiting there would hold up the agreement messages behind it on the same
+/// connection, and the request's client retransmits anyway. A client's own
+/// requests wait (its connection carries nothing else), so TCP pushes back on it.
 async fn deliver<M: WireMessage>(
     shared: &Arc<Shared<M>>,
     peer: NodeId,
@@ -525,40 +554,63 @@ async fn deliver<M: WireMessage>(
         return true;
     }
     shared.metrics.bytes_in.inc_by(frame.len() as u64);
-    match codec::decode::<M>(&frame) {
-        Ok(message) => {
-            shared
-                .metrics
-                .messages_in
-                .get_or_create(&KindLabel {
-                    kind: message.kind(),
-                })
-                .inc();
-            // Frames are at most `max_frame`, far below u32::MAX and the budget.
-            let cost = u32::try_from(frame.len().min(shared.limits.inbox_bytes))
-                .unwrap_or(u32::MAX)
-                .max(1);
-            drop(frame);
-            let Ok(share) = share.clone().acquire_owned().await else {
-                return false;
-            };
-            let Ok(budget) = shared.inbox_bytes.clone().acquire_many_owned(cost).await else {
-                return false;
-            };
-            let inbound = Inbound {
-                from: peer,
-                message,
-                _budget: budget,
-                _share: share,
-            };
-            shared.inbox.send(inbound).await.is_ok()
-        }
+    let message = match codec::decode::<M>(&frame) {
+        Ok(message) => message,
         Err(error) => {
             shared.metrics.decode_errors.inc();
             tracing::info!(?peer, %error, "undecodable frame dropped");
-            true
+            return true;
         }
+    };
+    shared
+        .metrics
+        .messages_in
+        .get_or_create(&KindLabel {
+            kind: message.kind(),
+        })
+        .inc();
+    // Frames are at most `max_frame`, far below u32::MAX and the budget.
+    let cost = u32::try_from(frame.len().min(shared.limits.inbox_bytes))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    drop(frame);
+    let lane = if message.is_client_request() {
+        Lane::Requests
+    } else {
+        Lane::Protocol
+    };
+    if lane == Lane::Requests && matches!(peer, NodeId::Replica(_)) {
+        let permits = share
+            .clone()
+            .try_acquire_owned()
+            .ok()
+            .zip(shared.inbox_bytes.clone().try_acquire_many_owned(cost).ok());
+        let Some((share, budget)) = permits else {
+            shared.metrics.requests_shed.inc();
+            return true;
+        };
+        return match shared
+            .inbox
+            .try_send(lane, Inbound::new(peer, message, budget, share))
+        {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                shared.metrics.requests_shed.inc();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
     }
+    let Ok(share) = share.clone().acquire_owned().await else {
+        return false;
+    };
+    let Ok(budget) = shared.inbox_bytes.clone().acquire_many_owned(cost).await else {
+        return false;
+    };
+    shared
+        .inbox
+        .send(lane, Inbound::new(peer, message, budget, share))
+        .await
 }
 
 /// Accepts connections; each is authenticated before anything else is read.
@@ -704,9 +756,16 @@ mod tests {
     #[derive(Debug, Clone, Serialize, Deserialize)]
     struct Note(u32);
 
+    /// Notes from 1,000 up stand for client requests.
+    const REQUEST_NOTES: u32 = 1000;
+
     impl WireMessage for Note {
         fn kind(&self) -> &'static str {
             "note"
+        }
+
+        fn is_client_request(&self) -> bool {
+            self.0 >= REQUEST_NOTES
         }
     }
 
@@ -785,13 +844,21 @@ mod tests {
 
     /// `n` replica transports on loopback (replica `i` with key `i + 1`) in a
     /// cluster that also lists `clients` clients (client `j` with key `n + 1 + j`).
-    async fn replicas(
+    async fn replicas(n: u8, clients: u8) -> (Cluster, Vec<Transport<Note>>, Vec<Inbox<Note>>) {
+        let (cluster, transports, inboxes, _) = replicas_with(n, clients, Limits::default()).await;
+        (cluster, transports, inboxes)
+    }
+
+    /// [`replicas`] with these limits, and each replica's metrics.
+    async fn replicas_with(
         n: u8,
         clients: u8,
+        limits: Limits,
     ) -> (
         Cluster,
         Vec<Transport<Note>>,
-        Vec<mpsc::Receiver<Inbound<Note>>>,
+        Vec<Inbox<Note>>,
+        Vec<Arc<NodeMetrics>>,
     ) {
         let ports = crate::testnet::free_ports([127, 0, 0, 1].into(), n.into()).unwrap();
         let addresses: Vec<SocketAddr> =
@@ -810,22 +877,24 @@ mod tests {
                 .collect(),
         })
         .unwrap();
-        let (mut transports, mut inboxes) = (Vec::new(), Vec::new());
+        let (mut transports, mut inboxes, mut metrics) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n {
+            let metered = Arc::new(NodeMetrics::default());
             let (transport, inbox) = Transport::<Note>::replica(
                 ReplicaId(i.into()),
                 key(i + 1),
                 cluster.clone(),
                 addresses[usize::from(i)],
-                Limits::default(),
-                Arc::new(NodeMetrics::default()),
+                limits,
+                metered.clone(),
             )
             .await
             .unwrap();
             transports.push(transport);
             inboxes.push(inbox);
+            metrics.push(metered);
         }
-        (cluster, transports, inboxes)
+        (cluster, transports, inboxes, metrics)
     }
 
     /// A client that dials on demand connects only to the replica it sends to, and
@@ -880,8 +949,48 @@ mod tests {
         assert_eq!(next_note(&mut inboxes[2]).await, 6);
     }
 
+    /// Requests a replica relays into a full request lane are shed, and its
+    /// agreement messages behind them on the same connection still get through.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relayed_requests_are_shed_on_a_full_lane_and_agreement_passes() {
+        let limits = Limits {
+            request_inbox: 4,
+            ..Limits::default()
+        };
+        let (_, transports, mut inboxes, metrics) = replicas_with(2, 0, limits).await;
+        let to_r1 = Recipients::One(NodeId::Replica(ReplicaId(1)));
+        let requests: Vec<Note> = (0..20).map(|i| Note(REQUEST_NOTES + i)).collect();
+        let agreement = Note(7);
+        transports[0].send_all(
+            requests
+                .iter()
+                .chain([&agreement])
+                .map(|note| (&to_r1, note)),
+        );
+        // Nothing is taken out of the inbox before all 21 arrived.
+        let arrived = || {
+            metrics[1]
+                .messages_in
+                .get_or_create(&KindLabel { kind: "note" })
+                .get()
+        };
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while arrived() < 21 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every note arrives");
+        assert_eq!(next_note(&mut inboxes[1]).await, 7, "agreement first");
+        let kept: Vec<u32> = std::iter::from_fn(|| inboxes[1].try_recv())
+            .map(|inbound| inbound.message.0)
+            .collect();
+        assert_eq!(kept, (REQUEST_NOTES..REQUEST_NOTES + 4).collect::<Vec<_>>());
+        assert_eq!(metrics[1].requests_shed.get(), 16);
+    }
+
     /// The next message in `inbox`, which must come from replica 0.
-    async fn next_note(inbox: &mut mpsc::Receiver<Inbound<Note>>) -> u32 {
+    async fn next_note(inbox: &mut Inbox<Note>) -> u32 {
         let inbound = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
             .await
             .expect("delivered in time")

@@ -395,6 +395,10 @@ impl WireMessage for Message {
             Message::Read(_) => "read",
         }
     }
+
+    fn is_client_request(&self) -> bool {
+        matches!(self, Message::Request(_) | Message::Read(_))
+    }
 }
 
 impl Message {
