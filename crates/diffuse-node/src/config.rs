@@ -5,6 +5,7 @@
 //! file are relative to the file's own directory, so a testnet directory can be
 //! moved as a whole.
 
+use crate::memo::Memo;
 use diffuse_core::config::{
     ClusterFile, ClusterKeys, ConfigError, KeyFile, MAX_CONFIG_BYTES, Role,
 };
@@ -98,9 +99,13 @@ pub struct Cluster {
 impl Cluster {
     /// Reads and checks a cluster file; every replica needs an address.
     pub fn load(path: &Path) -> Result<Cluster, SettingsError> {
+        /// The cluster files this process parsed already ([`crate::memo`]).
+        static PARSED: Memo<Cluster> = Memo::new("diffuse-cluster-file");
         let text = read_capped(path)?;
-        let file = ClusterFile::parse(&text).map_err(|e| invalid(path, e))?;
-        Cluster::from_file(file).map_err(|e| invalid(path, e))
+        PARSED.get_or_check(text.as_bytes(), || {
+            let file = ClusterFile::parse(&text).map_err(|e| invalid(path, e))?;
+            Cluster::from_file(file).map_err(|e| invalid(path, e))
+        })
     }
 
     /// Checks a parsed cluster file.

@@ -13,6 +13,7 @@
 //! platform key listed for that replica (the operator's trust decision, like the
 //! public keys in `cluster.toml`).
 
+use crate::memo::Memo;
 use crate::tee::{CounterStoreError, FilePlatform};
 use diffuse_core::codec;
 use diffuse_core::crypto::{Digest, PublicKey};
@@ -140,6 +141,7 @@ impl EnclavesFile {
     }
 
     /// Reads `path` and checks every quote: the enclave keys to trust, by replica.
+    /// (Checked once per process for the same contents: [`crate::memo`].)
     pub fn load_keys(path: &Path, n: usize) -> Result<Vec<PublicKey>, EnclaveSetupError> {
         let text =
             crate::config::read_capped_to(path, MAX_ENCLAVES_FILE_BYTES).map_err(|error| {
@@ -148,7 +150,14 @@ impl EnclavesFile {
                     error,
                 }
             })?;
-        let file: EnclavesFile = toml::from_str(&text).map_err(|e| invalid(path, e))?;
+        let mut input = (n as u64).to_le_bytes().to_vec();
+        input.extend_from_slice(text.as_bytes());
+        CHECKED.get_or_check(&input, || Self::check_keys(path, &text, n))
+    }
+
+    /// Parses `text` (read from `path`) and checks every quote.
+    fn check_keys(path: &Path, text: &str, n: usize) -> Result<Vec<PublicKey>, EnclaveSetupError> {
+        let file: EnclavesFile = toml::from_str(text).map_err(|e| invalid(path, e))?;
         if file.enclave.len() != n {
             return Err(invalid(path, format!("{n} enclaves expected")));
         }
@@ -176,6 +185,9 @@ impl EnclavesFile {
         Ok(keys)
     }
 }
+
+/// The enclave lists this process checked already.
+static CHECKED: Memo<Vec<PublicKey>> = Memo::new("diffuse-enclaves-file");
 
 /// A replica's enclave on this machine: its counter store and sealed state, and
 /// every replica's attested enclave key.

@@ -12,6 +12,7 @@ pub mod config;
 pub mod enclaves;
 pub mod inbox;
 pub mod local;
+mod memo;
 pub mod metrics;
 pub mod noise;
 pub mod protocols;
