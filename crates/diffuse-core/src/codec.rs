@@ -66,8 +66,10 @@ pub trait WireMessage:
     /// Whether this message carries a client's request, whoever sends it (the
     /// client, or a replica relaying it). A runtime queues these behind the
     /// replicas' agreement messages and may shed those a replica relays when it is
-    /// overloaded: a lost request costs its client a retransmission, while a
-    /// late agreement message costs the whole cluster a timeout.
+    /// overloaded: a lost request is sent again (the client retransmits, a
+    /// backup relays or forwards what it watches each period), while a late
+    /// agreement message costs the whole cluster a timeout. A protocol must
+    /// therefore treat a relayed request as a message the network may lose.
     fn is_client_request(&self) -> bool {
         false
     }

@@ -1,10 +1,10 @@
 //! The inbox of a member: two lanes, so that agreement messages do not queue
 //! behind clients' requests.
 //!
-//! Clients' requests ([`WireMessage::is_client_request`], whether the client sent
-//! them or a replica relays them) wait in a lane of their own; everything else the
-//! replicas send each other (agreement, checkpoints, view changes) waits in the
-//! protocol lane, which the loop takes first. Under a burst of requests (a
+//! What clients send, and the clients' requests replicas relay
+//! ([`WireMessage::is_client_request`]), wait in a lane of their own; everything
+//! else the replicas send each other (agreement, checkpoints, view changes) waits
+//! in the protocol lane, which the loop takes first. Under a burst of requests (a
 //! thousand clients starting at once, retransmitting to widening sets of backups,
 //! which relay and forward what they watch) one queue held thousands of requests,
 //! each a signature check, in front of the next PREPARE or share: the protocol's
@@ -29,7 +29,7 @@ pub enum Lane {
     /// What replicas send each other but requests: agreement, checkpoints,
     /// view changes, state transfer.
     Protocol,
-    /// Clients' requests, from their clients or relayed by replicas.
+    /// What clients send, and the clients' requests replicas relay.
     Requests,
 }
 
@@ -116,7 +116,7 @@ impl<M> Inbox<M> {
             return Some(inbound);
         }
         if let Ok(inbound) = self.protocol.try_recv() {
-            self.streak += 1;
+            self.streak = self.streak.saturating_add(1);
             return Some(inbound);
         }
         let inbound = self.requests.try_recv().ok()?;

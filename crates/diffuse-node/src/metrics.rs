@@ -154,7 +154,7 @@ impl NodeMetrics {
         );
         r.register(
             "requests_shed",
-            "Relayed client requests dropped on a full request lane",
+            "Relayed client requests dropped: full request lane, byte budget or sender's share",
             self.requests_shed.clone(),
         );
         r.register(

@@ -8,9 +8,10 @@
 //!   is the authenticated peer of the connection it came on, never a field in it.
 //! * Each peer has a bounded send queue. When it is full the frame is dropped and
 //!   counted: the protocols retransmit, and a slow or hostile peer must not stall the
-//!   replica or grow its memory. Incoming messages go through one bounded inbox;
-//!   when the protocol falls behind, readers stop reading and TCP pushes back on the
-//!   senders.
+//!   replica or grow its memory. Incoming messages go through a bounded inbox of
+//!   two lanes ([`crate::inbox`]); when the protocol falls behind, readers stop
+//!   reading and TCP pushes back on the senders (requests relayed by replicas are
+//!   shed instead, see [`deliver`]).
 //! * A dialer reconnects with exponential back-off (50 ms to 2 s, with jitter).
 
 use crate::config::Cluster;
@@ -36,10 +37,11 @@ pub struct Limits {
     pub max_frame: usize,
     /// Frames queued per peer before new ones are dropped.
     pub send_queue: usize,
-    /// Decoded messages from replicas waiting for the protocol.
+    /// Decoded messages waiting in the protocol lane: what replicas send each
+    /// other but clients' requests (see [`crate::inbox`]).
     pub inbox: usize,
-    /// Decoded messages from clients waiting for the protocol (a lane of their
-    /// own, taken after the replicas' messages: see [`crate::inbox`]).
+    /// Decoded messages waiting in the request lane: what clients send, and the
+    /// clients' requests replicas relay.
     pub request_inbox: usize,
     /// Simultaneous incoming connections (handshaking or open).
     pub max_connections: usize,
@@ -538,12 +540,15 @@ fn share_of<M>(shared: &Shared<M>, peer: NodeId) -> Arc<Semaphore> {
 /// Decodes one frame into the inbox (an empty frame is a keepalive), within the
 /// sender's `share`. Returns false if the inbox is gone.
 ///
-/// Clients' requests go to the request lane, the rest to the protocol lane (see
-/// [`crate::inbox`]). A request a replica relays is shed, not waited for, when
-/// the request lane, the sender's share or the byte budget is full: its reader
-/// waiting there would hold up the agreement messages behind it on the same
-/// connection, and the request's client retransmits anyway. A client's own
-/// requests wait (its connection carries nothing else), so TCP pushes back on it.
+/// What clients send, and the clients' requests replicas relay, go to the
+/// request lane; the rest to the protocol lane (see [`crate::inbox`]). A request
+/// a replica relays is shed, not waited for, when the request lane or the byte
+/// budget is full or when it would take the second half of the sender's share:
+/// its reader waiting there would hold up the agreement messages behind it on the
+/// same connection, and those must always find room in the share; the request
+/// is sent again (by its client's retransmission or the relaying replica's next
+/// period). A client's messages wait (its connection carries nothing else), so
+/// TCP pushes back on it.
 async fn deliver<M: WireMessage>(
     shared: &Arc<Shared<M>>,
     peer: NodeId,
@@ -574,17 +579,21 @@ async fn deliver<M: WireMessage>(
         .unwrap_or(u32::MAX)
         .max(1);
     drop(frame);
-    let lane = if message.is_client_request() {
-        Lane::Requests
-    } else {
-        Lane::Protocol
+    let lane = match peer {
+        NodeId::Client(_) => Lane::Requests,
+        NodeId::Replica(_) if message.is_client_request() => Lane::Requests,
+        NodeId::Replica(_) => Lane::Protocol,
     };
     if lane == Lane::Requests && matches!(peer, NodeId::Replica(_)) {
-        let permits = share
-            .clone()
-            .try_acquire_owned()
-            .ok()
-            .zip(shared.inbox_bytes.clone().try_acquire_many_owned(cost).ok());
+        // Half of the sender's share stays free for its agreement messages.
+        let reserved = shared.limits.inbox_per_peer / 2;
+        let permits = (share.available_permits() > reserved)
+            .then(|| share.clone().try_acquire_owned().ok())
+            .flatten()
+            .and_then(|share| {
+                let budget = shared.inbox_bytes.clone().try_acquire_many_owned(cost);
+                Some((share, budget.ok()?))
+            });
         let Some((share, budget)) = permits else {
             shared.metrics.requests_shed.inc();
             return true;
@@ -957,6 +966,24 @@ mod tests {
             request_inbox: 4,
             ..Limits::default()
         };
+        relay_twenty_requests_then_agree(limits, 4).await;
+    }
+
+    /// Relayed requests take at most half of their sender's share of the inbox:
+    /// the rest is shed, and the sender's agreement messages find room.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn relayed_requests_leave_half_the_senders_share_to_agreement() {
+        let limits = Limits {
+            inbox_per_peer: 8,
+            ..Limits::default()
+        };
+        relay_twenty_requests_then_agree(limits, 4).await;
+    }
+
+    /// Replica 0 relays 20 requests, then an agreement message, to replica 1:
+    /// the first `kept` requests are queued, the rest shed, the agreement
+    /// message delivered first.
+    async fn relay_twenty_requests_then_agree(limits: Limits, kept: u32) {
         let (_, transports, mut inboxes, metrics) = replicas_with(2, 0, limits).await;
         let to_r1 = Recipients::One(NodeId::Replica(ReplicaId(1)));
         let requests: Vec<Note> = (0..20).map(|i| Note(REQUEST_NOTES + i)).collect();
@@ -967,26 +994,25 @@ mod tests {
                 .chain([&agreement])
                 .map(|note| (&to_r1, note)),
         );
-        // Nothing is taken out of the inbox before all 21 arrived.
-        let arrived = || {
-            metrics[1]
-                .messages_in
-                .get_or_create(&KindLabel { kind: "note" })
-                .get()
-        };
+        // Nothing is taken out of the inbox before all 21 were queued or shed.
+        let queued = kept as usize + 1;
         tokio::time::timeout(Duration::from_secs(10), async {
-            while arrived() < 21 {
+            while inboxes[1].len() < queued || metrics[1].requests_shed.get() < u64::from(20 - kept)
+            {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
         .await
-        .expect("every note arrives");
+        .expect("every note is queued or shed");
         assert_eq!(next_note(&mut inboxes[1]).await, 7, "agreement first");
-        let kept: Vec<u32> = std::iter::from_fn(|| inboxes[1].try_recv())
+        let requests_kept: Vec<u32> = std::iter::from_fn(|| inboxes[1].try_recv())
             .map(|inbound| inbound.message.0)
             .collect();
-        assert_eq!(kept, (REQUEST_NOTES..REQUEST_NOTES + 4).collect::<Vec<_>>());
-        assert_eq!(metrics[1].requests_shed.get(), 16);
+        assert_eq!(
+            requests_kept,
+            (REQUEST_NOTES..REQUEST_NOTES + kept).collect::<Vec<_>>()
+        );
+        assert_eq!(metrics[1].requests_shed.get(), u64::from(20 - kept));
     }
 
     /// The next message in `inbox`, which must come from replica 0.
