@@ -23,6 +23,8 @@ use std::process::ExitCode;
 /// pages (the `no_thp` feature): with them, 103 replicas on two cores spent up to
 /// two thirds of their time zeroing fresh 2 MB pages under a burst of clients,
 /// and the cluster stopped ordering (`docs/performance.md`, "Start-up collapse").
+/// (On a host whose huge-page setting is `always` rather than `madvise`, the
+/// kernel uses them unasked: run with `MIMALLOC_ALLOW_THP=0` there.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -66,9 +66,11 @@ pub const DEFAULT_CHECKPOINT_INTERVAL: u64 = 16;
 
 /// FastBFT's default `batch_max_requests`, twice PBFT's 512: every batch costs
 /// O(n) messages and a tree round, so at large `n` a batch should hold as many
-/// requests as are waiting. At `n = 103` with 1,024 clients, 5,143-6,215 ops/s
-/// against 4,303-4,840 with 512, and no change with 512 clients
-/// (`docs/performance.md`, "Batches of up to 1,024").
+/// requests as are waiting. At `n = 103` with 1,024 clients, 4,652-6,215 ops/s
+/// against 3,383-4,840 with 512, and no change with 512 clients
+/// (`docs/performance.md`, "Batches of up to 1,024"). `batch_max_bytes` bounds a
+/// batch too, so that PREPAREs and VIEW-CHANGE logs stay far below the largest
+/// frame whatever the operations' size.
 pub const DEFAULT_BATCH_MAX_REQUESTS: usize = 1024;
 
 /// Parses a positive integer option.

@@ -35,6 +35,21 @@ const FETCH_ANSWER: usize = 32;
 /// A queued request's key (see [`PrimaryState::queued`]).
 type Queued = (ClientId, u64, [u8; 64]);
 
+/// How many of the `pending` requests, from the front, the next batch takes, and
+/// their operation bytes: at most `max` requests and `max_bytes` bytes, but at
+/// least one request (a single operation is bounded by `max_operation_bytes`).
+fn batch_size(pending: &VecDeque<Request>, max: usize, max_bytes: usize) -> (usize, usize) {
+    let (mut take, mut bytes) = (0, 0);
+    for request in pending.iter().take(max) {
+        let size = request.operation.len();
+        if take > 0 && bytes + size > max_bytes {
+            break;
+        }
+        (take, bytes) = (take + 1, bytes + size);
+    }
+    (take, bytes)
+}
+
 fn queued_key(request: &Request) -> Queued {
     (
         request.client,
@@ -77,6 +92,8 @@ struct Pooled {
 #[derive(Debug, Default)]
 pub(crate) struct PrimaryState {
     pending: VecDeque<Request>,
+    /// The operation bytes of `pending`.
+    pending_bytes: usize,
     /// The requests pending or in a batch not executed yet, by client, timestamp
     /// and signature: the signature is checked by the enclave only, so an unsigned
     /// copy of a request must not keep the genuine one out.
@@ -410,6 +427,7 @@ impl FastBftReplica {
         if state.pending.len() >= MAX_PENDING || !state.queued.insert(queued_key(&request)) {
             return;
         }
+        state.pending_bytes += request.operation.len();
         state.pending.push_back(request);
         self.propose(false, out);
     }
@@ -431,6 +449,12 @@ impl FastBftReplica {
     /// one timer period at a time, at most [`Self::linger_periods`].
     fn propose(&mut self, mut timer_fired: bool, out: &mut Out) {
         let max = self.options.base.batch_max_requests.max(1);
+        let max_bytes = self.options.base.batch_max_bytes.max(1);
+        // A full batch: as many requests, or as many operation bytes, as one
+        // batch may hold (the bytes bound keeps PREPAREs and the view change's
+        // logs far below the largest frame whatever the operations' size).
+        let full =
+            |state: &PrimaryState| state.pending.len() >= max || state.pending_bytes >= max_bytes;
         let delay = self.options.base.batch_delay;
         let in_flight = usize::try_from(self.options.base.max_in_flight.max(1)).unwrap_or(1);
         let interval = self.interval();
@@ -446,10 +470,10 @@ impl FastBftReplica {
             {
                 return;
             }
-            if !state.preparing.is_empty() && state.pending.len() < max {
+            if !state.preparing.is_empty() && !full(state) {
                 return;
             }
-            if state.pending.len() < max && !delay.is_zero() && !timer_fired {
+            if !full(state) && !delay.is_zero() && !timer_fired {
                 if !state.batch_timer {
                     state.batch_timer = true;
                     state.linger.get_or_insert((state.pending.len(), 0));
@@ -458,7 +482,7 @@ impl FastBftReplica {
                 return;
             }
             if timer_fired
-                && state.pending.len() < max
+                && !full(state)
                 && let Some((seen, periods)) = state.linger
                 && periods < linger_periods
                 && (!state.in_flight.is_empty() || state.pending.len() > seen)
@@ -472,7 +496,8 @@ impl FastBftReplica {
             }
             state.linger = None;
             timer_fired = false;
-            let take = state.pending.len().min(max);
+            let (take, bytes) = batch_size(&state.pending, max, max_bytes);
+            state.pending_bytes = state.pending_bytes.saturating_sub(bytes);
             let requests: Vec<Request> = state.pending.drain(..take).collect();
             let seq = state.next_seq;
             state.next_seq = seq.next();
@@ -1095,5 +1120,40 @@ impl FastBftReplica {
         for answer in answers {
             out.send(replica, answer);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffuse_core::codec::Blob;
+    use diffuse_core::crypto::SecretKey;
+    use diffuse_pbft::message::RequestBody;
+
+    fn pending(sizes: &[usize]) -> VecDeque<Request> {
+        let key = SecretKey::from_seed([7; 32]);
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(t, size)| {
+                let body = RequestBody {
+                    client: ClientId(1),
+                    timestamp: t as u64,
+                    operation: Blob::try_from_vec(vec![0; *size]).unwrap(),
+                };
+                Request::signed_only(body, &key)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_is_bounded_by_requests_and_by_bytes_but_takes_at_least_one() {
+        let queue = pending(&[10, 10, 10, 10]);
+        assert_eq!(batch_size(&queue, 3, 1000), (3, 30), "by requests");
+        assert_eq!(batch_size(&queue, 10, 25), (2, 20), "by bytes");
+        assert_eq!(batch_size(&queue, 10, 40), (4, 40), "exactly the bytes");
+        let large = pending(&[100, 10]);
+        assert_eq!(batch_size(&large, 10, 25), (1, 100), "one over the bound");
+        assert_eq!(batch_size(&pending(&[]), 10, 25), (0, 0));
     }
 }
