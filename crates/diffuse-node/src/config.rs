@@ -99,7 +99,7 @@ pub struct Cluster {
 impl Cluster {
     /// Reads and checks a cluster file; every replica needs an address.
     pub fn load(path: &Path) -> Result<Cluster, SettingsError> {
-        /// The cluster files this process parsed already ([`crate::memo`]).
+        /// The cluster files this process parsed already (see `memo.rs`).
         static PARSED: Memo<Cluster> = Memo::new("diffuse-cluster-file");
         let text = read_capped(path)?;
         PARSED.get_or_check(text.as_bytes(), || {

@@ -141,7 +141,7 @@ impl EnclavesFile {
     }
 
     /// Reads `path` and checks every quote: the enclave keys to trust, by replica.
-    /// (Checked once per process for the same contents: [`crate::memo`].)
+    /// (Checked once per process for the same contents: see `memo.rs`.)
     pub fn load_keys(path: &Path, n: usize) -> Result<Vec<PublicKey>, EnclaveSetupError> {
         let text =
             crate::config::read_capped_to(path, MAX_ENCLAVES_FILE_BYTES).map_err(|error| {

@@ -11,7 +11,7 @@
 //!   replica or grow its memory. Incoming messages go through a bounded inbox of
 //!   two lanes ([`crate::inbox`]); when the protocol falls behind, readers stop
 //!   reading and TCP pushes back on the senders (requests relayed by replicas are
-//!   shed instead, see [`deliver`]).
+//!   shed instead, see `deliver`).
 //! * A dialer reconnects with exponential back-off (50 ms to 2 s, with jitter).
 
 use crate::config::Cluster;
