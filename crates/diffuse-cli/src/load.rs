@@ -46,6 +46,12 @@ pub fn say(bar: &ProgressBar, line: impl AsRef<str>) {
     }
 }
 
+/// Clients started at once; the next wave starts [`WAVE_INTERVAL`] later.
+const CLIENTS_PER_WAVE: usize = 128;
+
+/// The time between two waves of starting clients.
+const WAVE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Runs `clients` workload clients (identities `0..clients`) for `duration`,
 /// calling `tick` every 200 ms with the time elapsed.
 pub async fn run(
@@ -66,14 +72,19 @@ pub async fn run(
         .collect::<Result<Vec<_>, _>>()?;
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
-    for settings in settings {
-        tasks.spawn(workload::run_client(
+    for (j, settings) in settings.into_iter().enumerate() {
+        let wave = u32::try_from(j / CLIENTS_PER_WAVE).unwrap_or(u32::MAX);
+        let run = workload::run_client(
             settings,
             spec.clone(),
             start,
             stop_rx.clone(),
             records_tx.clone(),
-        ));
+        );
+        tasks.spawn(async move {
+            tokio::time::sleep(WAVE_INTERVAL.saturating_mul(wave)).await;
+            run.await
+        });
     }
     let mut records = Vec::new();
     let mut interrupted = false;
