@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// Number of replicas (default: 4 for PBFT, 3 for MinBFT and FastBFT).
     #[arg(long)]
     n: Option<usize>,
-    /// Concurrent closed-loop clients.
+    /// Concurrent closed-loop clients (started in waves of 128, 100 ms apart).
     #[arg(long, default_value_t = 16)]
     pub(crate) clients: usize,
     /// Bytes per written value.
