@@ -17,10 +17,11 @@ pub struct PbftOptions {
     pub batch_max_requests: usize,
     /// The most operation bytes in one batch (a single larger request still goes alone).
     pub batch_max_bytes: usize,
-    /// How long the primary waits to fill a batch while the pipeline has room.
+    /// How long the primary waits to fill a batch when no batch is in flight.
     pub batch_delay: Duration,
-    /// The most batches proposed but not executed: beyond it the primary waits and
-    /// batches grow, which is how batching adapts to load.
+    /// The most batches proposed but not executed. Only full batches are pipelined:
+    /// a partial one waits until none is in flight, so batches grow with the load
+    /// (see `docs/protocols/pbft.md`, "Options").
     pub max_in_flight: u64,
     /// How long a backup waits for a pending request before suspecting the primary.
     pub view_change_timeout: Duration,

@@ -115,6 +115,41 @@ fn concurrent_requests_are_batched() {
     c.assert_agreement();
 }
 
+/// Batching adapts to the load: full batches are pipelined, a partial batch waits
+/// until no batch is in flight (`propose_batches`).
+#[test]
+fn full_batches_are_pipelined_and_partial_ones_wait_for_the_pipeline() {
+    let options = diffuse_pbft::PbftOptions {
+        batch_max_requests: 2,
+        max_in_flight: 4,
+        ..test_options()
+    };
+    let invoke_six = |c: &mut Cluster| {
+        for client in 0..6 {
+            c.invoke(client, KvOp::put(format!("k{client}").as_bytes(), b"v"));
+        }
+    };
+    // Nothing executes while the COMMITs are cut: the first request went alone
+    // (nothing was in flight), the next four as two full batches in flight beside
+    // it, and the sixth, a partial batch, waits.
+    let mut c = Cluster::new(4, 6, options.clone());
+    c.cut(|_, _, m| matches!(m, Message::Commit(_)));
+    invoke_six(&mut c);
+    c.run();
+    assert_eq!(c.delivered.get("pre-prepare"), Some(&(3 * 3)));
+    assert!(c.executed.iter().all(Vec::is_empty));
+    // Once the pipeline drains, the partial batch goes.
+    let mut c = Cluster::new(4, 6, options);
+    invoke_six(&mut c);
+    c.run();
+    for client in 0..6 {
+        assert_eq!(c.completed[client].len(), 1, "client {client}");
+    }
+    // [r0], [r1, r2], [r3, r4], [r5]; pipelining partial batches gave five.
+    assert_eq!(c.executed[0].len(), 4);
+    c.assert_agreement();
+}
+
 /// §4.3 checkpoints: stable checkpoints move the low watermark and bound the log.
 #[test]
 fn checkpoints_truncate_the_log() {

@@ -67,8 +67,10 @@ impl MinBftReplica {
     }
 
     /// As primary, cuts batches from pending requests while the window, the
-    /// pipeline and the enclave's slot rule allow. A partial batch goes out only when
-    /// `flush` is set (the batch timer fired) or when no delay is configured.
+    /// pipeline and the enclave's slot rule allow. Only full batches are pipelined: a
+    /// partial batch goes only when no batch is in flight, and then only when `flush`
+    /// is set (the batch timer fired) or when no delay is configured, so that
+    /// batches grow with the load (PBFT's rule, `docs/protocols/pbft.md`, "Options").
     pub(super) fn propose_batches(&mut self, mut flush: bool, out: &mut Out) {
         if !self.is_primary() || !self.view_active {
             return;
@@ -93,11 +95,14 @@ impl MinBftReplica {
             }
             let mut requests = Vec::new();
             let mut bytes = 0usize;
+            // Whether another pending request would not fit in this batch.
+            let mut full = false;
             for pending in self.pending.unproposed(self.view) {
                 let size = pending.request.operation.len();
                 if requests.len() == max_requests
                     || (!requests.is_empty() && bytes + size > max_bytes)
                 {
+                    full = true;
                     break;
                 }
                 bytes += size;
@@ -106,7 +111,12 @@ impl MinBftReplica {
             if requests.is_empty() {
                 return;
             }
-            let full = requests.len() == max_requests;
+            let full = full || requests.len() == max_requests || bytes >= max_bytes;
+            if !full && in_flight > 0 {
+                // The clients the last batch answers send their next requests
+                // while it drains and the batching delay runs.
+                return;
+            }
             if !full && !flush && !delay.is_zero() {
                 if !self.batch_timer_running {
                     self.batch_timer_running = true;
