@@ -266,6 +266,57 @@ mod tests {
         assert!(!dir.path().join("replica.redb.creating").exists());
     }
 
+    /// This thread's CPU time so far (user and system), from the scheduler.
+    fn thread_cpu() -> std::time::Duration {
+        let text = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap();
+        let nanos = text.split_whitespace().next().unwrap().parse().unwrap();
+        std::time::Duration::from_nanos(nanos)
+    }
+
+    /// What one durable commit costs on this machine, against the floor of a plain
+    /// append and `fdatasync` of the same bytes (`docs/performance.md`, "Where the
+    /// CPU goes, per operation"). A measurement, not a test:
+    /// `cargo test --release -p diffuse-node commit_costs -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn commit_costs() {
+        const COMMITS: u32 = 2000;
+        let dir = tempfile::tempdir().unwrap();
+        let value = vec![7u8; 4000];
+        let store = Store::open(dir.path(), b"replica 0").unwrap();
+        let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+        for i in 0..COMMITS {
+            // A slot record per commit, the oldest of a window of 256 deleted.
+            let mut writes = vec![WriteOp::Put {
+                key: i.to_be_bytes().to_vec(),
+                value: value.clone(),
+            }];
+            if let Some(old) = i.checked_sub(256) {
+                writes.push(WriteOp::Delete {
+                    key: old.to_be_bytes().to_vec(),
+                });
+            }
+            store.apply(&writes).unwrap();
+        }
+        let per = |d: std::time::Duration| d.as_micros() / u128::from(COMMITS);
+        println!(
+            "redb durable commit of 4 KB: {} µs wall, {} µs CPU",
+            per(wall.elapsed()),
+            per(thread_cpu() - cpu)
+        );
+        let mut file = std::fs::File::create(dir.path().join("append")).unwrap();
+        let (wall, cpu) = (std::time::Instant::now(), thread_cpu());
+        for _ in 0..COMMITS {
+            std::io::Write::write_all(&mut file, &value).unwrap();
+            file.sync_data().unwrap();
+        }
+        println!(
+            "append of 4 KB and fdatasync: {} µs wall, {} µs CPU",
+            per(wall.elapsed()),
+            per(thread_cpu() - cpu)
+        );
+    }
+
     #[test]
     fn another_owner_is_refused() {
         let dir = tempfile::tempdir().unwrap();
