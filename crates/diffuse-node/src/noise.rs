@@ -29,6 +29,10 @@ const TAG_BYTES: usize = 16;
 const CHUNK_BYTES: usize = NOISE_MAX_MESSAGE - TAG_BYTES;
 /// How long a handshake may take before the connection is dropped.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes a reader takes from its socket at a time: small Noise messages that arrive
+/// together (a burst of agreement messages, or of replies) cost one `read` system
+/// call, not two each (the length, then the message).
+const READ_BUFFER_BYTES: usize = 8 << 10;
 
 /// Why a channel failed. Every variant closes the connection.
 #[derive(Debug, thiserror::Error)]
@@ -179,7 +183,7 @@ fn split<S: AsyncRead + AsyncWrite>(
     let (read, write) = tokio::io::split(stream);
     (
         FrameReader {
-            inner: read,
+            inner: tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, read),
             transport: transport.clone(),
             nonce: 0,
             plain: Vec::new(),
@@ -199,7 +203,7 @@ fn split<S: AsyncRead + AsyncWrite>(
 
 /// The receiving half of a channel: yields whole, authenticated frames.
 pub struct FrameReader<R> {
-    inner: R,
+    inner: tokio::io::BufReader<R>,
     transport: Arc<StatelessTransportState>,
     nonce: u64,
     /// Decrypted bytes; `plain[consumed..]` are not yet returned.

@@ -453,16 +453,29 @@ where
     {
         return true;
     }
+    // One timer for the connection's life, not one per write: a keepalive goes
+    // when a whole period passed without a write, so the peer hears something at
+    // least every two periods, well within its idle timeout.
+    let mut keepalive = tokio::time::interval_at(
+        tokio::time::Instant::now() + IDLE_TIMEOUT / 3,
+        IDLE_TIMEOUT / 3,
+    );
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut wrote = false;
     loop {
         tokio::select! {
             _ = &mut reading.0 => return true,
-            () = tokio::time::sleep(IDLE_TIMEOUT / 3) => {
+            _ = keepalive.tick() => {
+                if std::mem::take(&mut wrote) {
+                    continue;
+                }
                 // Keepalive: an empty frame, skipped by the reader.
                 if writer.write_frame(&[]).await.is_err() || writer.flush().await.is_err() {
                     return true;
                 }
             }
             frame = queue.recv() => {
+                wrote = true;
                 let Some(frame) = frame else { return false };
                 // Whatever else is queued goes with it: encrypted together, one flush.
                 let mut frames = vec![frame];
