@@ -40,6 +40,12 @@ pub struct BenchArgs {
     /// Keys shared by the clients.
     #[arg(long, default_value_t = 1024)]
     pub(crate) keys: usize,
+    /// Clients per connection: groups of this many clients share a key and one
+    /// connection per replica (a process hosting many clients), so that their
+    /// requests and replies travel together; 1 gives every client connections of
+    /// its own. See docs/runtime.md, "Client hosts".
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) clients_per_connection: u32,
     /// Also measure throughput against these client counts (comma-separated),
     /// each for --sweep-duration seconds, and plot it.
     #[arg(long, value_delimiter = ',')]
@@ -161,6 +167,8 @@ pub(crate) struct ReplicaSetup {
     pub(crate) log: crate::runtime::LogLevel,
     /// Keep the cluster's directory afterwards.
     pub(crate) keep: bool,
+    /// Clients per shared key and connection.
+    pub(crate) clients_per_connection: usize,
 }
 
 impl BenchArgs {
@@ -168,6 +176,7 @@ impl BenchArgs {
         ReplicaSetup {
             log: self.replica_log,
             keep: self.keep_cluster,
+            clients_per_connection: self.clients_per_connection as usize,
         }
     }
 }
@@ -189,9 +198,16 @@ impl BenchCluster {
             .tempdir()
             .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-        let mut cluster =
-            LocalCluster::prepare(&exe, dir.path(), protocol, n, identities, options.clone())
-                .map_err(|e| format!("cannot write the cluster's configuration: {e}"))?;
+        let mut cluster = LocalCluster::prepare_hosted(
+            &exe,
+            dir.path(),
+            protocol,
+            n,
+            identities,
+            options.clone(),
+            setup.clients_per_connection,
+        )
+        .map_err(|e| format!("cannot write the cluster's configuration: {e}"))?;
         cluster.set_log_level(setup.log.name());
         cluster
             .start_all()

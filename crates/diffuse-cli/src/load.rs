@@ -3,6 +3,7 @@
 //! history.
 
 use diffuse_core::ids::ClientId;
+use diffuse_node::client::{AnyClientHost, KvClient};
 use diffuse_node::local::LocalCluster;
 use diffuse_node::workload::{self, HistoryRecord, WorkloadSpec};
 use diffuse_sim::history::{Operation, Outcome};
@@ -70,20 +71,32 @@ pub async fn run(
     let settings = (0..clients)
         .map(|j| cluster.client(j).map_err(|e| e.to_string()))
         .collect::<Result<Vec<_>, _>>()?;
+    // Clients that share a key (`bench --clients-per-connection`) are hosted on
+    // one connection per replica per key; the others connect on their own.
+    let per_key = cluster.testnet.clients_per_key.max(1);
+    let mut hosts: Vec<std::sync::Arc<AnyClientHost>> = Vec::new();
+    if per_key > 1 {
+        for settings in settings.iter().step_by(per_key) {
+            let host = AnyClientHost::connect(settings).map_err(|e| e.to_string())?;
+            hosts.push(std::sync::Arc::new(host));
+        }
+    }
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for (j, settings) in settings.into_iter().enumerate() {
         let wave = u32::try_from(j / CLIENTS_PER_WAVE).unwrap_or(u32::MAX);
-        let run = workload::run_client(
-            settings,
-            spec.clone(),
-            start,
-            stop_rx.clone(),
-            records_tx.clone(),
-        );
+        let (spec, stop, records) = (spec.clone(), stop_rx.clone(), records_tx.clone());
+        let host = hosts.get(j / per_key).cloned();
         tasks.spawn(async move {
             tokio::time::sleep(WAVE_INTERVAL.saturating_mul(wave)).await;
-            run.await
+            match host {
+                Some(host) => {
+                    let id = settings.id.0;
+                    let kv = KvClient::hosted(&host, settings)?;
+                    workload::run_kv_client(kv, id, spec, start, stop, records).await
+                }
+                None => workload::run_client(settings, spec, start, stop, records).await,
+            }
         });
     }
     let mut records = Vec::new();

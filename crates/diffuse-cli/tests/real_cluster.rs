@@ -89,6 +89,7 @@ async fn testnet_behind_proxies(
         replica_addresses: ports[..n].iter().map(|p| at(*p)).collect(),
         metrics_addresses: Some(ports[n..2 * n].iter().map(|p| at(*p)).collect()),
         options: Default::default(),
+        clients_per_key: 1,
     };
     let written = testnet::write(dir, &spec).unwrap();
     let cluster_text = std::fs::read_to_string(dir.join("cluster.toml")).unwrap();

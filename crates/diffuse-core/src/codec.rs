@@ -73,6 +73,14 @@ pub trait WireMessage:
     fn is_client_request(&self) -> bool {
         false
     }
+
+    /// The client a message between a client and the replicas is from or for (a
+    /// request, a read, a reply), `None` for the others. One connection may speak
+    /// for several clients that share a key (one process hosting them); the
+    /// runtime tells them apart, and routes their replies, by this.
+    fn client(&self) -> Option<crate::ids::ClientId> {
+        None
+    }
 }
 
 /// Encodes `message` into a versioned frame.

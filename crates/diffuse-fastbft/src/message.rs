@@ -446,4 +446,12 @@ impl WireMessage for Message {
     fn is_client_request(&self) -> bool {
         matches!(self, Message::Request(_))
     }
+
+    fn client(&self) -> Option<ClientId> {
+        match self {
+            Message::Request(request) => Some(request.client),
+            Message::Reply(reply) => Some(reply.client),
+            _ => None,
+        }
+    }
 }

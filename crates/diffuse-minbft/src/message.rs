@@ -646,6 +646,14 @@ impl WireMessage for Message {
     fn is_client_request(&self) -> bool {
         matches!(self, Message::Request(_))
     }
+
+    fn client(&self) -> Option<diffuse_core::ids::ClientId> {
+        match self {
+            Message::Request(request) => Some(request.client),
+            Message::Reply(reply) => Some(reply.client),
+            _ => None,
+        }
+    }
 }
 
 impl diffuse_pbft::ClientWire for Message {

@@ -17,6 +17,11 @@
 //! retransmits to every replica on its own timer, and accepts a result only when
 //! f+1 replicas agree. This layer adds the connections, real timers and an overall
 //! deadline per operation.
+//!
+//! A process that runs many clients can host them on one connection per replica
+//! ([`ClientHost`], [`KvClient::hosted`]) if they share a key: their requests and
+//! replies then travel together, many per system call, instead of each client
+//! holding connections of its own (`docs/runtime.md`, "Client hosts").
 
 use crate::config::ClientSettings;
 use crate::inbox::Inbox;
@@ -25,10 +30,14 @@ use crate::timers::Timers;
 use crate::transport::{Limits, Recipients, Transport};
 use diffuse_apps::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use diffuse_apps::{KvOp, KvResult};
+use diffuse_core::codec::WireMessage as _;
+use diffuse_core::ids::{ClientId, NodeId};
 use diffuse_core::protocol::{Action, Actions, Client as _, Input, InvokeError};
 use diffuse_core::suite::{ClientSetup, ProtocolSuite};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Why an operation failed.
@@ -54,13 +63,103 @@ impl From<InvokeError> for ClientError {
     }
 }
 
+/// Connections to every replica shared by the clients of one key: each hosted
+/// client gets the replies addressed to it (see [`Client::hosted`]).
+pub struct ClientHost<S: ProtocolSuite> {
+    transport: Arc<Transport<S::Message>>,
+    key: diffuse_core::crypto::PublicKey,
+    routes: Routes<S::Message>,
+    _dispatch: AbortOnDrop,
+}
+
+type Routes<M> = Arc<Mutex<HashMap<ClientId, mpsc::Sender<(NodeId, M)>>>>;
+
+/// Replies a hosted client may have waiting (it has one operation outstanding, so
+/// a handful are enough; the rest are dropped, and retransmission recovers).
+const HOSTED_INBOX: usize = 64;
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl<S: ProtocolSuite> ClientHost<S> {
+    /// Starts connecting to every replica as the client of `settings`; the clients
+    /// it can host are those with the same key.
+    pub fn connect(settings: &ClientSettings) -> Self {
+        let (transport, mut inbox) = Transport::<S::Message>::client(
+            settings.id,
+            settings.secret.clone(),
+            settings.cluster.clone(),
+            Limits {
+                dial_on_demand: !S::CLIENT_HEARS_FROM_EVERY_REPLICA,
+                ..Limits::client()
+            },
+            Arc::new(NodeMetrics::default()),
+        );
+        let routes: Routes<S::Message> = Arc::default();
+        let table = routes.clone();
+        let dispatch = tokio::spawn(async move {
+            while let Some(inbound) = inbox.recv().await {
+                let Some(client) = inbound.message.client() else {
+                    continue;
+                };
+                let route = table
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&client)
+                    .cloned();
+                if let Some(route) = route {
+                    let _ = route.try_send((inbound.from, inbound.message));
+                }
+            }
+        });
+        ClientHost {
+            transport: Arc::new(transport),
+            key: settings.secret.public(),
+            routes,
+            _dispatch: AbortOnDrop(dispatch),
+        }
+    }
+}
+
+/// Where a client's replies come from: its own connections, or its host's.
+enum Replies<M> {
+    Own(Inbox<M>),
+    Hosted {
+        id: ClientId,
+        inbox: mpsc::Receiver<(NodeId, M)>,
+        routes: Routes<M>,
+    },
+}
+
+impl<M> Replies<M> {
+    async fn recv(&mut self) -> Option<(NodeId, M)> {
+        match self {
+            Replies::Own(inbox) => inbox.recv().await.map(|i| (i.from, i.message)),
+            Replies::Hosted { inbox, .. } => inbox.recv().await,
+        }
+    }
+}
+
+impl<M> Drop for Replies<M> {
+    fn drop(&mut self) {
+        if let Replies::Hosted { id, routes, .. } = self {
+            routes.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        }
+    }
+}
+
 /// A client of a cluster running protocol `S`.
 pub struct Client<S: ProtocolSuite> {
     settings: ClientSettings,
     options: S::Options,
     machine: S::Client,
-    transport: Transport<S::Message>,
-    inbox: Inbox<S::Message>,
+    transport: Arc<Transport<S::Message>>,
+    inbox: Replies<S::Message>,
     timers: Timers<S::ClientTimer>,
     /// The first timestamp of the current machine, and operations it started.
     first_timestamp: u64,
@@ -84,6 +183,11 @@ impl<S: ProtocolSuite> Client<S> {
     /// Starts connecting to every replica (connections come up in the background
     /// and are re-established when they fail).
     pub async fn connect(settings: ClientSettings, options: S::Options) -> Self {
+        Self::own(settings, options)
+    }
+
+    /// A client with connections of its own.
+    fn own(settings: ClientSettings, options: S::Options) -> Self {
         let (transport, inbox) = Transport::client(
             settings.id,
             settings.secret.clone(),
@@ -94,6 +198,46 @@ impl<S: ProtocolSuite> Client<S> {
             },
             Arc::new(NodeMetrics::default()),
         );
+        Self::with(settings, options, Arc::new(transport), Replies::Own(inbox))
+    }
+
+    /// A client on `host`'s connections. Its key must be the host's: the replicas
+    /// take a connection's messages only for the clients of its key.
+    pub fn hosted(
+        host: &ClientHost<S>,
+        settings: ClientSettings,
+        options: S::Options,
+    ) -> Result<Self, ClientError> {
+        if settings.secret.public() != host.key {
+            return Err(ClientError::Invalid(format!(
+                "client {} has another key than its host's",
+                settings.id.0
+            )));
+        }
+        let (tx, inbox) = mpsc::channel(HOSTED_INBOX);
+        host.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(settings.id, tx);
+        let replies = Replies::Hosted {
+            id: settings.id,
+            inbox,
+            routes: host.routes.clone(),
+        };
+        Ok(Self::with(
+            settings,
+            options,
+            host.transport.clone(),
+            replies,
+        ))
+    }
+
+    fn with(
+        settings: ClientSettings,
+        options: S::Options,
+        transport: Arc<Transport<S::Message>>,
+        inbox: Replies<S::Message>,
+    ) -> Self {
         let first_timestamp = wall_clock_nanos();
         let machine = Self::machine(&settings, &options, first_timestamp);
         Client {
@@ -165,13 +309,10 @@ impl<S: ProtocolSuite> Client<S> {
                     }
                 }
                 inbound = self.inbox.recv() => {
-                    let Some(inbound) = inbound else {
+                    let Some((from, message)) = inbound else {
                         return Err(ClientError::Timeout(self.settings.timeout));
                     };
-                    let actions = self.machine.handle(Input::Message {
-                        from: inbound.from,
-                        message: inbound.message,
-                    });
+                    let actions = self.machine.handle(Input::Message { from, message });
                     if let Some(result) = self.carry_out(actions) {
                         return Ok(result);
                     }
@@ -224,20 +365,66 @@ pub enum AnyClient {
     FastBft(Client<diffuse_fastbft::FastBft>),
 }
 
+/// A [`ClientHost`] of whichever protocol the configuration names.
+pub enum AnyClientHost {
+    /// PBFT.
+    Pbft(ClientHost<diffuse_pbft::Pbft>),
+    /// MinBFT.
+    MinBft(ClientHost<diffuse_minbft::MinBft>),
+    /// FastBFT.
+    FastBft(ClientHost<diffuse_fastbft::FastBft>),
+}
+
+impl AnyClientHost {
+    /// Starts connecting as the client of `settings` (see [`ClientHost::connect`]).
+    pub fn connect(settings: &ClientSettings) -> Result<AnyClientHost, ClientError> {
+        match settings.protocol.as_str() {
+            "pbft" => Ok(AnyClientHost::Pbft(ClientHost::connect(settings))),
+            "minbft" => Ok(AnyClientHost::MinBft(ClientHost::connect(settings))),
+            "fastbft" => Ok(AnyClientHost::FastBft(ClientHost::connect(settings))),
+            other => Err(ClientError::UnknownProtocol(other.to_string())),
+        }
+    }
+}
+
 impl AnyClient {
     /// Connects with the protocol's default options.
     pub async fn connect(settings: ClientSettings) -> Result<AnyClient, ClientError> {
+        Self::build(settings, None)
+    }
+
+    /// A client on `host`'s connections (see [`Client::hosted`]).
+    pub fn hosted(
+        host: &AnyClientHost,
+        settings: ClientSettings,
+    ) -> Result<AnyClient, ClientError> {
+        Self::build(settings, Some(host))
+    }
+
+    fn build(
+        settings: ClientSettings,
+        host: Option<&AnyClientHost>,
+    ) -> Result<AnyClient, ClientError> {
         use diffuse_core::suite::ProtocolSuite as _;
+        let mismatch = || ClientError::Invalid("the host runs another protocol".into());
         match settings.protocol.as_str() {
             "pbft" => {
                 let options = diffuse_pbft::Pbft::configured_options(&settings.options)
                     .map_err(ClientError::Invalid)?;
-                Ok(AnyClient::Pbft(Client::connect(settings, options).await))
+                Ok(AnyClient::Pbft(match host {
+                    None => Client::own(settings, options),
+                    Some(AnyClientHost::Pbft(host)) => Client::hosted(host, settings, options)?,
+                    Some(_) => return Err(mismatch()),
+                }))
             }
             "minbft" => {
                 let options = diffuse_minbft::MinBft::configured_options(&settings.options)
                     .map_err(ClientError::Invalid)?;
-                Ok(AnyClient::MinBft(Client::connect(settings, options).await))
+                Ok(AnyClient::MinBft(match host {
+                    None => Client::own(settings, options),
+                    Some(AnyClientHost::MinBft(host)) => Client::hosted(host, settings, options)?,
+                    Some(_) => return Err(mismatch()),
+                }))
             }
             "fastbft" => {
                 let mut options = diffuse_fastbft::FastBft::configured_options(&settings.options)
@@ -251,7 +438,11 @@ impl AnyClient {
                     crate::enclaves::EnclavesFile::load_keys(enclaves_file, settings.cluster.n())
                         .map_err(|e| ClientError::Invalid(e.to_string()))?;
                 options.tee = diffuse_minbft::TeeHost::attested(keys);
-                Ok(AnyClient::FastBft(Client::connect(settings, options).await))
+                Ok(AnyClient::FastBft(match host {
+                    None => Client::own(settings, options),
+                    Some(AnyClientHost::FastBft(host)) => Client::hosted(host, settings, options)?,
+                    Some(_) => return Err(mismatch()),
+                }))
             }
             other => Err(ClientError::UnknownProtocol(other.to_string())),
         }
@@ -296,6 +487,14 @@ impl KvClient {
     pub async fn connect(settings: ClientSettings) -> Result<KvClient, ClientError> {
         Ok(KvClient {
             inner: AnyClient::connect(settings).await?,
+        })
+    }
+
+    /// A client of `settings` on `host`'s connections; its key must be the host's
+    /// (see [`Client::hosted`]).
+    pub fn hosted(host: &AnyClientHost, settings: ClientSettings) -> Result<KvClient, ClientError> {
+        Ok(KvClient {
+            inner: AnyClient::hosted(host, settings)?,
         })
     }
 

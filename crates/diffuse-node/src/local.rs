@@ -50,6 +50,21 @@ impl LocalCluster {
         clients: usize,
         options: toml::Table,
     ) -> std::io::Result<LocalCluster> {
+        Self::prepare_hosted(exe, dir, protocol, n, clients, options, 1)
+    }
+
+    /// [`LocalCluster::prepare`] with clients sharing keys in groups of
+    /// `clients_per_key`, so that one process can host each group on one
+    /// connection per replica.
+    pub fn prepare_hosted(
+        exe: &Path,
+        dir: &Path,
+        protocol: &str,
+        n: usize,
+        clients: usize,
+        options: toml::Table,
+        clients_per_key: usize,
+    ) -> std::io::Result<LocalCluster> {
         let host = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let ports = testnet::free_ports(host, 2 * n)?;
         let spec = TestnetSpec {
@@ -67,6 +82,7 @@ impl LocalCluster {
                     .collect(),
             ),
             options,
+            clients_per_key,
         };
         let testnet = testnet::write(dir, &spec)?;
         Ok(LocalCluster::new(

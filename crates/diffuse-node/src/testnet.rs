@@ -34,6 +34,10 @@ pub struct TestnetSpec {
     pub metrics_addresses: Option<Vec<SocketAddr>>,
     /// Protocol options written into every replica and client configuration.
     pub options: toml::Table,
+    /// Clients share keys in consecutive groups of this many (0 or 1: each has its
+    /// own). One process can host a group on one connection per replica
+    /// (`diffuse_node::client::ClientHost`).
+    pub clients_per_key: usize,
 }
 
 impl TestnetSpec {
@@ -54,6 +58,7 @@ impl TestnetSpec {
             replica_addresses: (0..n).map(|i| at(port, i)).collect(),
             metrics_addresses: metrics_port.map(|base| (0..n).map(|i| at(base, i)).collect()),
             options: toml::Table::new(),
+            clients_per_key: 1,
         }
     }
 }
@@ -67,6 +72,9 @@ pub struct Testnet {
     pub replicas: Vec<PathBuf>,
     /// Client configurations, by id.
     pub clients: Vec<PathBuf>,
+    /// Clients share keys in consecutive groups of this many (see
+    /// [`TestnetSpec::clients_per_key`]).
+    pub clients_per_key: usize,
 }
 
 /// Where a replica's configuration lives in a testnet directory.
@@ -111,9 +119,15 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
     std::fs::create_dir_all(dir.join("keys"))?;
     let replica_keys: Vec<SecretKey> =
         (0..spec.n).map(|_| fresh_key()).collect::<Result<_, _>>()?;
-    let client_keys: Vec<SecretKey> = (0..spec.clients)
-        .map(|_| fresh_key())
-        .collect::<Result<_, _>>()?;
+    let per_key = spec.clients_per_key.max(1);
+    let mut client_keys: Vec<SecretKey> = Vec::with_capacity(spec.clients);
+    for i in 0..spec.clients {
+        let key = match client_keys.last() {
+            Some(last) if i % per_key != 0 => last.clone(),
+            _ => fresh_key()?,
+        };
+        client_keys.push(key);
+    }
     let cluster = ClusterFile {
         replicas: replica_keys
             .iter()
@@ -148,6 +162,7 @@ pub fn write(dir: &Path, spec: &TestnetSpec) -> std::io::Result<Testnet> {
         dir: dir.to_path_buf(),
         replicas: Vec::new(),
         clients: Vec::new(),
+        clients_per_key: per_key,
     };
     for (i, key) in replica_keys.iter().enumerate() {
         let key_file = PathBuf::from(format!("keys/replica-{i}.key"));

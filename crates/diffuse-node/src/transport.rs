@@ -158,7 +158,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Who may connect, by X25519 static key.
+/// Who may connect, by X25519 static key. Clients that share a key (one process
+/// hosting them) connect as the lowest of their ids, and the connection speaks for
+/// them all (see [`ClientRoute`]).
 fn directory(cluster: &Cluster) -> HashMap<[u8; 32], NodeId> {
     let mut directory = HashMap::new();
     for i in 0..cluster.n() {
@@ -167,12 +169,47 @@ fn directory(cluster: &Cluster) -> HashMap<[u8; 32], NodeId> {
             directory.insert(key.to_x25519(), NodeId::Replica(id));
         }
     }
-    for client in cluster.keys.clients() {
+    let mut clients: Vec<ClientId> = cluster.keys.clients().collect();
+    clients.sort_unstable();
+    for client in clients {
         if let Some(key) = cluster.keys.client(client) {
-            directory.insert(key.to_x25519(), NodeId::Client(client));
+            directory
+                .entry(key.to_x25519())
+                .or_insert(NodeId::Client(client));
         }
     }
     directory
+}
+
+/// A client connection's way back: the replies to every client it speaks for go
+/// to its send queue. A connection authenticated as client `c` speaks for every
+/// client whose key is `c`'s (they are one principal: whoever holds the key can
+/// sign as any of them), so a process hosting many clients needs one connection
+/// per replica, and the replies of one batch to its clients leave as one burst.
+struct ClientRoute {
+    clients: Arc<Mutex<HashMap<ClientId, mpsc::Sender<Frame>>>>,
+    queue: mpsc::Sender<Frame>,
+}
+
+impl ClientRoute {
+    /// Sends `client`'s replies over this connection from now on.
+    fn register(&self, client: ClientId) {
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if !clients
+            .get(&client)
+            .is_some_and(|queue| queue.same_channel(&self.queue))
+        {
+            clients.insert(client, self.queue.clone());
+        }
+    }
+
+    /// Forgets this connection: its clients' replies wait for their next message.
+    fn close(&self) {
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, queue| !queue.same_channel(&self.queue));
+    }
 }
 
 struct Shared<M> {
@@ -414,8 +451,10 @@ async fn dial_loop<M: WireMessage>(
                         backoff = Duration::from_millis(50);
                         let peer_id = NodeId::Replica(peer);
                         let first = first.take();
-                        if !run_connection(&shared, peer_id, reader, writer, first, &mut queue)
-                            .await
+                        if !run_connection(
+                            &shared, peer_id, reader, writer, first, &mut queue, None,
+                        )
+                        .await
                         {
                             return;
                         }
@@ -442,12 +481,13 @@ async fn run_connection<M: WireMessage, R, W>(
     mut writer: FrameWriter<W>,
     first: Option<Frame>,
     queue: &mut mpsc::Receiver<Frame>,
+    route: Option<Arc<ClientRoute>>,
 ) -> bool
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let mut reading = AbortOnDrop(tokio::spawn(read_loop(shared.clone(), peer, reader)));
+    let mut reading = AbortOnDrop(tokio::spawn(read_loop(shared.clone(), peer, reader, route)));
     if let Some(frame) = first
         && (writer.write_frames(&[frame]).await.is_err() || writer.flush().await.is_err())
     {
@@ -498,11 +538,12 @@ where
 }
 
 /// Decodes frames from `peer` into the inbox until the connection fails or stays
-/// silent for [`IDLE_TIMEOUT`].
+/// silent for [`IDLE_TIMEOUT`]. `route` is a client connection's way back.
 async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
     shared: Arc<Shared<M>>,
     peer: NodeId,
     mut reader: FrameReader<R>,
+    route: Option<Arc<ClientRoute>>,
 ) {
     let share = share_of(&shared, peer);
     loop {
@@ -510,7 +551,7 @@ async fn read_loop<M: WireMessage, R: AsyncRead + Unpin>(
             Some(frame) => frame,
             None => return,
         };
-        if !deliver(&shared, peer, &share, frame).await {
+        if !deliver(&shared, peer, &share, frame, route.as_deref()).await {
             return;
         }
     }
@@ -562,11 +603,17 @@ fn share_of<M>(shared: &Shared<M>, peer: NodeId) -> Arc<Semaphore> {
 /// is sent again (by its client's retransmission or the relaying replica's next
 /// period). A client's messages wait (its connection carries nothing else), so
 /// TCP pushes back on it.
+///
+/// A message that names another client of the connection's key (see
+/// [`ClientRoute`]) is that client's, and its replies take this connection; one
+/// that names a client of another key stays the connection's own, which the
+/// protocol refuses as a message for another client.
 async fn deliver<M: WireMessage>(
     shared: &Arc<Shared<M>>,
     peer: NodeId,
     share: &Arc<Semaphore>,
     frame: Vec<u8>,
+    route: Option<&ClientRoute>,
 ) -> bool {
     if frame.is_empty() {
         return true;
@@ -592,6 +639,17 @@ async fn deliver<M: WireMessage>(
         .unwrap_or(u32::MAX)
         .max(1);
     drop(frame);
+    let from = match (peer, message.client()) {
+        (NodeId::Client(connected), Some(named))
+            if named != connected && shares_key(&shared.cluster, connected, named) =>
+        {
+            if let Some(route) = route {
+                route.register(named);
+            }
+            NodeId::Client(named)
+        }
+        _ => peer,
+    };
     let lane = match peer {
         NodeId::Client(_) => Lane::Requests,
         NodeId::Replica(_) if message.is_client_request() => Lane::Requests,
@@ -613,7 +671,7 @@ async fn deliver<M: WireMessage>(
         };
         return match shared
             .inbox
-            .try_send(lane, Inbound::new(peer, message, budget, share))
+            .try_send(lane, Inbound::new(from, message, budget, share))
         {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Full(_)) => {
@@ -631,8 +689,16 @@ async fn deliver<M: WireMessage>(
     };
     shared
         .inbox
-        .send(lane, Inbound::new(peer, message, budget, share))
+        .send(lane, Inbound::new(from, message, budget, share))
         .await
+}
+
+/// Whether clients `a` and `b` are registered with the same key.
+fn shares_key(cluster: &Cluster, a: ClientId, b: ClientId) -> bool {
+    match (cluster.keys.client(a), cluster.keys.client(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// Accepts connections; each is authenticated before anything else is read.
@@ -706,25 +772,22 @@ async fn accept_loop<M: WireMessage>(
                 tracing::info!(%address, ?peer, "connection refused: too many connections from this peer");
                 return;
             };
-            if !deliver(&shared, peer, &share_of(&shared, peer), first).await {
-                return;
-            }
             match peer {
-                NodeId::Replica(_) => read_loop(shared, peer, reader).await,
-                NodeId::Client(client) => {
-                    let (tx, mut rx) = mpsc::channel(shared.limits.send_queue);
-                    clients
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(client, tx.clone());
-                    run_connection(&shared, peer, reader, writer, None, &mut rx).await;
-                    let mut clients = clients.lock().unwrap_or_else(|p| p.into_inner());
-                    if clients
-                        .get(&client)
-                        .is_some_and(|current| current.same_channel(&tx))
-                    {
-                        clients.remove(&client);
+                NodeId::Replica(_) => {
+                    if deliver(&shared, peer, &share_of(&shared, peer), first, None).await {
+                        read_loop(shared, peer, reader, None).await;
                     }
+                }
+                NodeId::Client(client) => {
+                    let (queue, mut rx) = mpsc::channel(shared.limits.send_queue);
+                    let route = Arc::new(ClientRoute { clients, queue });
+                    route.register(client);
+                    let share = share_of(&shared, peer);
+                    if deliver(&shared, peer, &share, first, Some(&route)).await {
+                        let reading = Some(route.clone());
+                        run_connection(&shared, peer, reader, writer, None, &mut rx, reading).await;
+                    }
+                    route.close();
                 }
             }
         });
@@ -862,6 +925,94 @@ mod tests {
             first.contains(&NodeId::Client(ClientId(1))),
             "the honest client's message waits behind the flood: {first:?}"
         );
+    }
+
+    /// A message between a client and a replica that names its client, as
+    /// requests and replies do: `(client, value)`.
+    #[derive(Debug, Clone, Serialize, Deserialize)]
+    struct ForClient(u32, u32);
+
+    impl WireMessage for ForClient {
+        fn kind(&self) -> &'static str {
+            "for-client"
+        }
+
+        fn client(&self) -> Option<ClientId> {
+            Some(ClientId(self.0))
+        }
+    }
+
+    #[tokio::test]
+    async fn clients_sharing_a_key_share_one_connection_and_get_their_own_replies() {
+        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        // Clients 0 and 1 share key 2 (one process hosts them); client 2 has its own.
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: vec![member(0, 1, Some(address.to_string()))],
+            clients: vec![member(0, 2, None), member(1, 2, None), member(2, 3, None)],
+        })
+        .unwrap();
+        let metrics = Arc::new(NodeMetrics::default());
+        let (replica, mut replica_inbox) = Transport::<ForClient>::replica(
+            ReplicaId(0),
+            key(1),
+            cluster.clone(),
+            address,
+            Limits::default(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        // The host connects with the shared key, as client 1 (any of the group).
+        let (host, mut host_inbox) =
+            Transport::<ForClient>::client(ClientId(1), key(2), cluster, Limits::client(), metrics);
+        let replica_0 = NodeId::Replica(ReplicaId(0));
+        // Each client of the key speaks for itself over the one connection; a
+        // message naming a client of another key stays the connection's own.
+        assert!(host.send(replica_0, &ForClient(1, 10)));
+        assert!(host.send(replica_0, &ForClient(0, 11)));
+        assert!(host.send(replica_0, &ForClient(2, 12)));
+        let connection = NodeId::Client(ClientId(0)); // the lowest id of the key
+        assert_eq!(
+            receive(&mut replica_inbox).await,
+            (NodeId::Client(ClientId(1)), 1, 10)
+        );
+        assert_eq!(
+            receive(&mut replica_inbox).await,
+            (NodeId::Client(ClientId(0)), 0, 11)
+        );
+        assert_eq!(receive(&mut replica_inbox).await, (connection, 2, 12));
+        // Replies to either client of the key take the host's connection; a client
+        // that never spoke has no way back.
+        assert!(replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 20)));
+        assert!(replica.send(NodeId::Client(ClientId(0)), &ForClient(0, 21)));
+        assert!(!replica.send(NodeId::Client(ClientId(2)), &ForClient(2, 22)));
+        assert_eq!(receive(&mut host_inbox).await, (replica_0, 1, 20));
+        assert_eq!(receive(&mut host_inbox).await, (replica_0, 0, 21));
+        // When the connection closes, its clients' routes go with it.
+        drop(host);
+        drop(host_inbox);
+        for _ in 0..100 {
+            if !replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 23)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the closed connection still routes client 1's replies");
+    }
+
+    /// The next message in `inbox`: its sender, client and value.
+    async fn receive(inbox: &mut Inbox<ForClient>) -> (NodeId, u32, u32) {
+        let inbound = tokio::time::timeout(Duration::from_secs(5), inbox.recv())
+            .await
+            .expect("a message in time")
+            .expect("the transport is up");
+        (inbound.from, inbound.message.0, inbound.message.1)
     }
 
     /// `n` replica transports on loopback (replica `i` with key `i + 1`) in a

@@ -225,11 +225,24 @@ pub async fn run_client(
     settings: ClientSettings,
     spec: WorkloadSpec,
     start: Instant,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
     records: mpsc::UnboundedSender<HistoryRecord>,
 ) -> Result<(), ClientError> {
     let client = settings.id.0;
-    let mut kv = KvClient::connect(settings).await?;
+    let kv = KvClient::connect(settings).await?;
+    run_kv_client(kv, client, spec, start, stop, records).await
+}
+
+/// [`run_client`] with a client already made (e.g. hosted, see
+/// [`crate::client::KvClient::hosted`]) whose id is `client`.
+pub async fn run_kv_client(
+    mut kv: KvClient,
+    client: u32,
+    spec: WorkloadSpec,
+    start: Instant,
+    mut stop: watch::Receiver<bool>,
+    records: mpsc::UnboundedSender<HistoryRecord>,
+) -> Result<(), ClientError> {
     let read_percent = spec.read_percent.min(100);
     let mut rng = SplitMix(u64::from(client).wrapping_mul(0x1234_5678_9ABC_DEF1) ^ 1);
     let mut last_seen: Vec<Option<String>> = vec![None; spec.keys.max(1)];

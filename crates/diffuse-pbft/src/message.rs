@@ -399,6 +399,15 @@ impl WireMessage for Message {
     fn is_client_request(&self) -> bool {
         matches!(self, Message::Request(_) | Message::Read(_))
     }
+
+    fn client(&self) -> Option<ClientId> {
+        match self {
+            Message::Request(request) => Some(request.client),
+            Message::Read(read) => Some(read.body.client),
+            Message::Reply(reply) => Some(reply.client),
+            _ => None,
+        }
+    }
 }
 
 impl Message {
