@@ -25,9 +25,17 @@
 //! An operation that gets no such result within the configured `timeout_ms` fails
 //! with [`ClientError::Timeout`]; it may still take effect.
 //!
+//! * [`AnyClientHost`] / [`ClientHost`]: one connection per replica for many clients
+//!   of one process. Clients registered with the same key in the cluster file can
+//!   share it ([`KvClient::hosted`], [`Client::hosted`]): their requests and replies
+//!   then travel many per frame burst and system call, which on one machine
+//!   doubled the throughput of 128 clients (`docs/runtime.md`, "Client hosts").
+//!
 //! The wire protocol is documented in `docs/protocols/pbft.md` and
 //! `docs/runtime.md`, for clients in other languages.
 
 pub use diffuse_apps::{KvOp, KvResult};
-pub use diffuse_node::client::{AnyClient, Client, ClientError, KvClient};
+pub use diffuse_node::client::{
+    AnyClient, AnyClientHost, Client, ClientError, ClientHost, KvClient,
+};
 pub use diffuse_node::config::{ClientConfig, ClientSettings, SettingsError};

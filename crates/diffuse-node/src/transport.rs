@@ -5,7 +5,10 @@
 //!   is needed. A client dials every replica and gets its replies back on the
 //!   connection it dialed.
 //! * Every channel is authenticated (see [`crate::noise`]); the sender of a message
-//!   is the authenticated peer of the connection it came on, never a field in it.
+//!   is the authenticated peer of the connection it came on, never a field in it
+//!   alone. (Clients that share a key share a connection, which speaks for each of
+//!   them: a message names its client, and only a client of the connection's key
+//!   counts; see `ClientRoute`.)
 //! * Each peer has a bounded send queue. When it is full the frame is dropped and
 //!   counted: the protocols retransmit, and a slow or hostile peer must not stall the
 //!   replica or grow its memory. Incoming messages go through a bounded inbox of
