@@ -18,6 +18,11 @@ pub struct TestnetArgs {
     /// Number of client identities to register.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Clients share keys in consecutive groups of this many, so that one process
+    /// can host a group on one connection per replica (docs/runtime.md, "Client
+    /// hosts"); 1 gives every client a key of its own.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    clients_per_key: u32,
     /// The directory to write (existing files are never overwritten).
     #[arg(long)]
     out: PathBuf,
@@ -53,6 +58,7 @@ pub fn run(mut args: TestnetArgs) -> ExitCode {
         args.port,
         Some(args.metrics_port),
     );
+    spec.clients_per_key = args.clients_per_key as usize;
     if !args.addresses.is_empty() {
         if args.addresses.len() != args.n() {
             eprintln!(

@@ -316,6 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn clients_share_keys_in_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = TestnetSpec::on_host("pbft", 4, 5, [127, 0, 0, 1].into(), 7100, None);
+        spec.clients_per_key = 2;
+        let testnet = write(dir.path(), &spec).unwrap();
+        let keys: Vec<_> = testnet
+            .clients
+            .iter()
+            .map(|path| ClientConfig::load(path).unwrap().secret.public())
+            .collect();
+        assert_eq!(keys[0], keys[1]);
+        assert_eq!(keys[2], keys[3]);
+        assert_ne!(keys[1], keys[2]);
+        assert_ne!(keys[3], keys[4]);
+    }
+
+    #[test]
     fn every_written_config_loads() {
         let dir = tempfile::tempdir().unwrap();
         let spec = TestnetSpec::on_host("pbft", 4, 3, [127, 0, 0, 1].into(), 7100, Some(9100));
