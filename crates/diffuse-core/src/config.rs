@@ -33,6 +33,10 @@ pub enum ConfigError {
     /// A client id appears twice.
     #[error("client {0} is listed twice")]
     DuplicateClient(u32),
+    /// A key is listed for two replicas, or for a replica and a client. (Clients
+    /// may share a key: they are then one principal, see `docs/runtime.md`.)
+    #[error("{0} has the key of replica {1}; every replica needs a key of its own")]
+    SharedReplicaKey(String, u32),
     /// Too many or too few members.
     #[error("{0}")]
     Size(String),
@@ -144,10 +148,28 @@ impl ClusterFile {
                 .map_err(|_| ConfigError::InvalidKey(format!("replica {}", entry.id)))?;
             replicas[entry.id as usize] = Some(key);
         }
+        let replica_with = |key: &PublicKey, except: Option<usize>| {
+            (0..replicas.len())
+                .find(|&i| Some(i) != except && replicas[i].as_ref() == Some(key))
+                .map(|i| i as u32)
+        };
+        for (i, key) in replicas.iter().enumerate() {
+            if let Some(key) = key
+                && let Some(other) = replica_with(key, Some(i))
+            {
+                return Err(ConfigError::SharedReplicaKey(format!("replica {i}"), other));
+            }
+        }
         let mut clients = BTreeMap::new();
         for entry in &self.clients {
             let key = PublicKey::from_hex(&entry.public_key)
                 .map_err(|_| ConfigError::InvalidKey(format!("client {}", entry.id)))?;
+            if let Some(replica) = replica_with(&key, None) {
+                return Err(ConfigError::SharedReplicaKey(
+                    format!("client {}", entry.id),
+                    replica,
+                ));
+            }
             if clients.insert(ClientId(entry.id), key).is_some() {
                 return Err(ConfigError::DuplicateClient(entry.id));
             }
@@ -284,6 +306,30 @@ mod tests {
         assert!(matches!(
             ClusterFile::parse("replicas = []"),
             Err(ConfigError::Size(_))
+        ));
+    }
+
+    #[test]
+    fn clients_may_share_a_key_but_not_with_a_replica() {
+        let mut shared = cluster(4);
+        shared.clients.push(MemberEntry {
+            id: 8,
+            public_key: key(100).public().to_hex(),
+            address: None,
+        });
+        let keys = shared.keys().unwrap();
+        assert_eq!(keys.client(ClientId(7)), keys.client(ClientId(8)));
+        let mut client_as_replica = cluster(4);
+        client_as_replica.clients[0].public_key = key(2).public().to_hex();
+        assert!(matches!(
+            client_as_replica.keys(),
+            Err(ConfigError::SharedReplicaKey(_, 2))
+        ));
+        let mut two_replicas = cluster(4);
+        two_replicas.replicas[3].public_key = key(1).public().to_hex();
+        assert!(matches!(
+            two_replicas.keys(),
+            Err(ConfigError::SharedReplicaKey(_, 1 | 3))
         ));
     }
 

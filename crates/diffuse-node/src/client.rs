@@ -24,21 +24,21 @@
 //! holding connections of its own (`docs/runtime.md`, "Client hosts").
 
 use crate::config::ClientSettings;
+use crate::host::{Hosted, Listening};
 use crate::inbox::Inbox;
 use crate::metrics::NodeMetrics;
 use crate::timers::Timers;
 use crate::transport::{Limits, Recipients, Transport};
 use diffuse_apps::kv::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
 use diffuse_apps::{KvOp, KvResult};
-use diffuse_core::codec::WireMessage as _;
-use diffuse_core::ids::{ClientId, NodeId};
+use diffuse_core::ids::NodeId;
 use diffuse_core::protocol::{Action, Actions, Client as _, Input, InvokeError};
 use diffuse_core::suite::{ClientSetup, ProtocolSuite};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
+
+pub use crate::host::{AnyClientHost, ClientHost};
 
 /// Why an operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,92 +63,34 @@ impl From<InvokeError> for ClientError {
     }
 }
 
-/// Connections to every replica shared by the clients of one key: each hosted
-/// client gets the replies addressed to it (see [`Client::hosted`]).
-pub struct ClientHost<S: ProtocolSuite> {
-    transport: Arc<Transport<S::Message>>,
-    key: diffuse_core::crypto::PublicKey,
-    routes: Routes<S::Message>,
-    _dispatch: AbortOnDrop,
-}
-
-type Routes<M> = Arc<Mutex<HashMap<ClientId, mpsc::Sender<(NodeId, M)>>>>;
-
-/// Replies a hosted client may have waiting (it has one operation outstanding, so
-/// a handful are enough; the rest are dropped, and retransmission recovers).
-const HOSTED_INBOX: usize = 64;
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<S: ProtocolSuite> ClientHost<S> {
-    /// Starts connecting to every replica as the client of `settings`; the clients
-    /// it can host are those with the same key.
-    pub fn connect(settings: &ClientSettings) -> Self {
-        let (transport, mut inbox) = Transport::<S::Message>::client(
-            settings.id,
-            settings.secret.clone(),
-            settings.cluster.clone(),
-            Limits {
-                dial_on_demand: !S::CLIENT_HEARS_FROM_EVERY_REPLICA,
-                ..Limits::client()
-            },
-            Arc::new(NodeMetrics::default()),
-        );
-        let routes: Routes<S::Message> = Arc::default();
-        let table = routes.clone();
-        let dispatch = tokio::spawn(async move {
-            while let Some(inbound) = inbox.recv().await {
-                let Some(client) = inbound.message.client() else {
-                    continue;
-                };
-                let route = table
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .get(&client)
-                    .cloned();
-                if let Some(route) = route {
-                    let _ = route.try_send((inbound.from, inbound.message));
-                }
-            }
-        });
-        ClientHost {
-            transport: Arc::new(transport),
-            key: settings.secret.public(),
-            routes,
-            _dispatch: AbortOnDrop(dispatch),
-        }
-    }
-}
-
 /// Where a client's replies come from: its own connections, or its host's.
 enum Replies<M> {
     Own(Inbox<M>),
-    Hosted {
-        id: ClientId,
-        inbox: mpsc::Receiver<(NodeId, M)>,
-        routes: Routes<M>,
-    },
+    Hosted(Hosted<M>),
 }
 
 impl<M> Replies<M> {
     async fn recv(&mut self) -> Option<(NodeId, M)> {
         match self {
             Replies::Own(inbox) => inbox.recv().await.map(|i| (i.from, i.message)),
-            Replies::Hosted { inbox, .. } => inbox.recv().await,
+            Replies::Hosted(hosted) => hosted.recv().await,
         }
     }
-}
 
-impl<M> Drop for Replies<M> {
-    fn drop(&mut self) {
-        if let Replies::Hosted { id, routes, .. } = self {
-            routes.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    /// While the guard lives, replies for this client are taken (a hosted client
+    /// gets none between operations).
+    fn listen(&mut self) -> Option<Listening> {
+        match self {
+            Replies::Own(_) => None,
+            Replies::Hosted(hosted) => Some(hosted.listen()),
+        }
+    }
+
+    /// After an operation: a hosted client drops the late replies it was handed,
+    /// so that they hold none of the host's budget while it is idle.
+    fn finish(&mut self) {
+        if let Replies::Hosted(hosted) = self {
+            hosted.drain();
         }
     }
 }
@@ -208,28 +150,14 @@ impl<S: ProtocolSuite> Client<S> {
         settings: ClientSettings,
         options: S::Options,
     ) -> Result<Self, ClientError> {
-        if settings.secret.public() != host.key {
+        if settings.secret.public() != *host.key() {
             return Err(ClientError::Invalid(format!(
                 "client {} has another key than its host's",
                 settings.id.0
             )));
         }
-        let (tx, inbox) = mpsc::channel(HOSTED_INBOX);
-        host.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(settings.id, tx);
-        let replies = Replies::Hosted {
-            id: settings.id,
-            inbox,
-            routes: host.routes.clone(),
-        };
-        Ok(Self::with(
-            settings,
-            options,
-            host.transport.clone(),
-            replies,
-        ))
+        let replies = Replies::Hosted(host.attach(settings.id));
+        Ok(Self::with(settings, options, host.transport(), replies))
     }
 
     fn with(
@@ -276,6 +204,18 @@ impl<S: ProtocolSuite> Client<S> {
     }
 
     async fn run(&mut self, operation: Vec<u8>, read_only: bool) -> Result<Vec<u8>, ClientError> {
+        let listening = self.inbox.listen();
+        let outcome = self.run_operation(operation, read_only).await;
+        drop(listening);
+        self.inbox.finish();
+        outcome
+    }
+
+    async fn run_operation(
+        &mut self,
+        operation: Vec<u8>,
+        read_only: bool,
+    ) -> Result<Vec<u8>, ClientError> {
         if self.machine.is_busy() {
             // An earlier `invoke` was dropped before it finished: abandon it.
             self.abandon();
@@ -363,28 +303,6 @@ pub enum AnyClient {
     MinBft(Client<diffuse_minbft::MinBft>),
     /// FastBFT.
     FastBft(Client<diffuse_fastbft::FastBft>),
-}
-
-/// A [`ClientHost`] of whichever protocol the configuration names.
-pub enum AnyClientHost {
-    /// PBFT.
-    Pbft(ClientHost<diffuse_pbft::Pbft>),
-    /// MinBFT.
-    MinBft(ClientHost<diffuse_minbft::MinBft>),
-    /// FastBFT.
-    FastBft(ClientHost<diffuse_fastbft::FastBft>),
-}
-
-impl AnyClientHost {
-    /// Starts connecting as the client of `settings` (see [`ClientHost::connect`]).
-    pub fn connect(settings: &ClientSettings) -> Result<AnyClientHost, ClientError> {
-        match settings.protocol.as_str() {
-            "pbft" => Ok(AnyClientHost::Pbft(ClientHost::connect(settings))),
-            "minbft" => Ok(AnyClientHost::MinBft(ClientHost::connect(settings))),
-            "fastbft" => Ok(AnyClientHost::FastBft(ClientHost::connect(settings))),
-            other => Err(ClientError::UnknownProtocol(other.to_string())),
-        }
-    }
 }
 
 impl AnyClient {

@@ -10,6 +10,7 @@
 pub mod client;
 pub mod config;
 pub mod enclaves;
+pub mod host;
 pub mod inbox;
 pub mod local;
 mod memo;

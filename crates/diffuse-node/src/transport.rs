@@ -134,6 +134,11 @@ pub struct Inbound<M> {
 }
 
 impl<M> Inbound<M> {
+    /// The frame's size, as counted against the inbox's byte budget.
+    pub(crate) fn bytes(&self) -> usize {
+        self._budget.num_permits()
+    }
+
     /// A message holding its places in the inbox's budgets.
     pub(crate) fn new(
         from: NodeId,
@@ -192,26 +197,46 @@ fn directory(cluster: &Cluster) -> HashMap<[u8; 32], NodeId> {
 struct ClientRoute {
     clients: Arc<Mutex<HashMap<ClientId, mpsc::Sender<Frame>>>>,
     queue: mpsc::Sender<Frame>,
+    /// Set by `close`, under the map's lock: a reader still running on another
+    /// thread must not register a route to a connection that is gone.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl ClientRoute {
-    /// Sends `client`'s replies over this connection from now on.
+    /// Sends `client`'s replies over this connection from now on (a message of
+    /// `client` came on it).
     fn register(&self, client: ClientId) {
+        self.add(client, true);
+    }
+
+    /// Sends `client`'s replies over this connection unless another connection
+    /// already carries them: at a new connection of a key, for every client of
+    /// the key, so that replicas a hosted client has not written to yet (PBFT's
+    /// backups, for an ordered request sent to the primary) can still answer it.
+    fn offer(&self, client: ClientId) {
+        self.add(client, false);
+    }
+
+    fn add(&self, client: ClientId, replace: bool) {
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
-        if !clients
-            .get(&client)
-            .is_some_and(|queue| queue.same_channel(&self.queue))
-        {
-            clients.insert(client, self.queue.clone());
+        if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
+        match clients.get(&client) {
+            Some(queue) if queue.same_channel(&self.queue) => {}
+            Some(queue) if !replace && !queue.is_closed() => {}
+            _ => {
+                clients.insert(client, self.queue.clone());
+            }
         }
     }
 
     /// Forgets this connection: its clients' replies wait for their next message.
     fn close(&self) {
-        self.clients
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|_, queue| !queue.same_channel(&self.queue));
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        clients.retain(|_, queue| !queue.same_channel(&self.queue));
     }
 }
 
@@ -644,7 +669,7 @@ async fn deliver<M: WireMessage>(
     drop(frame);
     let from = match (peer, message.client()) {
         (NodeId::Client(connected), Some(named))
-            if named != connected && shares_key(&shared.cluster, connected, named) =>
+            if named == connected || shares_key(&shared.cluster, connected, named) =>
         {
             if let Some(route) = route {
                 route.register(named);
@@ -694,6 +719,18 @@ async fn deliver<M: WireMessage>(
         .inbox
         .send(lane, Inbound::new(from, message, budget, share))
         .await
+}
+
+/// The clients registered with `client`'s key (`client` included).
+fn key_group(cluster: &Cluster, client: ClientId) -> Vec<ClientId> {
+    let Some(key) = cluster.keys.client(client) else {
+        return Vec::new();
+    };
+    cluster
+        .keys
+        .clients()
+        .filter(|other| cluster.keys.client(*other) == Some(key))
+        .collect()
 }
 
 /// Whether clients `a` and `b` are registered with the same key.
@@ -783,8 +820,22 @@ async fn accept_loop<M: WireMessage>(
                 }
                 NodeId::Client(client) => {
                     let (queue, mut rx) = mpsc::channel(shared.limits.send_queue);
-                    let route = Arc::new(ClientRoute { clients, queue });
-                    route.register(client);
+                    let route = Arc::new(ClientRoute {
+                        clients,
+                        queue,
+                        closed: false.into(),
+                    });
+                    // A client with a key of its own: its newest connection is
+                    // its way back. Clients sharing a key: each keeps the route
+                    // its own messages set, and gets this one only if it has none.
+                    let group = key_group(&shared.cluster, client);
+                    if group.len() <= 1 {
+                        route.register(client);
+                    } else {
+                        for member in group {
+                            route.offer(member);
+                        }
+                    }
                     let share = share_of(&shared, peer);
                     if deliver(&shared, peer, &share, first, Some(&route)).await {
                         let reading = Some(route.clone());
@@ -972,8 +1023,13 @@ mod tests {
         .await
         .unwrap();
         // The host connects with the shared key, as client 1 (any of the group).
-        let (host, mut host_inbox) =
-            Transport::<ForClient>::client(ClientId(1), key(2), cluster, Limits::client(), metrics);
+        let (host, mut host_inbox) = Transport::<ForClient>::client(
+            ClientId(1),
+            key(2),
+            cluster.clone(),
+            Limits::client(),
+            metrics.clone(),
+        );
         let replica_0 = NodeId::Replica(ReplicaId(0));
         // Each client of the key speaks for itself over the one connection; a
         // message naming a client of another key stays the connection's own.
@@ -991,22 +1047,81 @@ mod tests {
         );
         assert_eq!(receive(&mut replica_inbox).await, (connection, 2, 12));
         // Replies to either client of the key take the host's connection; a client
-        // that never spoke has no way back.
+        // of another key that never connected has no way back.
         assert!(replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 20)));
         assert!(replica.send(NodeId::Client(ClientId(0)), &ForClient(0, 21)));
         assert!(!replica.send(NodeId::Client(ClientId(2)), &ForClient(2, 22)));
         assert_eq!(receive(&mut host_inbox).await, (replica_0, 1, 20));
         assert_eq!(receive(&mut host_inbox).await, (replica_0, 0, 21));
-        // When the connection closes, its clients' routes go with it.
+        // A second connection of the key takes the replies of the clients whose
+        // messages it carries, and only theirs.
+        let (other, mut other_inbox) =
+            Transport::<ForClient>::client(ClientId(0), key(2), cluster, Limits::client(), metrics);
+        assert!(other.send(replica_0, &ForClient(0, 13)));
+        assert_eq!(
+            receive(&mut replica_inbox).await,
+            (NodeId::Client(ClientId(0)), 0, 13)
+        );
+        assert!(replica.send(NodeId::Client(ClientId(0)), &ForClient(0, 24)));
+        assert!(replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 25)));
+        assert_eq!(receive(&mut other_inbox).await, (replica_0, 0, 24));
+        assert_eq!(receive(&mut host_inbox).await, (replica_0, 1, 25));
+        // When a connection closes, its clients' routes go with it.
         drop(host);
         drop(host_inbox);
         for _ in 0..100 {
-            if !replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 23)) {
+            if !replica.send(NodeId::Client(ClientId(1)), &ForClient(1, 26)) {
+                assert!(replica.send(NodeId::Client(ClientId(0)), &ForClient(0, 27)));
+                assert_eq!(receive(&mut other_inbox).await, (replica_0, 0, 27));
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("the closed connection still routes client 1's replies");
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_of_a_key_can_answer_its_clients_at_once() {
+        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: vec![member(0, 1, Some(address.to_string()))],
+            clients: vec![member(0, 2, None), member(1, 2, None), member(2, 2, None)],
+        })
+        .unwrap();
+        let metrics = Arc::new(NodeMetrics::default());
+        let (replica, mut replica_inbox) = Transport::<ForClient>::replica(
+            ReplicaId(0),
+            key(1),
+            cluster.clone(),
+            address,
+            Limits::default(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let (host, mut host_inbox) =
+            Transport::<ForClient>::client(ClientId(1), key(2), cluster, Limits::client(), metrics);
+        // Client 1 speaks; clients 0 and 2 have not spoken to this replica yet (a
+        // PBFT backup, say, that a hosted client's write did not go to), and can
+        // still get its reply.
+        assert!(host.send(NodeId::Replica(ReplicaId(0)), &ForClient(1, 1)));
+        assert_eq!(
+            receive(&mut replica_inbox).await,
+            (NodeId::Client(ClientId(1)), 1, 1)
+        );
+        for client in [0, 2] {
+            assert!(replica.send(NodeId::Client(ClientId(client)), &ForClient(client, 2)));
+            assert_eq!(
+                receive(&mut host_inbox).await,
+                (NodeId::Replica(ReplicaId(0)), client, 2)
+            );
+        }
     }
 
     /// The next message in `inbox`: its sender, client and value.
