@@ -227,3 +227,57 @@ fn bench_compares_protocols_in_one_run() {
         assert!(dir.path().join(file).exists(), "{file} written");
     }
 }
+
+/// `diffuse bench --clients-per-connection`: clients hosted two groups of four on
+/// shared connections, every one of them served (reads and writes), none timing out.
+#[test]
+fn bench_hosts_clients_on_shared_connections() {
+    let _one = one_cluster_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().to_str().unwrap();
+    let history = dir.path().join("history.jsonl");
+    let args = [
+        "bench",
+        "--clients",
+        "8",
+        "--clients-per-connection",
+        "4",
+        "--duration",
+        "2",
+        "--json",
+        "--out",
+        out,
+        "--history",
+        history.to_str().unwrap(),
+    ];
+    let output = diffuse(&args);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["timeouts"].as_u64(), Some(0), "{json}");
+    let mut served = std::collections::BTreeMap::<u64, (usize, usize)>::new();
+    for line in std::fs::read_to_string(&history).unwrap().lines() {
+        let record: serde_json::Value = serde_json::from_str(line).unwrap();
+        if record["result"].is_null() {
+            continue;
+        }
+        let counts = served
+            .entry(record["client"].as_u64().unwrap())
+            .or_default();
+        if record["op"] == "get" {
+            counts.0 += 1;
+        } else {
+            counts.1 += 1;
+        }
+    }
+    assert_eq!(
+        served.len(),
+        8,
+        "every hosted client completed something: {served:?}"
+    );
+    assert!(
+        served
+            .values()
+            .all(|(reads, writes)| *reads > 0 && *writes > 0),
+        "every hosted client read and wrote: {served:?}"
+    );
+}
