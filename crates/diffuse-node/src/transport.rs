@@ -200,6 +200,9 @@ struct ClientRoute {
     /// Set by `close`, under the map's lock: a reader still running on another
     /// thread must not register a route to a connection that is gone.
     closed: std::sync::atomic::AtomicBool,
+    /// Whether other clients share the connection's key: only then can its
+    /// messages be anyone's but the connection's own client's.
+    shared_key: bool,
 }
 
 impl ClientRoute {
@@ -667,13 +670,12 @@ async fn deliver<M: WireMessage>(
         .unwrap_or(u32::MAX)
         .max(1);
     drop(frame);
-    let from = match (peer, message.client()) {
-        (NodeId::Client(connected), Some(named))
-            if named == connected || shares_key(&shared.cluster, connected, named) =>
+    let from = match (peer, message.client(), route) {
+        (NodeId::Client(connected), Some(named), Some(route))
+            if route.shared_key
+                && (named == connected || shares_key(&shared.cluster, connected, named)) =>
         {
-            if let Some(route) = route {
-                route.register(named);
-            }
+            route.register(named);
             NodeId::Client(named)
         }
         _ => peer,
@@ -820,16 +822,17 @@ async fn accept_loop<M: WireMessage>(
                 }
                 NodeId::Client(client) => {
                     let (queue, mut rx) = mpsc::channel(shared.limits.send_queue);
+                    let group = key_group(&shared.cluster, client);
                     let route = Arc::new(ClientRoute {
                         clients,
                         queue,
                         closed: false.into(),
+                        shared_key: group.len() > 1,
                     });
                     // A client with a key of its own: its newest connection is
                     // its way back. Clients sharing a key: each keeps the route
                     // its own messages set, and gets this one only if it has none.
-                    let group = key_group(&shared.cluster, client);
-                    if group.len() <= 1 {
+                    if !route.shared_key {
                         route.register(client);
                     } else {
                         for member in group {
@@ -998,30 +1001,8 @@ mod tests {
 
     #[tokio::test]
     async fn clients_sharing_a_key_share_one_connection_and_get_their_own_replies() {
-        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
-            id,
-            public_key: key(k).public().to_hex(),
-            address,
-        };
         // Clients 0 and 1 share key 2 (one process hosts them); client 2 has its own.
-        let cluster = Cluster::from_file(ClusterFile {
-            replicas: vec![member(0, 1, Some(address.to_string()))],
-            clients: vec![member(0, 2, None), member(1, 2, None), member(2, 3, None)],
-        })
-        .unwrap();
-        let metrics = Arc::new(NodeMetrics::default());
-        let (replica, mut replica_inbox) = Transport::<ForClient>::replica(
-            ReplicaId(0),
-            key(1),
-            cluster.clone(),
-            address,
-            Limits::default(),
-            metrics.clone(),
-        )
-        .await
-        .unwrap();
+        let (cluster, metrics, replica, mut replica_inbox) = one_replica(&[2, 2, 3]).await;
         // The host connects with the shared key, as client 1 (any of the group).
         let (host, mut host_inbox) = Transport::<ForClient>::client(
             ClientId(1),
@@ -1082,29 +1063,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_connection_of_a_key_can_answer_its_clients_at_once() {
-        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
-            id,
-            public_key: key(k).public().to_hex(),
-            address,
-        };
-        let cluster = Cluster::from_file(ClusterFile {
-            replicas: vec![member(0, 1, Some(address.to_string()))],
-            clients: vec![member(0, 2, None), member(1, 2, None), member(2, 2, None)],
-        })
-        .unwrap();
-        let metrics = Arc::new(NodeMetrics::default());
-        let (replica, mut replica_inbox) = Transport::<ForClient>::replica(
-            ReplicaId(0),
-            key(1),
-            cluster.clone(),
-            address,
-            Limits::default(),
-            metrics.clone(),
-        )
-        .await
-        .unwrap();
+        let (cluster, metrics, replica, mut replica_inbox) = one_replica(&[2, 2, 2]).await;
         let (host, mut host_inbox) =
             Transport::<ForClient>::client(ClientId(1), key(2), cluster, Limits::client(), metrics);
         // Client 1 speaks; clients 0 and 2 have not spoken to this replica yet (a
@@ -1122,6 +1081,45 @@ mod tests {
                 (NodeId::Replica(ReplicaId(0)), client, 2)
             );
         }
+    }
+
+    /// One replica (key 1) on loopback, in a cluster whose client `j` has key
+    /// `client_keys[j]`; the cluster, the metrics and the replica's endpoint.
+    async fn one_replica(
+        client_keys: &[u8],
+    ) -> (
+        Cluster,
+        Arc<NodeMetrics>,
+        Transport<ForClient>,
+        Inbox<ForClient>,
+    ) {
+        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
+        let address: SocketAddr = ([127, 0, 0, 1], port).into();
+        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
+            id,
+            public_key: key(k).public().to_hex(),
+            address,
+        };
+        let cluster = Cluster::from_file(ClusterFile {
+            replicas: vec![member(0, 1, Some(address.to_string()))],
+            clients: (0..)
+                .zip(client_keys)
+                .map(|(j, k)| member(j, *k, None))
+                .collect(),
+        })
+        .unwrap();
+        let metrics = Arc::new(NodeMetrics::default());
+        let (replica, inbox) = Transport::<ForClient>::replica(
+            ReplicaId(0),
+            key(1),
+            cluster.clone(),
+            address,
+            Limits::default(),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        (cluster, metrics, replica, inbox)
     }
 
     /// The next message in `inbox`: its sender, client and value.
