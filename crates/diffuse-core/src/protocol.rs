@@ -194,6 +194,13 @@ pub enum Action<M, T> {
     },
     /// Make these writes durable, atomically, before any later action.
     Persist(Vec<WriteOp>),
+    /// Make these writes durable, atomically and in order with every other write,
+    /// but without holding back the messages that follow them: a crash may lose
+    /// them (and the writes after them) after later messages left. For writes whose
+    /// loss the protocol survives by itself; PBFT sends its votes ahead of their
+    /// slots' writes under a bound persisted with [`Action::Persist`]
+    /// (`docs/protocols/pbft.md`, "Votes ahead of their writes").
+    PersistUnawaited(Vec<WriteOp>),
     /// A client operation completed with this result (clients only).
     Complete {
         /// The request's timestamp.
@@ -259,6 +266,14 @@ impl<M, T> Actions<M, T> {
     pub fn persist(&mut self, writes: Vec<WriteOp>) {
         if !writes.is_empty() {
             self.0.push(Action::Persist(writes));
+        }
+    }
+
+    /// Appends durable writes that later messages need not wait for (no-op if
+    /// empty); see [`Action::PersistUnawaited`].
+    pub fn persist_unawaited(&mut self, writes: Vec<WriteOp>) {
+        if !writes.is_empty() {
+            self.0.push(Action::PersistUnawaited(writes));
         }
     }
 

@@ -285,7 +285,7 @@ impl<S: ProtocolSuite> Client<S> {
                 Action::SetTimer { timer, after } => self.timers.set(timer, after, Instant::now()),
                 Action::CancelTimer { timer } => self.timers.cancel(timer),
                 Action::Complete { result: bytes, .. } => result = Some(bytes),
-                Action::Persist(_) | Action::Observe(_) => {}
+                Action::Persist(_) | Action::PersistUnawaited(_) | Action::Observe(_) => {}
             }
         }
         if result.is_some() {

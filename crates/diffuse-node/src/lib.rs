@@ -7,6 +7,7 @@
 //!   operations on a cluster from a [`config::ClientConfig`] file.
 //! * [`testnet::write`] generates the keys and configuration files of a cluster.
 
+mod alarm;
 pub mod client;
 pub mod config;
 pub mod enclaves;

@@ -16,6 +16,14 @@
 //! that depended on them: no message of theirs has left.) Timers and observations
 //! take effect at once: they never depend on the disk.
 //!
+//! **Unawaited writes.** Writes a protocol persists with
+//! [`Action::PersistUnawaited`] hold back no message: when a group has no other
+//! writes and no earlier group still holds messages or awaited writes in the
+//! storage thread's queue, its messages leave at once, from the loop, and its
+//! writes follow them to the disk. Messages therefore never overtake one another,
+//! and each still leaves after every awaited write before it. (PBFT sends its
+//! votes this way, ahead of their slots' writes, under a persisted bound.)
+//!
 //! **Deferred writes.** A protocol whose messages never depend on its writes
 //! surviving a crash ([`ProtocolSuite::MESSAGES_WAIT_FOR_WRITES`] false: FastBFT)
 //! sends each group's messages at once, and the storage thread commits the writes
@@ -23,6 +31,7 @@
 //! durable commit at least every [`DEFERRED_SYNC`] (redb reclaims space only then)
 //! and always before the replica shuts down.
 
+use crate::alarm::Alarm;
 use crate::config::NodeSettings;
 use crate::metrics::{self, NodeMetrics};
 use crate::storage::{StorageError, Store};
@@ -35,6 +44,7 @@ use diffuse_core::suite::{ProtocolSuite, ReplicaSetup};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -58,6 +68,9 @@ pub enum NodeError {
     /// The protocol named in the configuration is not built in.
     #[error("unknown protocol `{0}` (available: pbft, minbft, fastbft)")]
     UnknownProtocol(String),
+    /// The thread that wakes the replica at its timers' deadlines cannot start.
+    #[error("cannot start the timer thread: {0}")]
+    Alarm(std::io::Error),
 }
 
 /// Runs the replica described by `settings` with the protocol and application it
@@ -161,12 +174,14 @@ pub async fn run_replica<S: ProtocolSuite>(
     };
     let transport = Arc::new(transport);
     let (failure_tx, mut failure) = oneshot::channel();
+    let holding = Arc::new(AtomicUsize::new(0));
     let (groups, storage) = StorageThread::start(
         store,
         transport.clone(),
         metrics.clone(),
         failure_tx,
         S::MESSAGES_WAIT_FOR_WRITES,
+        holding.clone(),
     );
     let mut driver = Driver::<S> {
         id: NodeId::Replica(settings.id),
@@ -178,7 +193,10 @@ pub async fn run_replica<S: ProtocolSuite>(
         arrivals: HashMap::new(),
         writes: Vec::new(),
         outbox: Vec::new(),
+        awaited: false,
+        holding,
     };
+    let alarm = Alarm::start().map_err(NodeError::Alarm)?;
     let start = driver.replica.handle(Input::Start(recovered));
     driver.absorb(start);
     let mut stopped = driver.hand_over().await;
@@ -186,12 +204,12 @@ pub async fn run_replica<S: ProtocolSuite>(
     tokio::pin!(shutdown);
     let mut last_sample = Instant::now();
     while stopped.is_ok() {
-        let deadline = driver.timers.next_deadline();
+        alarm.set(driver.timers.next_deadline().map(Instant::into_std));
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             _ = &mut failure => break,
-            () = sleep_until(deadline), if deadline.is_some() => {
+            () = alarm.rung() => {
                 for timer in driver.timers.expired(Instant::now()) {
                     let actions = driver.replica.handle(Input::Timer(timer));
                     driver.absorb(actions);
@@ -285,13 +303,6 @@ const MAX_GROUPS_PER_COMMIT: usize = 64;
 /// (4,096 by default), and the excess would be dropped.
 const MAX_MESSAGES_PER_COMMIT: usize = 1024;
 
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A message waiting for the commit of the writes that precede it.
 struct Outgoing<M> {
     to: Recipients,
@@ -304,6 +315,9 @@ struct Outgoing<M> {
 struct Group<M> {
     writes: Vec<WriteOp>,
     outbox: Vec<Outgoing<M>>,
+    /// Whether later messages must wait for this group (it has messages or
+    /// awaited writes): counted in [`Driver::holding`] until it is committed.
+    holds: bool,
 }
 
 /// The thread that owns the store: commits groups in order, then sends their
@@ -319,6 +333,7 @@ impl StorageThread {
         metrics: Arc<NodeMetrics>,
         failure: oneshot::Sender<()>,
         messages_wait_for_writes: bool,
+        holding: Arc<AtomicUsize>,
     ) -> (mpsc::Sender<Group<M>>, StorageThread) {
         let (tx, rx) = mpsc::channel(if messages_wait_for_writes {
             MAX_GROUPS_WAITING
@@ -329,7 +344,7 @@ impl StorageThread {
             .name("diffuse-storage".into())
             .spawn(move || {
                 let result = if messages_wait_for_writes {
-                    storage_loop(&store, &transport, &metrics, rx)
+                    storage_loop(&store, &transport, &metrics, &holding, rx)
                 } else {
                     deferred_storage_loop(&store, &metrics, rx)
                 };
@@ -361,6 +376,7 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
     store: &Store,
     transport: &Transport<M>,
     metrics: &NodeMetrics,
+    holding: &AtomicUsize,
     mut groups: mpsc::Receiver<Group<M>>,
 ) -> Result<(), StorageError> {
     let mut waiting: Vec<Group<M>> = Vec::new();
@@ -386,6 +402,10 @@ fn storage_loop<M: diffuse_core::codec::WireMessage>(
                 .observe(arrived.elapsed().as_secs_f64());
         }
         transport.send_all(outgoing.map(|o| (&o.to, &o.message)));
+        // Only now, with their messages queued: the loop's next messages may go
+        // directly once no group holds them back, and must not overtake these.
+        let released = waiting.iter().filter(|g| g.holds).count();
+        holding.fetch_sub(released, Ordering::Release);
         waiting.clear();
     }
     Ok(())
@@ -466,6 +486,10 @@ struct Driver<S: ProtocolSuite> {
     writes: Vec<WriteOp>,
     /// Messages gathered since the last group was handed over.
     outbox: Vec<Outgoing<S::Message>>,
+    /// Whether the gathered writes include awaited ones ([`Action::Persist`]).
+    awaited: bool,
+    /// Groups handed over and not yet committed that hold back later messages.
+    holding: Arc<AtomicUsize>,
 }
 
 impl<S: ProtocolSuite> Driver<S> {
@@ -485,7 +509,11 @@ impl<S: ProtocolSuite> Driver<S> {
     fn absorb(&mut self, actions: Actions<S::Message, S::Timer>) {
         for action in actions.into_vec() {
             match action {
-                Action::Persist(more) => self.writes.extend(more),
+                Action::Persist(more) => {
+                    self.awaited = true;
+                    self.writes.extend(more);
+                }
+                Action::PersistUnawaited(more) => self.writes.extend(more),
                 Action::Send { to, message } => {
                     let arrived = match to {
                         NodeId::Client(client) => self.arrivals.remove(&client),
@@ -519,7 +547,10 @@ impl<S: ProtocolSuite> Driver<S> {
     /// them in one transaction and then sends the messages in order. Fails if the
     /// storage thread stopped (a storage error).
     async fn hand_over(&mut self) -> Result<(), ()> {
-        if !S::MESSAGES_WAIT_FOR_WRITES && !self.outbox.is_empty() {
+        let awaited = std::mem::take(&mut self.awaited);
+        let free =
+            !S::MESSAGES_WAIT_FOR_WRITES || (!awaited && self.holding.load(Ordering::Acquire) == 0);
+        if free && !self.outbox.is_empty() {
             let outbox = std::mem::take(&mut self.outbox);
             for arrived in outbox.iter().filter_map(|o| o.arrived) {
                 self.metrics
@@ -532,9 +563,14 @@ impl<S: ProtocolSuite> Driver<S> {
         if self.writes.is_empty() && self.outbox.is_empty() {
             return Ok(());
         }
+        let holds = S::MESSAGES_WAIT_FOR_WRITES && (awaited || !self.outbox.is_empty());
+        if holds {
+            self.holding.fetch_add(1, Ordering::AcqRel);
+        }
         let group = Group {
             writes: std::mem::take(&mut self.writes),
             outbox: std::mem::take(&mut self.outbox),
+            holds,
         };
         self.groups.send(group).await.map_err(|_| ())
     }

@@ -100,7 +100,7 @@ impl ProtocolSuite for Pbft {
     }
 
     fn mutants() -> &'static [Named] {
-        const NAMES: [Named; 9] = [
+        const NAMES: [Named; 10] = [
             Mutant::ALL[0].1,
             Mutant::ALL[1].1,
             Mutant::ALL[2].1,
@@ -110,6 +110,7 @@ impl ProtocolSuite for Pbft {
             Mutant::ALL[6].1,
             Mutant::ALL[7].1,
             Mutant::ALL[8].1,
+            Mutant::ALL[9].1,
         ];
         &NAMES
     }

@@ -251,11 +251,14 @@ pub enum Mutant {
     /// A client completes a read-only operation with `f + 1` matching answers
     /// instead of `2f + 1`.
     ReadWithoutQuorum,
+    /// A restarted replica ignores the bound on the votes it sent ahead of their
+    /// writes, and may vote (or, as primary, propose) twice in one view.
+    ForgetLostVotes,
 }
 
 impl Mutant {
     /// All mutants with their names and descriptions.
-    pub const ALL: [(Mutant, Named); 9] = [
+    pub const ALL: [(Mutant, Named); 10] = [
         (
             Mutant::CommitQuorumMinusOne,
             Named {
@@ -317,6 +320,13 @@ impl Mutant {
             Named {
                 name: "read-without-quorum",
                 description: "a client completes a read-only operation with f+1 matching answers instead of 2f+1",
+            },
+        ),
+        (
+            Mutant::ForgetLostVotes,
+            Named {
+                name: "forget-lost-votes",
+                description: "a restarted replica ignores the bound on votes it sent ahead of their writes",
             },
         ),
     ];

@@ -347,30 +347,35 @@ fn whole_cluster_restart_keeps_committed_requests() {
     c.run();
     c.invoke(0, KvOp::get(b"k5"));
     c.run();
+    // The primary restarted in the view it proposed in ahead of its writes, and
+    // proposes nothing more in it: the request waits for the next view.
+    assert!(c.completed[0].len() == 6, "no proposal in the old view");
+    c.client_retransmits_to_all(0);
+    c.fire_all(Timer::Request);
+    c.run();
     c.fire_all(Timer::Status);
     c.run();
+    assert!(!c.views_installed[1].is_empty(), "a view change happened");
     let (_, last) = c.completed[0].last().unwrap().clone();
     assert!(matches!(last, KvResult::Value(Some(v)) if &v[..] == b"v"));
     c.assert_agreement();
 }
 
-/// The primary's two conflicting PRE-PREPAREs for one slot: only the first counts.
-#[test]
-fn conflicting_pre_prepares_are_refused_and_reported() {
-    let mut c = Cluster::new(4, 1, test_options());
+/// Two PRE-PREPAREs the primary (replica 0) signs for slot 1 of view 0: an
+/// empty batch and a batch of one read.
+fn conflicting_proposals(c: &Cluster) -> (PrePrepare, PrePrepare) {
     let primary_key = c.secret(0).clone();
-    let pp = |digest: Digest, batch: Batch| PrePrepare {
+    let pp = |batch: Batch| PrePrepare {
         proposal: Signed::sign(
             Proposal {
                 view: View(0),
                 seq: Seq(1),
-                digest,
+                digest: batch.digest(),
             },
             &primary_key,
         ),
         batch,
     };
-    let empty = Batch::default();
     let request = Request::signed_only(
         RequestBody {
             client: ClientId(0),
@@ -382,27 +387,75 @@ fn conflicting_pre_prepares_are_refused_and_reported() {
     let one = Batch {
         requests: BoundedVec::try_from_vec(vec![request]).unwrap(),
     };
-    c.deliver(
-        replica(0),
-        replica(1),
-        Message::PrePrepare(pp(empty.digest(), empty)),
-    );
-    c.deliver(
-        replica(0),
-        replica(1),
-        Message::PrePrepare(pp(one.digest(), one)),
-    );
-    assert_eq!(c.faults_of("equivocating-primary"), 1);
-    let prepares: Vec<_> = c
-        .network
+    (pp(Batch::default()), pp(one))
+}
+
+/// The PREPAREs replica `from` has sent so far.
+fn prepares_from(c: &Cluster, from: u16) -> Vec<PrepareVote> {
+    c.network
         .iter()
-        .filter(|(_, _, m)| matches!(m, Message::Prepare(_)))
-        .collect();
+        .filter(|(sender, _, _)| *sender == replica(from))
+        .filter_map(|(_, _, m)| match m {
+            Message::Prepare(p) => Some(p.value),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The primary's two conflicting PRE-PREPAREs for one slot: only the first counts.
+#[test]
+fn conflicting_pre_prepares_are_refused_and_reported() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let (first, second) = conflicting_proposals(&c);
+    c.deliver(replica(0), replica(1), Message::PrePrepare(first));
+    c.deliver(replica(0), replica(1), Message::PrePrepare(second));
+    assert_eq!(c.faults_of("equivocating-primary"), 1);
     assert_eq!(
-        prepares.len(),
+        prepares_from(&c, 1).len(),
         3,
         "one PREPARE to each other replica, for the first proposal only"
     );
+}
+
+/// A backup's PREPARE leaves ahead of its slot's write. When a crash loses that
+/// write, the bound persisted before the vote keeps the restarted backup from
+/// voting for another proposal in the same slot, though it no longer knows what
+/// it voted for. Without the bound on its disk
+/// it would vote for both, which is how a Byzantine primary gets two batches
+/// prepared in one slot.
+#[test]
+fn a_vote_lost_in_a_crash_is_not_cast_again_differently() {
+    for keep_bound in [true, false] {
+        let mut c = Cluster::new(4, 1, test_options());
+        let (first, second) = conflicting_proposals(&c);
+        c.deliver(replica(0), replica(1), Message::PrePrepare(first.clone()));
+        assert_eq!(prepares_from(&c, 1).len(), 3, "voted ahead of the write");
+        assert!(
+            c.disks[1].keys().any(|k| k.as_slice() == b"pbft/ahead"),
+            "the bound is on the disk before the vote left"
+        );
+        assert!(
+            !c.unawaited[1].is_empty(),
+            "the slot is not on the disk yet"
+        );
+        c.network.clear();
+        c.crash_losing_unawaited(1);
+        if !keep_bound {
+            c.disks[1].remove(b"pbft/ahead".as_slice());
+        }
+        c.restart(1);
+        c.network.clear();
+        c.deliver(replica(0), replica(1), Message::PrePrepare(second.clone()));
+        let votes = prepares_from(&c, 1);
+        if keep_bound {
+            assert!(votes.is_empty(), "voted again after the crash: {votes:?}");
+        } else {
+            assert!(
+                votes.iter().any(|v| v.digest == second.proposal.digest),
+                "without the bound the restarted backup votes for the other proposal"
+            );
+        }
+    }
 }
 
 /// Forged identities: a COMMIT claiming another sender, a badly signed PRE-PREPARE.
@@ -653,6 +706,17 @@ fn checkpoint_state_survives_a_crash_before_it_is_stable() {
             "replica {i} resumed from its checkpoint"
         );
     }
+    // The restarted primary proposes nothing more in its view: a view change first.
+    c.invoke(0, KvOp::put(b"after", b"restart"));
+    c.run();
+    c.client_retransmits_to_all(0);
+    c.fire_all(Timer::Request);
+    c.run();
+    assert_eq!(
+        c.completed[0].len(),
+        6,
+        "the put completed in the next view"
+    );
     c.puts(4);
     assert!(c.replica(1).low_watermark() >= Seq(4));
     c.assert_agreement();

@@ -115,7 +115,26 @@ enum Event<P: ProtocolSuite> {
     Restart {
         replica: usize,
     },
+    /// A replica's storage commits what waits for it (see [`Unflushed`]).
+    Flush {
+        replica: usize,
+        generation: u64,
+    },
 }
+
+/// Writes, and the messages that wait for them, not yet on a replica's disk: as in
+/// the runtime's storage thread, they exist once a replica has persisted writes
+/// with [`Action::PersistUnawaited`], and until a flush event (a short random delay
+/// later) commits them in order. A crash loses them all.
+struct Unflushed<M> {
+    writes: Vec<WriteOp>,
+    messages: Vec<(Vec<NodeId>, M)>,
+    /// Holds back later messages (it has messages or awaited writes).
+    holds: bool,
+}
+
+/// The longest a replica's storage takes to commit unawaited writes, in ns.
+const FLUSH_MAX_NS: u64 = 2 * MS;
 
 struct Scheduled<P: ProtocolSuite> {
     at: u64,
@@ -150,6 +169,13 @@ struct ReplicaNode<P: ProtocolSuite> {
     disk_at_start: BTreeMap<Vec<u8>, Vec<u8>>,
     timers: BTreeMap<P::Timer, u64>,
     behaviour: Option<Box<dyn Behaviour<P::Message>>>,
+    /// Groups not yet committed, oldest first.
+    unflushed: Vec<Unflushed<P::Message>>,
+    /// The pending flush event's generation (a crash makes it stale).
+    flush: Option<u64>,
+    /// A crash waits for this replica's next unawaited write, to strike while it
+    /// is on its way to the disk (called off if the restart comes first).
+    crash_at_next_write: bool,
 }
 
 struct ClientNode<P: ProtocolSuite> {
@@ -176,6 +202,9 @@ pub struct Simulation<P: ProtocolSuite> {
     metrics: Metrics,
     trace: Option<Vec<String>>,
     events: u64,
+    /// Whether a replica has persisted unawaited writes in this run: crashes may
+    /// then wait for one to strike while it is not yet on the disk.
+    unawaited_writes: bool,
 }
 
 impl<P: ProtocolSuite> Simulation<P> {
@@ -245,6 +274,9 @@ impl<P: ProtocolSuite> Simulation<P> {
                 disk_at_start: BTreeMap::new(),
                 timers: BTreeMap::new(),
                 behaviour,
+                unflushed: Vec::new(),
+                flush: None,
+                crash_at_next_write: false,
             });
         }
         let mut clients = Vec::with_capacity(client_secrets.len());
@@ -290,6 +322,7 @@ impl<P: ProtocolSuite> Simulation<P> {
             metrics: Metrics::default(),
             trace: config.trace.then(Vec::new),
             events: 0,
+            unawaited_writes: false,
         })
     }
 
@@ -459,18 +492,39 @@ impl<P: ProtocolSuite> Simulation<P> {
             }
             Event::Invoke { client } => self.invoke(client),
             Event::Crash { replica, scheduled } => {
+                let node = &self.replicas[replica];
+                if !scheduled
+                    && self.unawaited_writes
+                    && node.machine.is_some()
+                    && node.unflushed.is_empty()
+                    && !node.crash_at_next_write
+                    && self.rng.ppm(500_000)
+                {
+                    self.replicas[replica].crash_at_next_write = true;
+                    return self.log(format!("r{replica} will crash at its next unawaited write"));
+                }
                 let node = &mut self.replicas[replica];
+                node.crash_at_next_write = false;
                 let Some(mut machine) = node.machine.take() else {
                     return;
                 };
                 node.timers.clear();
                 if !scheduled {
+                    let lost = std::mem::take(&mut node.unflushed);
+                    node.flush = None;
+                    if !lost.is_empty() {
+                        self.log(format!("r{replica} loses {} unflushed groups", lost.len()));
+                    }
+                    let node = &mut self.replicas[replica];
                     if !P::MESSAGES_WAIT_FOR_WRITES {
                         // No write since the start need have reached the disk.
                         node.disk = node.disk_at_start.clone();
                     }
                     return self.log(format!("r{replica} CRASH"));
                 }
+                // A clean stop drains the storage first.
+                self.flush(replica);
+                let node = &mut self.replicas[replica];
                 let writes = machine.shutdown_writes();
                 apply_writes(&mut node.disk, writes);
                 match machine.shutdown() {
@@ -479,6 +533,7 @@ impl<P: ProtocolSuite> Simulation<P> {
                 }
             }
             Event::Restart { replica } => {
+                self.replicas[replica].crash_at_next_write = false;
                 if self.replicas[replica].machine.is_none() {
                     self.log(format!(
                         "r{replica} RESTART from {} persisted keys",
@@ -496,6 +551,14 @@ impl<P: ProtocolSuite> Simulation<P> {
                             .collect(),
                     };
                     self.boot(replica, recovered);
+                }
+            }
+            Event::Flush {
+                replica,
+                generation,
+            } => {
+                if self.replicas[replica].flush == Some(generation) {
+                    self.flush(replica);
                 }
             }
         }
@@ -565,16 +628,21 @@ impl<P: ProtocolSuite> Simulation<P> {
     }
 
     fn apply_replica(&mut self, replica: usize, actions: Vec<Action<P::Message, P::Timer>>) {
+        let deferred = P::MESSAGES_WAIT_FOR_WRITES
+            && (!self.replicas[replica].unflushed.is_empty()
+                || actions
+                    .iter()
+                    .any(|a| matches!(a, Action::PersistUnawaited(_))));
+        if deferred {
+            return self.apply_replica_deferred(replica, actions);
+        }
         let from = NodeId::Replica(ReplicaId(replica as u16));
         for action in actions {
             match action {
                 Action::Send { to, message } => self.replica_send(replica, &[to], message),
                 Action::Multicast { to, message } => self.replica_send(replica, &to, message),
                 Action::Broadcast { message } => {
-                    let targets: Vec<NodeId> = (0..self.replicas.len())
-                        .filter(|r| *r != replica)
-                        .map(|r| NodeId::Replica(ReplicaId(r as u16)))
-                        .collect();
+                    let targets = self.other_replicas(replica);
                     self.replica_send(replica, &targets, message);
                 }
                 Action::SetTimer { timer, after } => {
@@ -588,9 +656,112 @@ impl<P: ProtocolSuite> Simulation<P> {
                 Action::CancelTimer { timer } => {
                     self.replicas[replica].timers.remove(&timer);
                 }
-                Action::Persist(writes) => apply_writes(&mut self.replicas[replica].disk, writes),
+                Action::Persist(writes) | Action::PersistUnawaited(writes) => {
+                    apply_writes(&mut self.replicas[replica].disk, writes)
+                }
                 Action::Complete { .. } => {}
                 Action::Observe(observation) => self.observe(from, observation),
+            }
+        }
+    }
+
+    fn other_replicas(&self, replica: usize) -> Vec<NodeId> {
+        (0..self.replicas.len())
+            .filter(|r| *r != replica)
+            .map(|r| NodeId::Replica(ReplicaId(r as u16)))
+            .collect()
+    }
+
+    /// Applies one step's actions the way the runtime does once unawaited writes
+    /// are in play: timers and observations at once; the writes and messages as
+    /// one group that the storage commits later, unless nothing holds its
+    /// messages back (no awaited write in it, no earlier group holding), in which
+    /// case they leave at once and only the writes wait.
+    fn apply_replica_deferred(
+        &mut self,
+        replica: usize,
+        actions: Vec<Action<P::Message, P::Timer>>,
+    ) {
+        let from = NodeId::Replica(ReplicaId(replica as u16));
+        let mut writes = Vec::new();
+        let mut messages = Vec::new();
+        let mut awaited = false;
+        self.unawaited_writes = true;
+        for action in actions {
+            match action {
+                Action::Send { to, message } => messages.push((vec![to], message)),
+                Action::Multicast { to, message } => messages.push((to, message)),
+                Action::Broadcast { message } => {
+                    messages.push((self.other_replicas(replica), message))
+                }
+                Action::SetTimer { timer, after } => {
+                    let generation = self.arm(after, |generation| Event::ReplicaTimer {
+                        replica,
+                        timer,
+                        generation,
+                    });
+                    self.replicas[replica].timers.insert(timer, generation);
+                }
+                Action::CancelTimer { timer } => {
+                    self.replicas[replica].timers.remove(&timer);
+                }
+                Action::Persist(more) => {
+                    awaited = true;
+                    writes.extend(more);
+                }
+                Action::PersistUnawaited(more) => writes.extend(more),
+                Action::Complete { .. } => {}
+                Action::Observe(observation) => self.observe(from, observation),
+            }
+        }
+        let held = self.replicas[replica].unflushed.iter().any(|g| g.holds);
+        if !awaited && !held {
+            for (targets, message) in std::mem::take(&mut messages) {
+                self.replica_send(replica, &targets, message);
+            }
+        }
+        if writes.is_empty() && messages.is_empty() {
+            return;
+        }
+        let holds = awaited || !messages.is_empty();
+        self.replicas[replica].unflushed.push(Unflushed {
+            writes,
+            messages,
+            holds,
+        });
+        if self.replicas[replica].crash_at_next_write {
+            self.replicas[replica].crash_at_next_write = false;
+            self.schedule(
+                self.now,
+                Event::Crash {
+                    replica,
+                    scheduled: false,
+                },
+            );
+        }
+        if self.replicas[replica].flush.is_none() {
+            // Never at once: a crash scheduled now comes first.
+            let after = self.rng.between(1, FLUSH_MAX_NS);
+            self.next_id += 1;
+            let generation = self.next_id;
+            self.replicas[replica].flush = Some(generation);
+            self.schedule(
+                self.now + after,
+                Event::Flush {
+                    replica,
+                    generation,
+                },
+            );
+        }
+    }
+
+    /// Commits a replica's unflushed groups in order and sends their messages.
+    fn flush(&mut self, replica: usize) {
+        self.replicas[replica].flush = None;
+        for group in std::mem::take(&mut self.replicas[replica].unflushed) {
+            apply_writes(&mut self.replicas[replica].disk, group.writes);
+            for (targets, message) in group.messages {
+                self.replica_send(replica, &targets, message);
             }
         }
     }
@@ -798,7 +969,7 @@ impl<P: ProtocolSuite> Simulation<P> {
                     self.clients[client].timers.remove(&timer);
                 }
                 Action::Complete { result, .. } => self.complete(client, result),
-                Action::Persist(_) => {}
+                Action::Persist(_) | Action::PersistUnawaited(_) => {}
                 Action::Observe(observation) => {
                     if let Observation::Fault { culprit, kind } = observation {
                         self.log(format!("{from} observes fault {kind} by {culprit}"));

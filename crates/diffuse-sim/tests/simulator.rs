@@ -101,6 +101,7 @@ const MUTANT_CASES: &[(&str, usize, &str, u64)] = &[
     ("trust-requests-in-batch", 4, "forge-requests", 200),
     ("primary-trusts-macs", 4, "split-macs", 200),
     ("read-without-quorum", 4, "network", 200),
+    ("forget-lost-votes", 4, "crash", 300),
 ];
 
 #[test]

@@ -85,6 +85,14 @@ pub struct PbftReplica {
     view: View,
     /// False while changing view.
     view_active: bool,
+    /// The persisted bound on the votes (PRE-PREPAREs and PREPAREs) this replica
+    /// sends ahead of their slots' writes: in this view, up to this sequence
+    /// number (`storage`).
+    ahead_bound: Option<(View, Seq)>,
+    /// The bound read back at the last start: a crash may have lost votes this
+    /// replica cast in that view up to that sequence number, so it casts no new
+    /// vote there, and as that view's primary proposes nothing more in it.
+    lost_votes_bound: Option<(View, Seq)>,
     /// Slots for sequence numbers in `(low, low + window]`.
     log: BTreeMap<Seq, Slot>,
     /// The stable checkpoint; its sequence number is the low watermark.
@@ -167,6 +175,8 @@ impl PbftReplica {
             halted: false,
             view: View(0),
             view_active: true,
+            ahead_bound: None,
+            lost_votes_bound: None,
             log: BTreeMap::new(),
             stable: CheckpointCert {
                 seq: Seq(0),

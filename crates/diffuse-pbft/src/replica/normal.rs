@@ -244,6 +244,14 @@ impl PbftReplica {
         if !self.view_active || !self.is_primary() || self.needs_state {
             return;
         }
+        if self
+            .lost_votes_bound
+            .is_some_and(|(view, _)| view == self.view)
+        {
+            // A crash may have lost proposals this primary sent in this view: any
+            // new one could reuse their sequence numbers. The view changes instead.
+            return;
+        }
         loop {
             let in_flight = self.next_seq.0.saturating_sub(self.last_executed.0 + 1);
             if self.next_seq > self.high() || in_flight >= self.options.max_in_flight {
@@ -321,9 +329,11 @@ impl PbftReplica {
         let slot = self.log.entry(seq).or_default();
         slot.proposal = Some(proposal.clone());
         slot.add_body(digest, batch.clone());
-        // Persist the assignment before anyone can see it: after a restart the primary
-        // must never give this sequence number to another batch in this view.
-        out.persist(self.slot_writes(seq));
+        // The assignment leaves ahead of its write: a primary that restarts in this
+        // view proposes nothing more in it, so it cannot give this sequence number
+        // to another batch even if the crash lost the write.
+        self.cover_vote_ahead(seq, out);
+        out.persist_unawaited(self.slot_writes(seq));
         out.broadcast(Message::PrePrepare(PrePrepare {
             proposal,
             batch: (*batch).clone(),
@@ -382,12 +392,21 @@ impl PbftReplica {
                 self.pending.offer(request.clone(), None, proven);
             }
         }
+        let withheld = self.vote_may_be_lost(seq);
         let slot = self.log.entry(seq).or_default();
         slot.proposal = Some(pp.proposal);
         slot.add_body(digest, Arc::new(pp.batch));
-        let writes = self.slot_writes(seq);
-        out.persist(writes);
-        self.send_prepare(seq, digest, out);
+        slot.vote_withheld = withheld;
+        if withheld {
+            // Before its crash this replica may have voted for another proposal
+            // here: it keeps the body (for execution) but does not vote.
+            out.persist(self.slot_writes(seq));
+        } else {
+            // The PREPARE leaves ahead of the slot's write, under the bound.
+            self.cover_vote_ahead(seq, out);
+            out.persist_unawaited(self.slot_writes(seq));
+            self.send_prepare(seq, digest, out);
+        }
         self.ensure_request_timer(out);
         self.check_prepared(seq, out);
     }

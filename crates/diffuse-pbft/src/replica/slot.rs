@@ -22,6 +22,10 @@ pub(crate) struct Slot {
     pub prepared: Option<PreparedCert>,
     /// The digest committed here (in any view): safe to execute.
     pub committed: Option<Digest>,
+    /// This replica holds the current view's proposal without having voted for it
+    /// (a crash may have lost its vote for this slot): its record then leaves the
+    /// proposal out, which a restart would otherwise take for a vote.
+    pub vote_withheld: bool,
     /// Batch bodies known for this sequence number, by digest.
     bodies: Vec<(Digest, Arc<Batch>)>,
 }
@@ -75,6 +79,7 @@ impl Slot {
     /// Forgets everything that belonged to the previous view.
     pub fn enter_view(&mut self) {
         self.proposal = None;
+        self.vote_withheld = false;
         self.prepares.clear();
         self.commits.clear();
     }

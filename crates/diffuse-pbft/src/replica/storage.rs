@@ -4,16 +4,26 @@
 //! |---|---|---|
 //! | `pbft/view` | view number, active or changing | before a VIEW-CHANGE or the PREPAREs of a NEW-VIEW leave |
 //! | `pbft/new-view` | the NEW-VIEW of the current view | with the view |
-//! | `pbft/slot/<seq>` | accepted proposal, prepared certificate, batch bodies | before the PREPARE (or, as primary, the PRE-PREPARE) and before the COMMIT leave |
+//! | `pbft/slot/<seq>` | accepted proposal (only if this replica voted for it), prepared certificate, batch bodies | after the PREPARE (or, as primary, the PRE-PREPARE) left, unawaited; before the COMMIT leaves |
+//! | `pbft/ahead` | a view and a sequence number: the bound on the votes sent ahead of their slots' writes | before the first vote above the previous bound leaves |
 //! | `pbft/checkpoint/<seq>` | the state after executing `seq` | before this replica's CHECKPOINT vote leaves: the vote promises it can serve that state |
 //! | `pbft/stable` | stable checkpoint certificate | when a checkpoint becomes stable or state transfer completes; slots up to it and older checkpoints are deleted in the same write |
 //!
 //! Executed state is not written per batch: a restarted replica restores its highest
-//! checkpoint and executes again what it learns is committed above it. Nothing a
-//! correct replica voted for is forgotten, which is what PBFT's safety needs.
+//! checkpoint and executes again what it learns is committed above it.
+//!
+//! PBFT's safety needs a correct replica never to vote twice differently, and never
+//! to forget a certificate it reported by a COMMIT. Certificates are durable before
+//! the COMMIT leaves. A vote (PRE-PREPARE or PREPARE) leaves *ahead* of its slot's
+//! write, which a crash may lose; but only below `pbft/ahead`, durable first. A
+//! restarted replica casts no new vote in that view up to that bound (the slots it
+//! finds on disk are the votes it knows it cast), and as that view's primary
+//! proposes nothing more in it. See `docs/protocols/pbft.md`, "Votes ahead of
+//! their writes".
 
 use super::{Out, PbftReplica};
 use crate::message::{Batch, NewView, PrepareVote, PreparedCert, Proposal};
+use crate::options::Mutant;
 use diffuse_core::codec::{self, BoundedVec};
 use diffuse_core::crypto::Signed;
 use diffuse_core::ids::{Seq, View};
@@ -27,11 +37,19 @@ const NEW_VIEW_KEY: &[u8] = b"pbft/new-view";
 const STABLE_KEY: &[u8] = b"pbft/stable";
 const SLOT_PREFIX: &[u8] = b"pbft/slot/";
 const CHECKPOINT_PREFIX: &[u8] = b"pbft/checkpoint/";
+const AHEAD_KEY: &[u8] = b"pbft/ahead";
 
 #[derive(Serialize, Deserialize)]
 struct ViewRecord {
     view: View,
     active: bool,
+}
+
+/// Votes may have left ahead of their writes in `view` up to `seq`.
+#[derive(Serialize, Deserialize)]
+struct AheadRecord {
+    view: View,
+    seq: Seq,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -96,7 +114,7 @@ impl PbftReplica {
             return Vec::new();
         };
         let record = SlotRecord {
-            proposal: slot.proposal.clone(),
+            proposal: slot.proposal.clone().filter(|_| !slot.vote_withheld),
             prepared: slot.prepared.clone(),
             bodies: BoundedVec::truncating(slot.bodies().map(|b| (**b).clone()).collect()),
         };
@@ -104,6 +122,36 @@ impl PbftReplica {
             key: slot_key(seq),
             value: codec::encode_payload(&record),
         }]
+    }
+
+    /// Before a vote for `seq` leaves ahead of its slot's write: extends the
+    /// persisted bound to the top of the window if it does not cover `seq` in this
+    /// view. The bound is an awaited write, so the vote that needs it waits for it:
+    /// one vote per window's worth of sequence numbers.
+    pub(super) fn cover_vote_ahead(&mut self, seq: Seq, out: &mut Out) {
+        let view = self.view;
+        if self
+            .ahead_bound
+            .is_some_and(|(v, bound)| v == view && bound >= seq)
+        {
+            return;
+        }
+        let bound = (view, self.high().max(seq));
+        self.ahead_bound = Some(bound);
+        out.persist(vec![WriteOp::Put {
+            key: AHEAD_KEY.to_vec(),
+            value: codec::encode_payload(&AheadRecord {
+                view: bound.0,
+                seq: bound.1,
+            }),
+        }]);
+    }
+
+    /// Whether a crash may have lost a vote this replica cast for `seq` in the
+    /// current view: it must not cast one now.
+    pub(super) fn vote_may_be_lost(&self, seq: Seq) -> bool {
+        self.lost_votes_bound
+            .is_some_and(|(view, bound)| view == self.view && seq <= bound)
     }
 
     /// This replica's checkpoint at `seq`.
@@ -160,6 +208,14 @@ impl PbftReplica {
                 codec::decode_payload(bytes).map_err(|_| CorruptStorage("view"))?;
             self.view = record.view;
             self.view_active = record.active;
+        }
+        if let Some(bytes) = recovered.get(AHEAD_KEY) {
+            let record: AheadRecord =
+                codec::decode_payload(bytes).map_err(|_| CorruptStorage("ahead"))?;
+            self.ahead_bound = Some((record.view, record.seq));
+            if !self.options.is(Mutant::ForgetLostVotes) {
+                self.lost_votes_bound = self.ahead_bound;
+            }
         }
         if let Some(bytes) = recovered.get(STABLE_KEY) {
             self.stable = codec::decode_payload(bytes).map_err(|_| CorruptStorage("stable"))?;
@@ -241,8 +297,9 @@ impl PbftReplica {
         Ok(())
     }
 
-    /// Rebuilds a slot, including this replica's own votes: it persisted the
-    /// proposal before sending PREPARE and the certificate before sending COMMIT.
+    /// Rebuilds a slot, including this replica's own votes: a slot's proposal is
+    /// persisted only with this replica's vote for it, and the certificate before
+    /// the COMMIT left.
     fn restore_slot(&mut self, seq: Seq, record: SlotRecord) {
         let (view, active, id, primary) = (self.view, self.view_active, self.id, self.primary());
         let slot = self.log.entry(seq).or_default();

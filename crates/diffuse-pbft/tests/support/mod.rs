@@ -24,6 +24,10 @@ pub struct Cluster {
     secrets: Vec<SecretKey>,
     pub replicas: Vec<Option<PbftReplica>>,
     pub disks: Vec<BTreeMap<Vec<u8>, Vec<u8>>>,
+    /// Unawaited writes not yet on the disk, per replica: the next awaited write
+    /// or a [`Cluster::crash`] commits them, [`Cluster::crash_losing_unawaited`]
+    /// drops them.
+    pub unawaited: Vec<Vec<WriteOp>>,
     pub timers: Vec<BTreeSet<Timer>>,
     pub clients: Vec<PbftClient>,
     pub client_timers: Vec<BTreeSet<ClientTimer>>,
@@ -96,6 +100,7 @@ impl Cluster {
             secrets,
             replicas: Vec::new(),
             disks: vec![BTreeMap::new(); n],
+            unawaited: vec![Vec::new(); n],
             timers: vec![BTreeSet::new(); n],
             client_timers: vec![BTreeSet::new(); clients.len()],
             completed: vec![Vec::new(); clients.len()],
@@ -190,7 +195,12 @@ impl Cluster {
                 Action::CancelTimer { timer } => {
                     self.timers[i].remove(&timer);
                 }
-                Action::Persist(writes) => apply(&mut self.disks[i], writes),
+                Action::Persist(writes) => {
+                    let before = std::mem::take(&mut self.unawaited[i]);
+                    apply(&mut self.disks[i], before);
+                    apply(&mut self.disks[i], writes);
+                }
+                Action::PersistUnawaited(writes) => self.unawaited[i].extend(writes),
                 Action::Complete { .. } => unreachable!("replicas do not complete operations"),
                 Action::Observe(observation) => self.observe(i, observation),
             }
@@ -238,7 +248,7 @@ impl Cluster {
                     timestamp,
                     KvResult::decode(&result).expect("results decode"),
                 )),
-                Action::Persist(_) | Action::Observe(_) => {}
+                Action::Persist(_) | Action::PersistUnawaited(_) | Action::Observe(_) => {}
             }
         }
     }
@@ -326,9 +336,18 @@ impl Cluster {
         }
     }
 
+    /// Crashes replica `i` after its storage committed everything it was given.
     pub fn crash(&mut self, i: usize) {
+        let pending = std::mem::take(&mut self.unawaited[i]);
+        apply(&mut self.disks[i], pending);
         self.replicas[i] = None;
         self.timers[i].clear();
+    }
+
+    /// Crashes replica `i` before its unawaited writes reached the disk.
+    pub fn crash_losing_unawaited(&mut self, i: usize) {
+        self.unawaited[i].clear();
+        self.crash(i);
     }
 
     pub fn restart(&mut self, i: usize) {
