@@ -7,6 +7,8 @@
 //! 1. [`Action::Persist`] must be durable before any later action of the same list
 //!    is carried out. This is how "persist what you voted before you vote" is kept:
 //!    a protocol puts the write before the message that depends on it.
+//!    [`Action::PersistUnawaited`] writes are durable in order with the others but
+//!    hold nothing back: only for writes whose loss the protocol survives by itself.
 //! 2. [`Action::Send`] / [`Action::Multicast`] / [`Action::Broadcast`] go to
 //!    authenticated channels. The
 //!    driver guarantees that `from` in [`Input::Message`] is the true sender.
