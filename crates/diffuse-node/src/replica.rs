@@ -174,6 +174,7 @@ pub async fn run_replica<S: ProtocolSuite>(
     };
     let transport = Arc::new(transport);
     let (failure_tx, mut failure) = oneshot::channel();
+    let alarm = Alarm::start().map_err(NodeError::Alarm)?;
     let holding = Arc::new(AtomicUsize::new(0));
     let (groups, storage) = StorageThread::start(
         store,
@@ -196,7 +197,6 @@ pub async fn run_replica<S: ProtocolSuite>(
         awaited: false,
         holding,
     };
-    let alarm = Alarm::start().map_err(NodeError::Alarm)?;
     let start = driver.replica.handle(Input::Start(recovered));
     driver.absorb(start);
     let mut stopped = driver.hand_over().await;

@@ -458,6 +458,94 @@ fn a_vote_lost_in_a_crash_is_not_cast_again_differently() {
     }
 }
 
+/// A scheduled shutdown writes every vote's slot and then drops the bound: the
+/// primary restarted cleanly goes on proposing in its view, with no view change.
+#[test]
+fn a_primary_restarted_cleanly_goes_on_in_its_view() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.puts(3);
+    c.shut_down(0);
+    assert!(!c.disks[0].contains_key(b"pbft/ahead".as_slice()));
+    c.restart(0);
+    c.run();
+    c.puts(2);
+    assert!(
+        c.views_installed.iter().all(Vec::is_empty),
+        "no view change"
+    );
+    c.assert_agreement();
+}
+
+/// A backup that withheld its vote after a crash still prepares and commits on
+/// the others' votes; after a second restart it keeps that COMMIT (from its
+/// certificate), still without a vote of its own.
+#[test]
+fn a_withheld_vote_still_commits_and_keeps_its_commit_across_restarts() {
+    let mut c = Cluster::new(4, 1, test_options());
+    let (first, _) = conflicting_proposals(&c);
+    c.deliver(replica(0), replica(1), Message::PrePrepare(first));
+    c.network.clear();
+    c.crash_losing_unawaited(1);
+    c.restart(1);
+    c.network.clear();
+    c.puts(1);
+    let (_, proposed) = *c.executed[0].last().expect("the put executed");
+    assert!(
+        c.delivered.contains_key("prepare"),
+        "the others voted meanwhile"
+    );
+    assert_eq!(c.executed[1].last().map(|(_, d)| *d), Some(proposed));
+    assert_eq!(c.replica(1).own_commit(Seq(1)), Some(proposed));
+    c.crash(1);
+    c.restart(1);
+    assert_eq!(
+        c.replica(1).own_commit(Seq(1)),
+        Some(proposed),
+        "the COMMIT is rebuilt from the certificate"
+    );
+    c.network.clear();
+    c.deliver(
+        replica(0),
+        replica(1),
+        Message::PrePrepare(conflicting_proposals(&c).1),
+    );
+    assert!(
+        prepares_from(&c, 1).is_empty(),
+        "and the vote stays withheld"
+    );
+}
+
+/// A replica that learns a certified checkpoint above its state records it at
+/// once, not when its state transfer completes: crashed before that, it
+/// restarts with the new low watermark (and fetches the state), so the slots it
+/// wrote above the old window are not dropped.
+#[test]
+fn a_stable_checkpoint_is_recorded_before_its_state_arrives() {
+    let mut c = Cluster::new(4, 1, test_options());
+    c.isolate(3);
+    c.puts(20);
+    c.heal();
+    c.cut(|_, _, m| matches!(m, Message::StateChunk(_)));
+    c.puts(5);
+    c.fire_all(Timer::Status);
+    c.run();
+    let low = c.replica(3).low_watermark();
+    assert!(
+        low >= Seq(16),
+        "replica 3 learned a stable checkpoint: {low:?}"
+    );
+    assert_eq!(c.state_transfers[3], 0, "its state has not arrived");
+    c.crash(3);
+    c.restart(3);
+    assert_eq!(c.replica(3).low_watermark(), low);
+    c.heal();
+    c.puts(2);
+    c.fire_all(Timer::Status);
+    c.run();
+    assert_eq!(c.replica(3).last_executed(), c.replica(0).last_executed());
+    c.assert_agreement();
+}
+
 /// Forged identities: a COMMIT claiming another sender, a badly signed PRE-PREPARE.
 #[test]
 fn forged_messages_are_rejected_and_blamed_on_the_sender() {

@@ -221,8 +221,6 @@ impl PbftReplica {
             Some(snapshot) if snapshot.digest == self.stable.state => {
                 self.stable_snapshot = Some(snapshot);
                 self.needs_state = false;
-                let writes = self.stable_writes();
-                out.persist(writes);
             }
             Some(_) => {
                 // This replica executed to a different state than a quorum certified:
@@ -246,6 +244,11 @@ impl PbftReplica {
                 self.start_transfer(out);
             }
         }
+        // Also without the state: the window has moved, and the slots this replica
+        // writes from now on (certificates it reports with COMMITs among them) lie
+        // above the old one. A restart must not read them back against the old
+        // low watermark, which would drop them; it fetches the state instead.
+        out.persist(self.stable_writes());
         if self.next_seq <= seq {
             self.next_seq = seq.next();
         }

@@ -24,7 +24,7 @@ use diffuse_core::app::Application;
 use diffuse_core::config::ClusterKeys;
 use diffuse_core::crypto::{Digest, PublicKey, SecretKey};
 use diffuse_core::ids::{ClientId, NodeId, ReplicaId, Seq, View};
-use diffuse_core::protocol::{Actions, Input};
+use diffuse_core::protocol::{Actions, Input, WriteOp};
 use diffuse_core::quorum::QuorumSystem;
 use diffuse_core::service::{ReplicatedService, StateSnapshot};
 use diffuse_core::suite::ReplicaSetup;
@@ -231,6 +231,12 @@ impl PbftReplica {
     /// Number of slots held in the log (bounded by the window).
     pub fn log_len(&self) -> usize {
         self.log.len()
+    }
+
+    /// The digest this replica sent (or would send again) a COMMIT for at `seq` in
+    /// the current view, if any.
+    pub fn own_commit(&self, seq: Seq) -> Option<Digest> {
+        self.log.get(&seq)?.commits.get(&self.id).copied()
     }
 
     /// How many client request signatures this replica has verified, alone or in a
@@ -463,5 +469,9 @@ impl diffuse_core::protocol::Replica for PbftReplica {
 
     fn check_invariants(&self) {
         self.assert_invariants();
+    }
+
+    fn shutdown_writes(&mut self) -> Vec<WriteOp> {
+        self.clean_shutdown_writes()
     }
 }

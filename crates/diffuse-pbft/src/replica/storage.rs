@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | `pbft/view` | view number, active or changing | before a VIEW-CHANGE or the PREPAREs of a NEW-VIEW leave |
 //! | `pbft/new-view` | the NEW-VIEW of the current view | with the view |
-//! | `pbft/slot/<seq>` | accepted proposal (only if this replica voted for it), prepared certificate, batch bodies | after the PREPARE (or, as primary, the PRE-PREPARE) left, unawaited; before the COMMIT leaves |
-//! | `pbft/ahead` | a view and a sequence number: the bound on the votes sent ahead of their slots' writes | before the first vote above the previous bound leaves |
+//! | `pbft/slot/<seq>` | accepted proposal (only if this replica voted for it), prepared certificate, batch bodies | in the normal case after the PREPARE (or, as primary, the PRE-PREPARE) left, unawaited; before the COMMIT leaves; before the PREPAREs of a NEW-VIEW leave; for a slot whose vote is withheld, before anything after it |
+//! | `pbft/ahead` | a view and a sequence number: the bound on the votes sent ahead of their slots' writes | before the first vote above the previous bound leaves; deleted at a scheduled shutdown, after every other write |
 //! | `pbft/checkpoint/<seq>` | the state after executing `seq` | before this replica's CHECKPOINT vote leaves: the vote promises it can serve that state |
 //! | `pbft/stable` | stable checkpoint certificate | when a checkpoint becomes stable or state transfer completes; slots up to it and older checkpoints are deleted in the same write |
 //!
@@ -145,6 +145,16 @@ impl PbftReplica {
                 seq: bound.1,
             }),
         }]);
+    }
+
+    /// At a scheduled shutdown, after every earlier write is durable: every vote
+    /// this replica sent is in a slot on disk, so the bound goes, and the next
+    /// start votes (and proposes) as before.
+    pub(super) fn clean_shutdown_writes(&mut self) -> Vec<WriteOp> {
+        self.ahead_bound = None;
+        vec![WriteOp::Delete {
+            key: AHEAD_KEY.to_vec(),
+        }]
     }
 
     /// Whether a crash may have lost a vote this replica cast for `seq` in the
@@ -304,6 +314,21 @@ impl PbftReplica {
         let (view, active, id, primary) = (self.view, self.view_active, self.id, self.primary());
         let slot = self.log.entry(seq).or_default();
         slot.prepared = record.prepared;
+        if record.proposal.is_none() {
+            // A slot whose vote was withheld: it may have prepared on the others'
+            // votes. It keeps the proposal of its certificate (so that it counts,
+            // and sends again, its own COMMIT) but still withholds its vote.
+            if let Some(cert) = slot
+                .prepared
+                .as_ref()
+                .filter(|c| active && c.proposal.view == view)
+            {
+                let (proposal, digest) = (cert.proposal.clone(), cert.proposal.digest);
+                slot.proposal = Some(proposal);
+                slot.vote_withheld = true;
+                slot.commits.insert(id, digest);
+            }
+        }
         if let Some(proposal) = record.proposal.filter(|p| active && p.view == view) {
             if id != primary {
                 let prepare = Signed::sign(

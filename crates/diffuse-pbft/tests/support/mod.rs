@@ -344,6 +344,14 @@ impl Cluster {
         self.timers[i].clear();
     }
 
+    /// Stops replica `i` cleanly: its storage commits everything, then the
+    /// writes it keeps for a scheduled shutdown.
+    pub fn shut_down(&mut self, i: usize) {
+        let last = self.replicas[i].as_mut().map(|r| r.shutdown_writes());
+        self.crash(i);
+        apply(&mut self.disks[i], last.unwrap_or_default());
+    }
+
     /// Crashes replica `i` before its unawaited writes reached the disk.
     pub fn crash_losing_unawaited(&mut self, i: usize) {
         self.unawaited[i].clear();
