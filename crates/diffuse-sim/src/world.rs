@@ -627,66 +627,17 @@ impl<P: ProtocolSuite> Simulation<P> {
         }
     }
 
+    /// Carries out one step's actions. Timers and observations take effect at
+    /// once. Writes and messages too, unless the replica's storage holds writes
+    /// not yet on the disk (it persisted unawaited writes, now or before): then
+    /// they go the way of the runtime's storage thread ([`Unflushed`]), as one
+    /// group that is committed later, whose messages leave at once only if nothing
+    /// holds them back (no awaited write in it, no earlier group holding).
     fn apply_replica(&mut self, replica: usize, actions: Vec<Action<P::Message, P::Timer>>) {
-        let deferred = P::MESSAGES_WAIT_FOR_WRITES
-            && (!self.replicas[replica].unflushed.is_empty()
-                || actions
-                    .iter()
-                    .any(|a| matches!(a, Action::PersistUnawaited(_))));
-        if deferred {
-            return self.apply_replica_deferred(replica, actions);
-        }
-        let from = NodeId::Replica(ReplicaId(replica as u16));
-        for action in actions {
-            match action {
-                Action::Send { to, message } => self.replica_send(replica, &[to], message),
-                Action::Multicast { to, message } => self.replica_send(replica, &to, message),
-                Action::Broadcast { message } => {
-                    let targets = self.other_replicas(replica);
-                    self.replica_send(replica, &targets, message);
-                }
-                Action::SetTimer { timer, after } => {
-                    let generation = self.arm(after, |generation| Event::ReplicaTimer {
-                        replica,
-                        timer,
-                        generation,
-                    });
-                    self.replicas[replica].timers.insert(timer, generation);
-                }
-                Action::CancelTimer { timer } => {
-                    self.replicas[replica].timers.remove(&timer);
-                }
-                Action::Persist(writes) | Action::PersistUnawaited(writes) => {
-                    apply_writes(&mut self.replicas[replica].disk, writes)
-                }
-                Action::Complete { .. } => {}
-                Action::Observe(observation) => self.observe(from, observation),
-            }
-        }
-    }
-
-    fn other_replicas(&self, replica: usize) -> Vec<NodeId> {
-        (0..self.replicas.len())
-            .filter(|r| *r != replica)
-            .map(|r| NodeId::Replica(ReplicaId(r as u16)))
-            .collect()
-    }
-
-    /// Applies one step's actions the way the runtime does once unawaited writes
-    /// are in play: timers and observations at once; the writes and messages as
-    /// one group that the storage commits later, unless nothing holds its
-    /// messages back (no awaited write in it, no earlier group holding), in which
-    /// case they leave at once and only the writes wait.
-    fn apply_replica_deferred(
-        &mut self,
-        replica: usize,
-        actions: Vec<Action<P::Message, P::Timer>>,
-    ) {
         let from = NodeId::Replica(ReplicaId(replica as u16));
         let mut writes = Vec::new();
         let mut messages = Vec::new();
-        let mut awaited = false;
-        self.unawaited_writes = true;
+        let (mut awaited, mut unawaited) = (false, false);
         for action in actions {
             match action {
                 Action::Send { to, message } => messages.push((vec![to], message)),
@@ -709,11 +660,24 @@ impl<P: ProtocolSuite> Simulation<P> {
                     awaited = true;
                     writes.extend(more);
                 }
-                Action::PersistUnawaited(more) => writes.extend(more),
+                Action::PersistUnawaited(more) => {
+                    unawaited = true;
+                    writes.extend(more);
+                }
                 Action::Complete { .. } => {}
                 Action::Observe(observation) => self.observe(from, observation),
             }
         }
+        let deferred = P::MESSAGES_WAIT_FOR_WRITES
+            && (unawaited || !self.replicas[replica].unflushed.is_empty());
+        if !deferred {
+            apply_writes(&mut self.replicas[replica].disk, writes);
+            for (targets, message) in messages {
+                self.replica_send(replica, &targets, message);
+            }
+            return;
+        }
+        self.unawaited_writes = true;
         let held = self.replicas[replica].unflushed.iter().any(|g| g.holds);
         if !awaited && !held {
             for (targets, message) in std::mem::take(&mut messages) {
@@ -753,6 +717,13 @@ impl<P: ProtocolSuite> Simulation<P> {
                 },
             );
         }
+    }
+
+    fn other_replicas(&self, replica: usize) -> Vec<NodeId> {
+        (0..self.replicas.len())
+            .filter(|r| *r != replica)
+            .map(|r| NodeId::Replica(ReplicaId(r as u16)))
+            .collect()
     }
 
     /// Commits a replica's unflushed groups in order and sends their messages.
