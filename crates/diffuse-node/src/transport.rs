@@ -917,18 +917,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flooding_peer_cannot_crowd_out_the_others() {
-        let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
-        let address: SocketAddr = ([127, 0, 0, 1], port).into();
-        let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
-            id,
-            public_key: key(k).public().to_hex(),
-            address,
-        };
-        let cluster = Cluster::from_file(ClusterFile {
-            replicas: vec![member(0, 1, Some(address.to_string()))],
-            clients: vec![member(0, 2, None), member(1, 3, None)],
-        })
-        .unwrap();
+        let (cluster, address) = one_replica_cluster(&[2, 3]);
         let limits = Limits {
             inbox: 64,
             inbox_per_peer: 8,
@@ -1083,16 +1072,9 @@ mod tests {
         }
     }
 
-    /// One replica (key 1) on loopback, in a cluster whose client `j` has key
-    /// `client_keys[j]`; the cluster, the metrics and the replica's endpoint.
-    async fn one_replica(
-        client_keys: &[u8],
-    ) -> (
-        Cluster,
-        Arc<NodeMetrics>,
-        Transport<ForClient>,
-        Inbox<ForClient>,
-    ) {
+    /// A cluster of one replica (key 1) on a free loopback port, and clients
+    /// `0, 1, ...` with the keys `client_keys`.
+    fn one_replica_cluster(client_keys: &[u8]) -> (Cluster, SocketAddr) {
         let port = crate::testnet::free_ports([127, 0, 0, 1].into(), 1).unwrap()[0];
         let address: SocketAddr = ([127, 0, 0, 1], port).into();
         let member = |id: u32, k: u8, address: Option<String>| MemberEntry {
@@ -1108,6 +1090,20 @@ mod tests {
                 .collect(),
         })
         .unwrap();
+        (cluster, address)
+    }
+
+    /// One replica (key 1) on loopback, in a cluster whose client `j` has key
+    /// `client_keys[j]`; the cluster, the metrics and the replica's endpoint.
+    async fn one_replica(
+        client_keys: &[u8],
+    ) -> (
+        Cluster,
+        Arc<NodeMetrics>,
+        Transport<ForClient>,
+        Inbox<ForClient>,
+    ) {
+        let (cluster, address) = one_replica_cluster(client_keys);
         let metrics = Arc::new(NodeMetrics::default());
         let (replica, inbox) = Transport::<ForClient>::replica(
             ReplicaId(0),
